@@ -1,0 +1,34 @@
+"""llmconv: move LLM checkpoints between formats and prove the result is still the same model.
+
+The public Python API. Importing this package is cheap: torch and friends load on first use.
+
+Example:
+    >>> import llmconv
+    >>> report = llmconv.convert("gpt2/pytorch_model.bin", "gpt2.safetensors")
+    >>> llmconv.verify("gpt2/pytorch_model.bin", "gpt2.safetensors").passed
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["convert", "inspect", "verify", "quantize", "prune", "__version__"]
+
+_API = {
+    "convert": ("llmconv.convert", "convert"),
+    "inspect": ("llmconv.inspect", "inspect"),
+    "verify": ("llmconv.verify.api", "verify"),
+    "quantize": ("llmconv.transforms.quantize", "quantize"),
+    "prune": ("llmconv.transforms.prune", "prune"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
+
+        module, attr = _API[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'llmconv' has no attribute {name!r}")

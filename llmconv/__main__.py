@@ -1,0 +1,3 @@
+from llmconv.cli.app import main
+
+main()

@@ -1,0 +1,214 @@
+"""The in-between model: named tensors, loaded lazily, with metadata, tied aliases and a config.
+
+Every format module opens its files as a :class:`TensorSource` and every writer consumes one, so a
+conversion is ``write(open(src), dst)`` and never holds more than one tensor it made itself.
+Tensors read from safetensors and zip-pickle files are views of memory-mapped files: they cost
+page cache, not anonymous memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmconv.errors import ConversionError
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+    torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.int8: "int8", torch.uint8: "uint8",
+    torch.bool: "bool", torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2",
+    torch.uint16: "uint16", torch.uint32: "uint32", torch.uint64: "uint64",
+    torch.complex64: "complex64", torch.complex128: "complex128",
+}
+DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+# What `--dtype` accepts.
+CAST_TARGETS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Names that hold a model's output projection; when it is tied to the input embedding, transformers
+# saves the embedding and drops these (save_pretrained), and so do we.
+_OUTPUT_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight", "output.weight", "cls.predictions.decoder.weight",
+                         "lm_head.decoder.weight", "output_embeddings.weight")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known of a tensor without reading its data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass
+class TensorSource:
+    """Named tensors with lazy loaders, plus what travels with them.
+
+    Attributes:
+        format: the format name ("safetensors", "pytorch", "hf", "onnx").
+        path: the file or folder it was read from.
+        infos: name -> TensorInfo, in the order the source lists them.
+        aliases: name -> canonical name, for names that share the canonical tensor's storage.
+        metadata: string metadata (safetensors ``__metadata__``).
+        config: the parsed config.json of an hf folder, else None.
+        weights_format: the format of the weight files ("safetensors"/"pytorch"/"onnx").
+        files: the weight files read (one, or the shards).
+        extra_files: files of an hf folder carried over unchanged (config, tokenizer, ...).
+        zero_copy: tensors are views of mapped files (a writer may keep them all alive at once).
+    """
+
+    format: str
+    path: Path
+    infos: dict[str, TensorInfo]
+    loader: Callable[[str], torch.Tensor]
+    aliases: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    weights_format: str = ""
+    files: list[Path] = field(default_factory=list)
+    extra_files: list[Path] = field(default_factory=list)
+    zero_copy: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+    _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Load one tensor (a view of a mapped file where the format allows)."""
+        return self.loader(name)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.infos:
+            yield name, self.loader(name)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for n, i in self.infos.items() if n not in self.aliases)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(i.numel for n, i in self.infos.items() if n not in self.aliases)
+
+    def canonical_names(self) -> list[str]:
+        """Names to store when a format cannot hold aliases (tied tensors saved once)."""
+        return [n for n in self.infos if n not in self.aliases]
+
+    def close(self) -> None:
+        while self._closers:
+            with contextlib.suppress(Exception):  # closing mmaps still referenced by views can fail
+                self._closers.pop()()
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def find_aliases(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """Group names whose tensors are the same view of the same storage.
+
+    Returns:
+        alias -> canonical name. The canonical name of a group is the one transformers keeps
+        when it saves tied weights: the input embedding rather than an output head.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, t in named:
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        groups.setdefault(key, []).append(name)
+    aliases: dict[str, str] = {}
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        keep = choose_canonical(names)
+        for n in names:
+            if n != keep:
+                aliases[n] = keep
+    return aliases
+
+
+def choose_canonical(names: list[str]) -> str:
+    """Of tied names, keep one that is not an output head; then the first in sorted order."""
+    heads = [n for n in names if n.endswith(_OUTPUT_HEAD_SUFFIXES)]
+    rest = sorted(n for n in names if n not in heads)
+    return rest[0] if rest else sorted(names)[0]
+
+
+def cast_source(src: TensorSource, target: torch.dtype) -> tuple[TensorSource, list[str]]:
+    """A view of ``src`` whose floating-point tensors are cast to ``target`` when read.
+
+    Args:
+        src: the source.
+        target: float32, float16 or bfloat16.
+    Returns:
+        The cast view and the names of the tensors it casts. Reading a tensor whose finite
+        values overflow float16 raises ConversionError naming it and its largest magnitude.
+    """
+    cast_names = [n for n, i in src.infos.items() if i.dtype.is_floating_point and i.dtype != target]
+    if not cast_names:
+        return src, []
+    to_cast = set(cast_names)
+    infos = {n: (TensorInfo(n, target, i.shape) if n in to_cast else i) for n, i in src.infos.items()}
+
+    def load(name: str) -> torch.Tensor:
+        t = src.tensor(name)
+        if name not in to_cast:
+            return t
+        return cast_tensor(name, t, target, path=src.path)
+
+    return TensorSource(format=src.format, path=src.path, infos=infos, loader=load, aliases=dict(src.aliases),
+                        metadata=dict(src.metadata), config=src.config, weights_format=src.weights_format,
+                        files=list(src.files), extra_files=list(src.extra_files), zero_copy=False,
+                        details=dict(src.details)), cast_names
+
+
+def cast_tensor(name: str, t: torch.Tensor, target: torch.dtype, *, path: Path | None = None) -> torch.Tensor:
+    """Cast one tensor, refusing finite values that would become inf."""
+    if target in (torch.float16, torch.bfloat16) and t.numel():
+        limit = torch.finfo(target).max
+        finite = t[torch.isfinite(t)] if not bool(torch.isfinite(t).all()) else t
+        biggest = float(finite.abs().max()) if finite.numel() else 0.0
+        # Round-to-nearest keeps values up to just under max + half an ulp; anything past max is inf.
+        if biggest > limit and torch.isinf(finite.abs().max().to(target)):
+            raise ConversionError(
+                f"tensor {name!r} has a value of magnitude {biggest:.6g}, past the {dtype_name(target)} "
+                f"maximum {limit:.6g}; casting would turn it into inf", path=path,
+                hint="keep this model in fp32 or bf16 (--dtype bf16)")
+    return t.to(target)
+
+
+def read_json(path: Path, *, what: str) -> Any:
+    """Read a JSON file, raising CorruptInput that names it."""
+    from llmconv.errors import CorruptInput, InputError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot read {what}: {e.strerror or e}", path=path) from e
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptInput(f"{what} is not valid JSON ({e})", path=path) from e

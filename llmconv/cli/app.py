@@ -1,0 +1,90 @@
+"""The root app: registers the commands and holds the one error handler.
+
+Exit codes (../CONTRACT): 0 done/equivalent, 1 not equivalent, 2 bad usage or input, 3 internal error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from llmconv.cli import convert_cmd, formats_cmd, inspect_cmd, prune_cmd, quantize_cmd, verify_cmd
+from llmconv.cli.output import emit_error
+
+app = typer.Typer(
+    name="llmconv",
+    help="Move LLM checkpoints between formats and prove the result is still the same model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("LLMCONV_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def guarded(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command; turn library errors into one line and the contract's exit code."""
+    from llmconv.errors import LlmconvError
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("json_output"))
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except LlmconvError as e:
+            if debug_enabled():
+                import traceback
+
+                traceback.print_exc()
+            emit_error(command, e.exit_code, str(e), as_json=as_json, report=getattr(e, "report", None))
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            emit_error(command, 130, "interrupted; the destination was left as it was", as_json=as_json)
+            raise typer.Exit(130) from None
+        except Exception as e:  # a bug of ours: exit 3, never dressed up as the user's mistake
+            if debug_enabled():
+                import traceback
+
+                traceback.print_exc()
+            hint = "" if debug_enabled() else "; rerun with LLMCONV_DEBUG=1 for the traceback and report it"
+            emit_error(command, 3, f"internal error: {type(e).__name__}: {e}{hint}", as_json=as_json)
+            raise typer.Exit(3) from None
+
+    return wrapper
+
+
+for _name, _module in (("inspect", inspect_cmd), ("convert", convert_cmd), ("verify", verify_cmd),
+                       ("quantize", quantize_cmd), ("prune", prune_cmd), ("formats", formats_cmd)):
+    app.command(_name, help=_module.HELP, epilog=_module.EPILOG,
+                no_args_is_help=_name != "formats")(guarded(_name, _module.command))
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        from llmconv import __version__
+
+        typer.echo(f"llmconv {__version__}")
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    """Console entry point (``llmconv`` and ``python -m llmconv``)."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("llmconv: interrupted\n")
+        sys.exit(130)

@@ -1,0 +1,60 @@
+"""llmconv inspect PATH"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmconv.cli import options as o
+from llmconv.cli.output import escape, fmt_num, kv_table, out, print_json
+
+HELP = "Show what a checkpoint holds: format, tensors, parameters, dtypes, bytes, shards, metadata, ties."
+EPILOG = "Example: [bold]llmconv inspect fixtures/models/gpt2-tiny --json[/]"
+
+
+def command(
+    path: o.Src,
+    sparsity: Annotated[bool, typer.Option("--sparsity", help="Also count zeros in weight matrices.")] = False,
+    json_output: o.Json = False,
+) -> None:
+    from llmconv.inspect import inspect
+    from llmconv.io import human_size
+
+    info = inspect(path, sparsity=sparsity)
+    if json_output:
+        print_json(info)
+        return
+    rows = [("path", info["path"]), ("format", info["format"])]
+    if info.get("weights_format") and info["weights_format"] != info["format"]:
+        rows.append(("weights", info["weights_format"]))
+    if info.get("architecture") or info.get("model_type"):
+        rows.append(("architecture", f"{info.get('architecture')} ({info.get('model_type')})"))
+    for key in ("opset", "ir_version", "producer"):
+        if key in info:
+            rows.append((key, info[key]))
+    rows += [
+        ("tensors", info["tensors"]),
+        ("parameters", f"{info['parameters']:,}"),
+        ("bytes", f"{human_size(info['bytes'])} ({info['bytes']:,})"),
+        ("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()) or "-"),
+        ("shards", info["shards"]),
+    ]
+    if info.get("metadata"):
+        rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in info["metadata"].items())))
+    if info.get("tied"):
+        rows.append(("tied", ", ".join(f"{a} -> {c}" for a, c in info["tied"].items())))
+    if "tie_word_embeddings" in info:
+        rows.append(("tie_word_embeddings", info["tie_word_embeddings"]))
+    if info.get("ops"):
+        rows.append(("ops", ", ".join(f"{k} x{v}" for k, v in info["ops"].items())))
+    for key in ("inputs", "outputs"):
+        for io in info.get(key, []):
+            rows.append((key[:-1], f"{io['name']} {io.get('dtype', '')} {io.get('shape', '')}"))
+    if info.get("sparsity"):
+        rows.append(("sparsity", f"{info['sparsity']['overall']:.2%} of weight-matrix elements are zero"))
+    out.print(kv_table(rows))
+    if info.get("largest"):
+        out.print("[bold]largest tensors[/]")
+        for t in info["largest"]:
+            out.print(f"  {escape(t['name'])}  {t['dtype']}{t['shape']}  {fmt_num(t['bytes'])} bytes")

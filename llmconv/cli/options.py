@@ -1,0 +1,22 @@
+"""Options declared once, reused by every command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (human output goes to stderr).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables; errors still print.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing destination.")]
+Verify = Annotated[bool, typer.Option("--verify/--no-verify",
+                                      help="Verify the output against the source before putting it in place.")]
+Src = Annotated[Path, typer.Argument(help="Source checkpoint: a file or a folder.", show_default=False)]
+Dst = Annotated[Path, typer.Argument(help="Destination file or folder (written atomically).", show_default=False)]
+Atol = Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (overrides the profile).")]
+Rtol = Annotated[float | None, typer.Option("--rtol", help="Relative tolerance (overrides the profile).")]
+Profile = Annotated[str, typer.Option("--profile", help="Tolerance profile: auto|exact|fp32|fp16|bf16|int8|int4.")]
+Provider = Annotated[str, typer.Option("--provider", help="onnxruntime execution provider: cpu|cuda.")]
+Junit = Annotated[Path | None, typer.Option("--junit", help="Also write a JUnit XML report to FILE.",
+                                            metavar="FILE")]

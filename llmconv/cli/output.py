@@ -1,0 +1,81 @@
+"""Rendering: rich tables and progress on a terminal, one JSON object with --json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def emit_error(command: str, code: int, message: str, *, as_json: bool, report: Any = None) -> None:
+    """The one red line on stderr (and, with --json, the error object on stdout)."""
+    if as_json:
+        obj: dict[str, Any] = {}
+        if report is not None and hasattr(report, "to_json"):
+            obj.update(report.to_json())
+        obj.update({"schema": f"llmconv.{command}/1", "ok": False, "error": {"code": code, "message": message}})
+        print_json(obj)
+    else:
+        if report is not None and hasattr(report, "checks"):
+            from llmconv.cli.verify_cmd import render_report
+
+            render_report(report, console=err)
+    err.print(f"[bold red]error:[/] {escape(message)}")
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as _escape
+
+    return _escape(text)
+
+
+@contextlib.contextmanager
+def byte_progress(total: int, description: str, *, enabled: bool) -> Iterator[Any]:
+    """A progress bar in bytes on stderr, shown only on a terminal; yields an ``advance(n)`` callable."""
+    if not enabled or not err.is_terminal or total <= 0:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(n: int) -> None:
+            bar.update(task, advance=n)
+
+        yield advance
+
+
+def kv_table(rows: list[tuple[str, Any]], *, title: str | None = None) -> Table:
+    t = Table(show_header=False, box=None, title=title, title_justify="left", pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, escape(str(v)))
+    return t
+
+
+def fmt_num(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        return f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 else f"{x:.3e}"
+    return str(x)

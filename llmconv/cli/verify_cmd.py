@@ -1,0 +1,105 @@
+"""llmconv verify REFERENCE CANDIDATE"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmconv.cli import options as o
+from llmconv.cli.output import escape, fmt_num, out, print_json
+
+HELP = ("Check that CANDIDATE is the same model as REFERENCE: weights tensor by tensor (bit-exact by default), "
+        "or outputs on the same inputs. Exit 0 equivalent, 1 not equivalent, 2 bad input.")
+EPILOG = ("Examples: [bold]llmconv verify model.bin model.safetensors[/]  ·  "
+          "[bold]llmconv verify hf-folder model.onnx --profile fp32 --json --junit verify.xml[/]")
+
+# Columns shown per mode, in order; the JSON report has every figure.
+_WEIGHT_COLS = ("shape", "reference_dtype", "candidate_dtype", "equal", "max_abs")
+_OUTPUT_COLS = ("shape", "max_abs", "mean_abs", "max_rel", "cosine", "top1_agreement", "top5_agreement", "kl",
+                "nan", "inf")
+_MAX_ROWS = 20
+
+
+def render_report(report: Any, *, console: Console = out) -> None:
+    """A table of the checks, failing ones first (worst first), then a verdict line."""
+    cols = _WEIGHT_COLS if report.mode == "weights" else _OUTPUT_COLS
+    fails = report.failures()
+    # Many tensors: show only the failing ones (worst first); few outputs: show them all.
+    listed = fails if len(report.checks) > _MAX_ROWS or fails and report.mode == "weights" else report.checks
+    shown = listed[:_MAX_ROWS]
+    title = (f"{len(fails)} failing of {len(report.checks)} checks" if fails
+             else f"{len(report.checks)} checks")
+    table = Table(title=f"{report.mode} · profile {report.profile} · {title}", title_justify="left")
+    table.add_column("name", overflow="fold", min_width=24)
+    present = [c for c in cols if any(c in ch.figures for ch in shown)]
+    for c in present:
+        table.add_column(c, justify="right")
+    table.add_column("result")
+    for ch in shown:
+        result = "[green]pass[/]" if ch.passed else f"[red]FAIL[/] {escape(ch.reason)}"
+        table.add_row(escape(ch.name), *(fmt_num(ch.figures.get(c)) for c in present), result)
+    if shown:
+        console.print(table)
+    hidden = len(listed) - len(shown)
+    if hidden > 0:
+        console.print(f"  ... and {hidden} more (see --json)")
+    for label, names in (("missing in candidate", report.missing), ("unexpected in candidate", report.unexpected)):
+        if names:
+            console.print(f"[red]{label}[/] ({len(names)}): {escape(', '.join(names[:10]))}"
+                          + (" ..." if len(names) > 10 else ""))
+    if report.tied:
+        console.print(f"tied (stored once on one side): {escape(', '.join(report.tied[:10]))}")
+    for key, value in report.extra.items():
+        if isinstance(value, dict):
+            console.print(f"{key}: " + ", ".join(f"{k}={fmt_num(v)}" for k, v in value.items()))
+    for note in report.notes:
+        console.print(f"note: {escape(note)}")
+
+
+def command(
+    reference: Annotated[Path, typer.Argument(help="The model taken as right.", show_default=False)],
+    candidate: Annotated[Path, typer.Argument(help="The model checked.", show_default=False)],
+    mode: Annotated[str, typer.Option("--mode", help="auto|weights|outputs.")] = "auto",
+    profile: o.Profile = "auto",
+    atol: o.Atol = None,
+    rtol: o.Rtol = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", help="Inputs as .npz (name -> array).",
+                                                metavar="FILE")] = None,
+    text: Annotated[Path | None, typer.Option("--text", help="Text file: perplexity of both causal LMs on it.",
+                                              metavar="FILE")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Synthetic inputs: batch size.", min=1)] = 2,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Synthetic inputs: sequence length.", min=1)] = 16,
+    samples: Annotated[int, typer.Option("--samples", help="Synthetic inputs: number of batches.", min=1)] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Synthetic inputs: random seed.")] = 0,
+    provider: o.Provider = "cpu",
+    json_output: o.Json = False,
+    junit: o.Junit = None,
+) -> None:
+    from llmconv.verify.api import verify
+
+    t0 = time.perf_counter()
+    outputs_options: dict[str, Any] = {}
+    if inputs is not None:
+        outputs_options["inputs"] = inputs
+    if text is not None:
+        outputs_options["text"] = text
+    if mode != "weights":
+        outputs_options.update(batch=batch, seq_len=seq_len, samples=samples, seed=seed, provider=provider)
+    report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol, **outputs_options)
+    if junit is not None:
+        from llmconv.verify.junit import write_junit
+
+        write_junit(report, junit, seconds=time.perf_counter() - t0)
+    if json_output:
+        print_json(report.to_json())
+    else:
+        render_report(report)
+        verdict = "[green]EQUIVALENT[/]" if report.passed else "[red]NOT EQUIVALENT[/]"
+        out.print(f"{verdict}: {escape(report.summary())}")
+    if not report.passed:
+        raise typer.Exit(1)

@@ -1,0 +1,156 @@
+"""Convert a checkpoint from one format to another, verified before it is put in place."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmconv.checkpoint import CAST_TARGETS, TensorSource, cast_source, dtype_name
+from llmconv.errors import NotEquivalent, UsageError
+from llmconv.formats import registry
+from llmconv.formats.registry import Format, ProgressFn, WriteOptions
+from llmconv.io import atomic_output, check_destination, parse_size
+from llmconv.verify.report import VerifyReport
+from llmconv.verify.weights import compare_weights
+
+CONVERT_SCHEMA = "llmconv.convert/1"
+
+
+@dataclass
+class Destination:
+    """Where and how a conversion writes."""
+
+    format: Format
+    folder: bool
+    weights_format: str | None = None
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion did."""
+
+    source: str
+    destination: str
+    source_format: str
+    destination_format: str
+    weights_format: str | None
+    tensors: int
+    parameters: int
+    bytes_written: int
+    files: list[str]
+    dtype: str
+    cast: list[str] = field(default_factory=list)
+    dropped_aliases: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    verification: VerifyReport | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "schema": CONVERT_SCHEMA, "ok": True, "source": self.source, "destination": self.destination,
+            "source_format": self.source_format, "destination_format": self.destination_format,
+            "weights_format": self.weights_format, "tensors": self.tensors, "parameters": self.parameters,
+            "bytes_written": self.bytes_written, "files": self.files, "dtype": self.dtype, "cast": self.cast,
+            "dropped_aliases": self.dropped_aliases, "notes": self.notes, "seconds": round(self.seconds, 3),
+            "verified": self.verification is not None,
+        }
+        if self.verification is not None:
+            out["verification"] = self.verification.to_json()
+        out.update(self.extra)
+        return out
+
+
+def resolve_destination(src_fmt: Format, src: TensorSource | None, dst: Path, to: str | None) -> Destination:
+    """Decide the destination format: ``to`` if given, else DST's extension, else the source's kind."""
+    wants_folder = dst.is_dir() or registry.by_extension(dst) is None
+    src_weights = src.weights_format if src is not None else None
+    if to is not None:
+        fmt = registry.get(to)
+        if fmt.name == "hf":
+            return Destination(fmt, True, src_weights if src_weights in ("safetensors", "pytorch") else "safetensors")
+        if wants_folder and src_fmt.name == "hf" and fmt.name in ("safetensors", "pytorch"):
+            return Destination(registry.get("hf"), True, fmt.name)
+        return Destination(fmt, wants_folder and not fmt.name == "onnx" or fmt.folder_only)
+    by_ext = registry.by_extension(dst)
+    if by_ext is not None and not dst.is_dir():
+        return Destination(by_ext, False)
+    if src_fmt.name == "hf":
+        return Destination(src_fmt, True, src_weights)
+    if src_fmt.writable:
+        return Destination(src_fmt, True)
+    raise UsageError(f"cannot tell which format to write at {dst}",
+                     hint="give DST an extension (.safetensors, .bin, .onnx) or pass --to FORMAT")
+
+
+def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: str = "keep",
+            shard_size: str | int | None = None, verify: bool = True, force: bool = False,
+            progress: ProgressFn | None = None, **export_options: Any) -> ConvertReport:
+    """Convert ``src`` to ``dst``; by default verify the written files against the source first.
+
+    Args:
+        src: a checkpoint file or folder.
+        dst: the destination file or folder; written to a temporary name, renamed when complete.
+        to: the destination format (``safetensors``, ``pytorch``, ``hf``, ``onnx``); default from DST.
+        dtype: ``keep`` (lossless), or ``fp32``/``fp16``/``bf16`` for floating-point tensors.
+        shard_size: largest shard, e.g. ``"2GB"``; needs a folder destination.
+        verify: compare the output with the source (bit-exact after the cast) before renaming it.
+        force: replace an existing destination.
+        progress: called with the number of bytes written as the output grows.
+        export_options: for ONNX destinations: task, opset, config, external_data, provider.
+    Returns:
+        A ConvertReport.
+    Raises:
+        NotEquivalent: verification failed; nothing was left at ``dst``.
+    Example:
+        >>> convert("model.bin", "model.safetensors").bytes_written
+    """
+    t0 = time.perf_counter()
+    src_path, dst_path = Path(src), Path(dst)
+    src_fmt = registry.detect(src_path)
+    check_destination(src_path, dst_path, force=force)
+    if dtype != "keep" and dtype not in CAST_TARGETS:
+        raise UsageError(f"unknown --dtype {dtype!r}", hint="use keep, fp32, fp16 or bf16")
+    limit = parse_size(shard_size) if shard_size else None
+
+    if (to or "") == "onnx" or (to is None and registry.by_extension(dst_path) is registry.get("onnx")):
+        from llmconv.export import to_onnx
+
+        return to_onnx(src_path, dst_path, src_format=src_fmt, dtype=dtype, verify=verify, force=force,
+                       **export_options)
+    if export_options.get("config") or export_options.get("task") or export_options.get("opset"):
+        raise UsageError("--task, --opset and --config apply to ONNX destinations only")
+
+    with src_fmt.open(src_path) as source:
+        dest = resolve_destination(src_fmt, source, dst_path, to)
+        if not dest.format.writable:
+            raise UsageError(f"llmconv does not write {dest.format.name} from {src_fmt.name}")
+        view, cast = (source, []) if dtype == "keep" else cast_source(source, CAST_TARGETS[dtype])
+        notes = []
+        if dest.format.name != "hf" and source.config is not None:
+            notes.append("config.json and other folder files are not carried into a single weights file")
+        if source.metadata and (dest.weights_format or dest.format.name) == "pytorch":
+            notes.append(f"PyTorch state dicts hold no metadata: dropped {sorted(source.metadata)}")
+        stores_aliases = (dest.weights_format or dest.format.name) == "pytorch"
+        dropped = {} if stores_aliases else dict(view.aliases)
+        options = WriteOptions(shard_size=limit, progress=progress, weights_format=dest.weights_format)
+        with atomic_output(dst_path, folder=dest.folder, force=force) as tmp:
+            files = dest.format.write(view, tmp, folder=dest.folder, options=options)
+            verification = None
+            if verify:
+                with dest.format.open(tmp) as written:
+                    verification = compare_weights(view, written, profile="exact")
+                    verification.reference, verification.candidate = str(src_path), str(dst_path)
+                if not verification.passed:
+                    raise NotEquivalent(f"written output differs from the source: {verification.summary()}; "
+                                        "nothing was written", report=verification, path=dst_path)
+            rel = [str(dst_path / f.relative_to(tmp)) if dest.folder else str(dst_path) for f in files]
+            size = sum(f.stat().st_size for f in files)
+        return ConvertReport(
+            source=str(src_path), destination=str(dst_path), source_format=src_fmt.name,
+            destination_format=dest.format.name, weights_format=dest.weights_format,
+            tensors=len(view.infos), parameters=view.num_parameters, bytes_written=size, files=rel,
+            dtype=dtype if dtype == "keep" else dtype_name(CAST_TARGETS[dtype]), cast=cast,
+            dropped_aliases=dropped, notes=notes, verification=verification, seconds=time.perf_counter() - t0)

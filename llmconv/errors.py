@@ -1,0 +1,78 @@
+"""Typed errors raised by the library.
+
+The library never prints and never exits. Every error carries a one-line message that names the
+file or tensor at fault and what to do about it; only ``llmconv.cli`` turns an error into a red
+line and an exit code (``exit_code`` below).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class LlmconvError(Exception):
+    """Base class of every error the library raises on purpose.
+
+    Args:
+        message: what went wrong, naming the file or tensor.
+        path: the file concerned, when there is one (prefixed to the message).
+        hint: what the user can do about it (appended to the message).
+    """
+
+    exit_code: int = 2
+
+    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.hint = hint
+        self.bare_message = message
+        text = f"{self.path}: {message}" if self.path is not None else message
+        if hint:
+            text = f"{text} ({hint})"
+        super().__init__(text)
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class UsageError(LlmconvError):
+    """Flags that do not fit together, or a request the tool cannot interpret."""
+
+
+class InputError(LlmconvError):
+    """An input that cannot be used: missing, unreadable, or of an unknown kind."""
+
+
+class CorruptInput(InputError):
+    """An input whose bytes contradict its own format (truncated, bad header, lying offsets)."""
+
+
+class UnsafeInput(InputError):
+    """An input that would run code or reach outside its folder if it were used."""
+
+
+class Unsupported(LlmconvError):
+    """A valid input or request that llmconv does not handle (yet)."""
+
+
+class MissingDependency(LlmconvError):
+    """An optional backend is not installed; the message gives the pip command."""
+
+
+class DestinationError(LlmconvError):
+    """The destination exists (without --force), equals the source, or lies inside it."""
+
+
+class ConversionError(LlmconvError):
+    """A conversion that cannot be done faithfully (an fp16 overflow, say)."""
+
+
+class NotEquivalent(LlmconvError):
+    """Verification found the two models not equivalent. Carries the report."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, report: Any = None, path: str | Path | None = None) -> None:
+        self.report = report
+        super().__init__(message, path=path)

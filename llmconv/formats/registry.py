@@ -1,0 +1,126 @@
+"""The one place that knows which formats exist and how a path is recognised.
+
+A format is one module that defines a :class:`Format` and registers it here. Commands never look at
+extensions themselves: they call :func:`detect` or :func:`get`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmconv.errors import InputError, Unsupported
+
+if TYPE_CHECKING:
+    from llmconv.checkpoint import TensorSource
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass
+class WriteOptions:
+    """What a writer needs besides the tensors."""
+
+    shard_size: int | None = None
+    progress: ProgressFn | None = None
+    weights_format: str | None = None  # hf folders: "safetensors" or "pytorch"
+
+
+class Format:
+    """A checkpoint format: how to recognise, open and write it."""
+
+    name: str = ""
+    description: str = ""
+    extensions: tuple[str, ...] = ()
+    # Whether write() can produce it from named tensors (ONNX graphs come from an exporter instead).
+    writable: bool = True
+    folder_only: bool = False
+    # Lower is tried first by detect(): an hf folder is also a folder of safetensors shards.
+    priority: int = 10
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        """Recognise ``path`` (a file or a folder) from content; ``head`` is a file's first bytes."""
+        raise NotImplementedError
+
+    def open(self, path: Path) -> TensorSource:
+        raise NotImplementedError
+
+    def write(self, src: TensorSource, dst: Path, *, folder: bool, options: WriteOptions) -> list[Path]:
+        """Write ``src`` to ``dst`` (a file, or an existing empty folder). Returns the files written."""
+        raise Unsupported(f"llmconv cannot write {self.name} from named tensors")
+
+
+_FORMATS: dict[str, Format] = {}
+_SNIFF_BYTES = 16
+
+
+def register(fmt: Format) -> Format:
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def _load_builtin() -> None:
+    # Importing a format module registers it; the ONNX module imports onnx lazily itself.
+    from llmconv.formats import hf, onnx, pytorch, safetensors  # noqa: F401
+
+
+def all_formats() -> list[Format]:
+    _load_builtin()
+    return list(_FORMATS.values())
+
+
+def get(name: str) -> Format:
+    """The format called ``name``."""
+    _load_builtin()
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        known = ", ".join(sorted(_FORMATS))
+        raise Unsupported(f"unknown format {name!r}", hint=f"known formats: {known}") from None
+
+
+def by_extension(path: Path) -> Format | None:
+    """The format that a destination's extension asks for, if any."""
+    _load_builtin()
+    suffix = path.suffix.lower()
+    for fmt in _FORMATS.values():
+        if suffix and suffix in fmt.extensions:
+            return fmt
+    return None
+
+
+def detect(path: Path) -> Format:
+    """Which format ``path`` holds: by content first (magic bytes, headers, index files), extension second.
+
+    Raises:
+        InputError: the path does not exist, or holds nothing llmconv recognises.
+    """
+    _load_builtin()
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file or folder", path=path)
+    head = b""
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_SNIFF_BYTES)
+        except OSError as e:
+            raise InputError(f"cannot read: {e.strerror or e}", path=path) from e
+    for fmt in sorted(_FORMATS.values(), key=lambda f: f.priority):
+        if fmt.sniff(path, head):
+            return fmt
+    if path.is_file():
+        ext = by_extension(path)
+        if ext is not None and not ext.folder_only:
+            return ext
+        raise InputError("not a checkpoint llmconv recognises (safetensors, PyTorch zip or pickle, ONNX)",
+                         path=path, hint="run `llmconv formats` for what is supported")
+    raise InputError("folder holds no model llmconv recognises: expected config.json with weights, "
+                     "a *.index.json with shards, or one .safetensors/.bin/.onnx file", path=path)
+
+
+def open_checkpoint(path: Path) -> TensorSource:
+    """Detect and open ``path``."""
+    return detect(Path(path)).open(Path(path))

@@ -1,0 +1,46 @@
+"""JUnit XML for CI dashboards: one <testcase> per check, figures in the failure message."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from llmconv.io import atomic_output
+from llmconv.verify.report import VerifyReport
+
+
+def _figures(figs: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in figs.items())
+
+
+def write_junit(report: VerifyReport, path: Path, *, seconds: float = 0.0) -> None:
+    """Write ``report`` as a JUnit test suite to ``path`` (atomically, replacing it)."""
+    cases = list(report.checks)
+    failures = sum(1 for c in cases if not c.passed) + len(report.missing) + len(report.unexpected)
+    suite = ET.Element("testsuite", name=f"llmconv.verify.{report.mode}",
+                       tests=str(len(cases) + len(report.missing) + len(report.unexpected)),
+                       failures=str(failures), errors="0", time=f"{seconds:.3f}")
+    props = ET.SubElement(suite, "properties")
+    for k, v in (("reference", report.reference), ("candidate", report.candidate), ("profile", report.profile)):
+        ET.SubElement(props, "property", name=k, value=str(v))
+    classname = f"llmconv.verify.{report.mode}"
+    for c in cases:
+        tc = ET.SubElement(suite, "testcase", classname=classname, name=c.name)
+        text = _figures(c.figures)
+        if not c.passed:
+            fail = ET.SubElement(tc, "failure", message=f"{c.reason}: {text}" if c.reason else text)
+            fail.text = text
+        else:
+            ET.SubElement(tc, "system-out").text = text
+    for name in report.missing:
+        tc = ET.SubElement(suite, "testcase", classname=classname, name=name)
+        ET.SubElement(tc, "failure", message="missing in candidate")
+    for name in report.unexpected:
+        tc = ET.SubElement(suite, "testcase", classname=classname, name=name)
+        ET.SubElement(tc, "failure", message="unexpected in candidate (not in reference)")
+    tree = ET.ElementTree(ET.Element("testsuites"))
+    tree.getroot().append(suite)
+    ET.indent(tree)
+    path = Path(path)
+    with atomic_output(path, folder=False, force=True) as tmp:
+        tree.write(tmp, encoding="utf-8", xml_declaration=True)

@@ -1,0 +1,127 @@
+"""Weights mode: tensor-by-tensor comparison of two checkpoints, one chunk at a time."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmconv.checkpoint import TensorSource, dtype_name
+from llmconv.verify.report import Check, VerifyReport
+
+_CHUNK = 1 << 23  # elements compared at once: bounded memory whatever the tensor size
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_INT_VIEW[t.dtype.itemsize]) if t.dtype.itemsize in _INT_VIEW and t.dtype != torch.bool else t
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+
+
+def compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, *, atol: float | None,
+                   rtol: float | None) -> Check:
+    """Compare one tensor pair: bit-exact unless a tolerance is given.
+
+    Returns:
+        A Check with ``shape``, ``reference_dtype``, ``candidate_dtype``, ``equal``, ``max_abs``.
+    """
+    figs: dict = {"shape": list(ref.shape), "reference_dtype": dtype_name(ref.dtype),
+                  "candidate_dtype": dtype_name(cand.dtype), "equal": False, "max_abs": None}
+    if tuple(ref.shape) != tuple(cand.shape):
+        figs["candidate_shape"] = list(cand.shape)
+        return Check(name, False, figs, f"shape {list(cand.shape)} != reference {list(ref.shape)}")
+    tolerant = atol is not None or rtol is not None
+    a, b = _flat(ref), _flat(cand)
+    equal = ref.dtype == cand.dtype
+    max_abs = 0.0
+    within = True
+    nan_mismatch = 0
+    for start in range(0, a.numel(), _CHUNK):
+        ca, cb = a[start:start + _CHUNK], b[start:start + _CHUNK]
+        if equal and ca.dtype == cb.dtype and torch.equal(_bits(ca), _bits(cb)):
+            continue
+        equal = False
+        fa, fb = ca.to(torch.float64), cb.to(torch.float64)
+        nan_a, nan_b = torch.isnan(fa), torch.isnan(fb)
+        nan_mismatch += int((nan_a != nan_b).sum())
+        diff = (fa - fb).abs()
+        diff = torch.where(nan_a & nan_b, torch.zeros_like(diff), diff)
+        same_inf = torch.isinf(fa) & (fa == fb)
+        diff = torch.where(same_inf, torch.zeros_like(diff), diff)
+        m = float(torch.nan_to_num(diff, nan=math.inf).max()) if diff.numel() else 0.0
+        max_abs = max(max_abs, m)
+        if tolerant:
+            limit = (atol or 0.0) + (rtol or 0.0) * fa.abs()
+            ok = (diff <= limit) | same_inf | (nan_a & nan_b)
+            within = within and bool(ok.all())
+    figs["equal"] = equal
+    figs["max_abs"] = max_abs
+    if equal:
+        return Check(name, True, figs)
+    if nan_mismatch:
+        figs["nan_mismatch"] = nan_mismatch
+        return Check(name, False, figs, f"NaN in {nan_mismatch} places where the other side has a number")
+    if not tolerant:
+        if ref.dtype != cand.dtype:
+            return Check(name, False, figs, f"dtype {dtype_name(cand.dtype)} != reference {dtype_name(ref.dtype)} "
+                                            "(give a profile or --atol to compare values)")
+        return Check(name, False, figs, f"not bit-exact (max abs diff {max_abs:.3g})")
+    figs["atol"], figs["rtol"] = atol or 0.0, rtol or 0.0
+    if within:
+        return Check(name, True, figs)
+    return Check(name, False, figs, f"max abs diff {max_abs:.3g} beyond atol {atol or 0.0:g} + rtol {rtol or 0.0:g}")
+
+
+def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: float | None = None,
+                    rtol: float | None = None, profile: str = "exact", progress=None) -> VerifyReport:
+    """Compare two checkpoints tensor by tensor.
+
+    Tied aliases count as present: a safetensors file that stores GPT-2's embedding once matches a
+    state dict holding both ``transformer.wte.weight`` and the tied ``lm_head.weight``.
+
+    Args:
+        reference: the model taken as right.
+        candidate: the model checked.
+        atol: absolute tolerance; ``None`` (with ``rtol`` None) means bit-exact.
+        rtol: relative tolerance.
+        profile: the profile name recorded in the report.
+        progress: called with the bytes of each reference tensor compared.
+    Returns:
+        A VerifyReport in weights mode, failing tensors first sorted by max_abs.
+    Example:
+        >>> compare_weights(open_checkpoint(a), open_checkpoint(b)).passed
+    """
+    report = VerifyReport(mode="weights", profile=profile, reference=str(reference.path),
+                          candidate=str(candidate.path))
+    ref_names, cand_names = set(reference.infos), set(candidate.infos)
+    for n in reference.infos:
+        if n in cand_names:
+            continue
+        canon = reference.aliases.get(n)
+        if canon is not None and canon in cand_names:
+            report.tied.append(n)
+        else:
+            report.missing.append(n)
+    for n in candidate.infos:
+        if n in ref_names:
+            continue
+        canon = candidate.aliases.get(n)
+        if canon is not None and canon in ref_names:
+            report.tied.append(n)
+        else:
+            report.unexpected.append(n)
+    checks = []
+    for n in reference.infos:
+        if n not in cand_names:
+            continue
+        ref_t, cand_t = reference.tensor(n), candidate.tensor(n)
+        checks.append(compare_tensor(n, ref_t, cand_t, atol=atol, rtol=rtol))
+        del ref_t, cand_t
+        if progress:
+            progress(reference.infos[n].nbytes)
+    checks.sort(key=lambda c: (c.passed, -(c.figures.get("max_abs") or 0.0) if not c.passed else 0.0))
+    report.checks = checks
+    return report
