@@ -1,0 +1,66 @@
+"""Shared test fixtures: the seeded fixture models, built once per session under a tmp folder."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fixtures import make_fixtures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder where session fixtures are built (lazily, by name, through ``fx``)."""
+    return tmp_path_factory.mktemp("fixtures")
+
+
+@pytest.fixture(scope="session")
+def fx(fixtures_dir: Path):
+    """``fx(name)`` -> path of the named fixture from fixtures/make_fixtures.py (built on first use).
+
+    Treat the returned path as read-only: copy it (``fx_copy``) before a test changes it.
+    """
+
+    def get(name: str) -> Path:
+        return make_fixtures.build(fixtures_dir, [name])[name]
+
+    return get
+
+
+@pytest.fixture
+def fx_copy(fx, tmp_path: Path):
+    """``fx_copy(name)`` -> a private copy of a fixture under this test's tmp_path."""
+
+    def get(name: str) -> Path:
+        src = fx(name)
+        dst = tmp_path / "copies" / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+        return dst
+
+    return get
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process: ``cli("convert", a, b)`` -> typer Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from llmconv.cli.app import app
+
+    runner = CliRunner()
+
+    def run(*args: object, env: dict[str, str] | None = None):
+        return runner.invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
+
+    return run
