@@ -43,7 +43,8 @@ def _load(path: Path) -> object:
         if "mmap" in text and "zipfile" in text.lower():
             # The legacy (pre-1.6) format cannot be mapped: it is read into memory instead.
             return _load_legacy(path)
-        raise CorruptInput(f"torch.load cannot read it: {text.splitlines()[0]}", path=path,
+        first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+        raise CorruptInput(f"torch.load cannot read it: {first}", path=path,
                            hint="the file is truncated or not a PyTorch checkpoint") from None
     except (EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, AttributeError, TypeError) as e:
         raise CorruptInput(f"torch.load cannot read it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",

@@ -1,0 +1,45 @@
+"""Summary table of a batch conversion: one row per model from OUT_DIR/.status/*.json(.failed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def main(argv: list[str]) -> int:
+    status = Path(argv[1]) if len(argv) > 1 else Path("converted/.status")
+    rows = []
+    for path in sorted(status.glob("*.json")) + sorted(status.glob("*.json.failed")):
+        name = path.name.removesuffix(".failed").removesuffix(".json")
+        try:
+            report = json.loads(path.read_text() or "{}")
+        except json.JSONDecodeError:
+            report = {}
+        if report.get("ok"):
+            v = report.get("verification") or {}
+            verified = ("yes" if v.get("ok") else "FAILED") if report.get("verified") else "skipped"
+            rows.append((name, "[green]ok[/]", Path(report.get("destination", "")).name, str(report.get("tensors", "")),
+                         f"{report.get('bytes_written', 0) / 1e6:.1f} MB", verified,
+                         f"{report.get('seconds', 0):.2f}", ""))
+        else:
+            err = (report.get("error") or {}).get("message", "no report (crashed?)")
+            err = err if len(err) <= 160 else err[:157] + "..."
+            rows.append((name, "[red]FAILED[/]", "", "", "", "", "", err))
+    table = Table(title=f"batch conversion: {status.parent}", title_justify="left")
+    for col in ("model", "status", "output", "tensors", "size", "verified", "seconds", "error"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    console = Console(width=max(Console().width, 140))
+    console.print(table)
+    failed = sum(1 for r in rows if "FAILED" in r[1])
+    console.print(f"{len(rows) - failed} converted, {failed} failed")
+    return 0  # the batch target's exit status already says whether a model failed
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
