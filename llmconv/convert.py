@@ -73,7 +73,7 @@ def resolve_destination(src_fmt: Format, src: TensorSource | None, dst: Path, to
             return Destination(fmt, True, src_weights if src_weights in ("safetensors", "pytorch") else "safetensors")
         if wants_folder and src_fmt.name == "hf" and fmt.name in ("safetensors", "pytorch"):
             return Destination(registry.get("hf"), True, fmt.name)
-        return Destination(fmt, wants_folder and not fmt.name == "onnx" or fmt.folder_only)
+        return Destination(fmt, (wants_folder and fmt.name != "onnx") or fmt.folder_only)
     by_ext = registry.by_extension(dst)
     if by_ext is not None and not dst.is_dir():
         return Destination(by_ext, False)

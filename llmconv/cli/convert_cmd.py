@@ -19,13 +19,15 @@ EPILOG = ("Examples: [bold]llmconv convert model/pytorch_model.bin model.safeten
 def command(
     src: o.Src,
     dst: o.Dst,
-    to: Annotated[str | None, typer.Option("--to", help="Destination format: safetensors|pytorch|hf|onnx "
-                                                        "(default: from DST's extension, or the source's kind).")] = None,
+    to: Annotated[str | None, typer.Option(
+        "--to", help="Destination format: safetensors|pytorch|hf|onnx (default: from DST's extension, "
+                     "or the source's kind).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="keep|fp32|fp16|bf16 for floating-point tensors.")] = "keep",
     shard_size: Annotated[str | None, typer.Option("--shard-size", help="Largest shard, e.g. 2GB or 500MB "
                                                                         "(folder destinations).")] = None,
-    task: Annotated[str | None, typer.Option("--task", help="ONNX export task, as optimum names them "
-                                                            "(text-generation-with-past, feature-extraction, ...).")] = None,
+    task: Annotated[str | None, typer.Option(
+        "--task", help="ONNX export task, as optimum names them (text-generation-with-past, "
+                       "feature-extraction, ...).")] = None,
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset for export.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="config.json for a bare weights file "
                                                                  "(ONNX export needs the architecture).")] = None,

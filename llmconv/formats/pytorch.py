@@ -169,7 +169,7 @@ def _spill(src: TensorSource, names: list[str], near: Path, stack: contextlib.Ex
                 pos += b.nbytes
             del t
         f.write(b"\0" * 64)
-    fh = stack.enter_context(open(spill, "rb"))
+    fh = stack.enter_context(open(spill, "rb"))  # noqa: SIM115 - closed by the ExitStack
     mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     out = {}
     for n in names:
