@@ -187,7 +187,8 @@ def cast_source(src: TensorSource, target: torch.dtype) -> tuple[TensorSource, l
 
 def cast_tensor(name: str, t: torch.Tensor, target: torch.dtype, *, path: Path | None = None) -> torch.Tensor:
     """Cast one tensor, refusing finite values that would become inf."""
-    if target in (torch.float16, torch.bfloat16) and t.numel():
+    # Any narrowing cast can overflow: fp32/bf16 -> fp16, and fp64 -> fp32 too.
+    if t.numel() and t.dtype.is_floating_point and torch.finfo(target).max < torch.finfo(t.dtype).max:
         limit = torch.finfo(target).max
         finite = t[torch.isfinite(t)] if not bool(torch.isfinite(t).all()) else t
         biggest = float(finite.abs().max()) if finite.numel() else 0.0
@@ -196,7 +197,8 @@ def cast_tensor(name: str, t: torch.Tensor, target: torch.dtype, *, path: Path |
             raise ConversionError(
                 f"tensor {name!r} has a value of magnitude {biggest:.6g}, past the {dtype_name(target)} "
                 f"maximum {limit:.6g}; casting would turn it into inf", path=path,
-                hint="keep this model in fp32 or bf16 (--dtype bf16)")
+                hint="keep this model in fp32 or bf16 (--dtype bf16)" if target == torch.float16
+                else f"keep it in {dtype_name(t.dtype)} (--dtype keep)")
     return t.to(target)
 
 
@@ -205,7 +207,7 @@ def read_json(path: Path, *, what: str) -> Any:
     from llmconv.errors import CorruptInput, InputError
 
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes()  # decoded by json.loads, so bad UTF-8 is reported as corrupt JSON below
     except OSError as e:
         raise InputError(f"cannot read {what}: {e.strerror or e}", path=path) from e
     try:

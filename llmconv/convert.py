@@ -127,6 +127,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         dest = resolve_destination(src_fmt, source, dst_path, to)
         if not dest.format.writable:
             raise UsageError(f"llmconv does not write {dest.format.name} from {src_fmt.name}")
+        if dest.format.name == "hf" and source.config is None:
+            raise UsageError(f"an hf folder needs a config.json, and {src_path} has none", path=dst_path,
+                             hint="write a weights folder instead (--to safetensors or --to pytorch)")
         view, cast = (source, []) if dtype == "keep" else cast_source(source, CAST_TARGETS[dtype])
         notes = []
         if dest.format.name != "hf" and source.config is not None:
@@ -135,6 +138,11 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             notes.append(f"PyTorch state dicts hold no metadata: dropped {sorted(source.metadata)}")
         stores_aliases = (dest.weights_format or dest.format.name) == "pytorch"
         dropped = {} if stores_aliases else dict(view.aliases)
+        if limit and not dest.folder and view.total_bytes > limit:
+            # Checked here, not in the writer, so the message names DST rather than its temporary name.
+            raise UsageError(f"--shard-size {shard_size} needs a folder destination (the model is larger than "
+                             "one shard)", path=dst_path,
+                             hint=f"give a destination without the {dst_path.suffix} extension")
         options = WriteOptions(shard_size=limit, progress=progress, weights_format=dest.weights_format)
         with atomic_output(dst_path, folder=dest.folder, force=force) as tmp:
             files = dest.format.write(view, tmp, folder=dest.folder, options=options)

@@ -41,6 +41,9 @@ def carried_files(folder: Path) -> list[Path]:
     """Files of an hf folder that are not weights: they travel unchanged with a conversion."""
     out = []
     for p in sorted(folder.rglob("*")):
+        # Hidden folders (.git of a cloned repo holds every weight again, .cache holds download state) stay.
+        if any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]):
+            continue
         if p.is_file() and not (p.parent == folder and _is_weight_file(p)) and not p.name.startswith(".llmconv"):
             out.append(p)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import pickle
+import re
 import threading
 import zipfile
 from pathlib import Path
@@ -23,42 +24,74 @@ from llmconv.errors import CorruptInput, InputError, UnsafeInput, Unsupported, U
 from llmconv.formats import sharding
 from llmconv.formats.registry import Format, WriteOptions, register
 from llmconv.formats.safetensors import tensor_bytes
-from llmconv.io import scratch_dir
+from llmconv.io import SlicedWriter, open_output, scratch_dir, write_sliced
 
 # Containers that training frameworks wrap around a state dict.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 
 
 def _load(path: Path) -> object:
+    if path.name.endswith(".safetensors"):
+        # torch.load reads any path named *.safetensors as safetensors; the content says PyTorch.
+        return _load_legacy(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        wanted = _unsafe_globals(path)
-        listed = ", ".join(wanted) if wanted else str(e).splitlines()[0]
-        raise UnsafeInput(f"pickle needs more than plain tensors to load ({listed}); nothing in it was run",
-                          path=path, hint="only state dicts of tensors are read; re-save it with "
-                                          "torch.save(model.state_dict()) or as safetensors") from None
+        raise _refused(e, path) from None
     except RuntimeError as e:
         text = str(e)
         if "mmap" in text and "zipfile" in text.lower():
             # The legacy (pre-1.6) format cannot be mapped: it is read into memory instead.
             return _load_legacy(path)
-        first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
-        raise CorruptInput(f"torch.load cannot read it: {first}", path=path,
+        raise CorruptInput(f"torch.load cannot read it: {_first_line(e)}", path=path,
                            hint="the file is truncated or not a PyTorch checkpoint") from None
-    except (EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, AttributeError, TypeError) as e:
-        raise CorruptInput(f"torch.load cannot read it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+    except (EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, AttributeError, TypeError, IndexError) as e:
+        raise CorruptInput(f"torch.load cannot read it: {_describe(e)}",
                            path=path, hint="the file is truncated or not a PyTorch checkpoint") from None
 
 
 def _load_legacy(path: Path) -> object:
+    """Read into memory: legacy pickles cannot be mapped (nor can files torch would take for safetensors)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UnsafeInput(f"pickle needs more than plain tensors to load ({str(e).splitlines()[0]})",
-                          path=path, hint="only state dicts of tensors are read") from None
+        raise _refused(e, path) from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError, IndexError) as e:
-        raise CorruptInput(f"torch.load cannot read it: {type(e).__name__}: {e}", path=path) from None
+        raise CorruptInput(f"torch.load cannot read it: {_describe(e)}", path=path,
+                           hint="the file is truncated or not a PyTorch checkpoint") from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\]\s*\.?\s*")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]*\w)")
+
+
+def _first_line(e: BaseException) -> str:
+    """The gist of a torch error: its first sentence, without terminal colours or C++ source locations."""
+    text = _ENFORCE.sub("", _ANSI.sub("", str(e)).strip())
+    return text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {_first_line(e)}" if str(e).strip() else type(e).__name__
+
+
+def _refused(e: pickle.UnpicklingError, path: Path) -> UnsafeInput:
+    """The refusal of a pickle that weights_only=True will not load, listing what it wanted."""
+    wanted = _unsafe_globals(path)  # zip checkpoints only
+    text = _ANSI.sub("", str(e))
+    wanted = wanted or list(dict.fromkeys(_UNSUPPORTED_GLOBAL.findall(text)))
+    if wanted:
+        why = ", ".join(wanted)
+    else:
+        # torch's message opens with advice to turn the safe loader off; the reason is on a later line.
+        reasons = [ln.split("WeightsUnpickler error:", 1)[1].strip() for ln in text.splitlines()
+                   if "WeightsUnpickler error:" in ln]
+        why = re.split(r"\.\s+(?=[A-Z])", reasons[0])[0] if reasons else _first_line(e)
+    return UnsafeInput(f"pickle needs more than plain tensors to load ({why}); nothing in it was run",
+                       path=path, hint="only state dicts of tensors are read; re-save it with "
+                                       "torch.save(model.state_dict()) or as safetensors")
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -144,8 +177,8 @@ def write_file(src: TensorSource, names: list[str], dst: Path, *, progress=None)
             state[n] = canon[c] if c in canon else src.tensor(n)
         # An open file object (not a path) keeps the archive's inner folder name fixed ("archive"),
         # so the output does not depend on the temporary file name: conversions are deterministic.
-        with open(dst, "wb") as f, _watch_size(dst, progress) as seen:
-            torch.save(state, f)
+        with open_output(dst) as f, _watch_size(dst, progress) as seen:
+            torch.save(state, SlicedWriter(f))
         if progress:
             progress(max(0, total - seen[0]))
 
@@ -164,9 +197,7 @@ def _spill(src: TensorSource, names: list[str], near: Path, stack: contextlib.Ex
             pos += pad
             offsets[n] = pos
             if t.numel():
-                b = tensor_bytes(t)
-                f.write(b)
-                pos += b.nbytes
+                pos += write_sliced(f, tensor_bytes(t))
             del t
         f.write(b"\0" * 64)
     fh = stack.enter_context(open(spill, "rb"))  # noqa: SIM115 - closed by the ExitStack

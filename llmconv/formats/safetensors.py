@@ -2,7 +2,7 @@
 
 Reading validates the file with the safetensors library, then maps it and hands out zero-copy
 views. Writing streams one tensor at a time (the library's ``save_file`` needs every tensor in
-memory at once), in the layout safetensors itself writes: tensors ordered by alignment then name,
+memory at once), in the layout safetensors itself writes: tensors ordered by dtype (the library's order) then name,
 header padded to 8 bytes.
 """
 
@@ -19,6 +19,7 @@ from llmconv.checkpoint import TensorInfo, TensorSource, dtype_name
 from llmconv.errors import CorruptInput, InputError, UsageError
 from llmconv.formats import sharding
 from llmconv.formats.registry import Format, WriteOptions, register
+from llmconv.io import open_output, write_sliced
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -28,6 +29,11 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "C64": torch.complex64,
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+# The order the safetensors library lays tensors out in (its Dtype enum, descending), then by name;
+# following it makes our files byte-identical to save_file's.
+_LAYOUT_ORDER = {name: i for i, name in enumerate(
+    ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8",
+     "BOOL"))}
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit
 
 
@@ -137,7 +143,7 @@ def open_file(path: Path) -> TensorSource:
 def write_file(src: TensorSource, names: list[str], dst: Path, *, metadata: dict[str, str],
                progress=None) -> None:
     """Stream ``names`` of ``src`` into one safetensors file at ``dst``."""
-    order = sorted(names, key=lambda n: (-src.infos[n].dtype.itemsize, n))
+    order = sorted(names, key=lambda n: (_LAYOUT_ORDER.get(ST_NAMES.get(src.infos[n].dtype, ""), -1), n))
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
@@ -151,7 +157,7 @@ def write_file(src: TensorSource, names: list[str], dst: Path, *, metadata: dict
         offset += info.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(dst, "wb") as f:
+    with open_output(dst) as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for n in order:
@@ -161,7 +167,7 @@ def write_file(src: TensorSource, names: list[str], dst: Path, *, metadata: dict
                 raise CorruptInput(f"tensor {n!r} reads as {dtype_name(t.dtype)}{list(t.shape)} but its header "
                                    f"says {dtype_name(info.dtype)}{list(info.shape)}", path=src.path)
             if info.nbytes:
-                f.write(tensor_bytes(t))
+                write_sliced(f, tensor_bytes(t))
             if progress:
                 progress(info.nbytes)
             del t

@@ -59,11 +59,11 @@ def open_sharded(index_path: Path, *, fmt: str, open_shard: Callable[[Path], Ten
     root = index_path.parent
     shard_paths: dict[str, Path] = {}
     for rel in dict.fromkeys(weight_map.values()):
-        p = safe_child(root, rel, what="shard", source=index_path)
-        if not p.is_file():
+        if not safe_child(root, rel, what="shard", source=index_path).is_file():
             raise CorruptInput(f"index names shard {rel!r}, which is missing", path=index_path,
                                hint="copy the shard beside the index, or regenerate the index")
-        shard_paths[rel] = p
+        # Checked above; kept as written (not resolved) so that files stay under the folder as given.
+        shard_paths[rel] = root / rel
     shards = {rel: open_shard(p) for rel, p in shard_paths.items()}
     infos: dict[str, TensorInfo] = {}
     owner: dict[str, TensorSource] = {}
