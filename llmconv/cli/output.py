@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -16,8 +17,20 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    # Strict JSON: Python would write bare Infinity/NaN (a max_abs against a NaN, say), which
+    # JSON.parse, Go and serde reject; non-finite numbers are written as the strings "inf"/"-inf"/"nan".
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def emit_error(command: str, code: int, message: str, *, as_json: bool, report: Any = None) -> None:

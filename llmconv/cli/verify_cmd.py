@@ -54,9 +54,17 @@ def render_report(report: Any, *, console: Console = out) -> None:
                           + (" ..." if len(names) > 10 else ""))
     if report.tied:
         console.print(f"tied (stored once on one side): {escape(', '.join(report.tied[:10]))}")
+    for ch in report.checks:
+        if "reference_ppl" in ch.figures:
+            f = ch.figures
+            change = f"{f['relative_change']:+.3%}" if f["relative_change"] is not None else "-"
+            console.print(f"perplexity: reference {fmt_num(f['reference_ppl'])}, candidate "
+                          f"{fmt_num(f['candidate_ppl'])}, change {change} (budget {f['budget']:.2%}, "
+                          f"{f['tokens']} tokens)")
     for key, value in report.extra.items():
         if isinstance(value, dict):
-            console.print(f"{key}: " + ", ".join(f"{k}={fmt_num(v)}" for k, v in value.items()))
+            console.print(f"{key}: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={fmt_num(v)}"
+                                                 for k, v in value.items()))
     for note in report.notes:
         console.print(f"note: {escape(note)}")
 
@@ -76,6 +84,9 @@ def command(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Synthetic inputs: sequence length.", min=1)] = 16,
     samples: Annotated[int, typer.Option("--samples", help="Synthetic inputs: number of batches.", min=1)] = 2,
     seed: Annotated[int, typer.Option("--seed", help="Synthetic inputs: random seed.")] = 0,
+    max_ppl_increase: Annotated[float | None, typer.Option(
+        "--max-ppl-increase", help="With --text: largest relative perplexity increase allowed, e.g. 0.02 for 2% "
+                                   "(default from the profile).")] = None,
     provider: o.Provider = "cpu",
     json_output: o.Json = False,
     junit: o.Junit = None,
@@ -90,6 +101,8 @@ def command(
         outputs_options["text"] = text
     if mode != "weights":
         outputs_options.update(batch=batch, seq_len=seq_len, samples=samples, seed=seed, provider=provider)
+        if max_ppl_increase is not None:
+            outputs_options["max_ppl_increase"] = max_ppl_increase
     report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol, **outputs_options)
     if junit is not None:
         from llmconv.verify.junit import write_junit

@@ -1,0 +1,159 @@
+"""Graphs: Hugging Face folder -> ONNX, through optimum-onnx (torch.onnx for what optimum does not know).
+
+The export runs in a scratch folder beside the destination, is finished there (one external data
+file when needed, an IR version onnxruntime loads), verified in outputs mode against the PyTorch
+model, and only then renamed into place. Weights back out of ONNX (``.onnx`` -> ``.safetensors``)
+need no code here: ``llmconv.formats.onnx`` opens initializers as named tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmconv.errors import DestinationError, InputError, NotEquivalent, Unsupported, UsageError
+from llmconv.io import atomic_output, scratch_dir
+
+if TYPE_CHECKING:
+    from llmconv.convert import ConvertReport
+    from llmconv.formats.registry import Format
+
+__all__ = ["to_onnx"]
+
+_WEIGHT_NAMES = {"safetensors": "model.safetensors", "pytorch": "pytorch_model.bin"}
+
+
+def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | str, dtype: str, verify: bool,
+            force: bool, task: str | None = None, opset: int | None = None, config: str | Path | None = None,
+            external_data: bool = False, provider: str = "cpu") -> ConvertReport:
+    """Export a Hugging Face model to ONNX, verify it against PyTorch, then put it in place.
+
+    Args:
+        src_path: an hf folder, or a bare weights file (safetensors/PyTorch) with ``config``.
+        dst_path: a ``.onnx`` file (its external data, if any, beside it as ``<name>_data``), or a
+            folder that receives ``model.onnx`` with config, generation config and tokenizer files.
+        src_format: the source's format (a registry Format or its name).
+        dtype: ``keep`` or ``fp32``: graphs are exported in float32 (see ``llmconv quantize`` for fp16).
+        verify: compare the graph's outputs with PyTorch's before renaming it into place.
+        force: replace an existing destination.
+        task: as optimum names tasks (``text-generation-with-past``, ``feature-extraction``, ...);
+            None infers it from config.json, with past key/values for decoders.
+        opset: ONNX opset; None for the exporter's default for the architecture.
+        config: a config.json for a bare weights file.
+        external_data: store the weights in an external data file even below the 2 GB limit.
+        provider: onnxruntime execution provider for the verification (``cpu`` or ``cuda``).
+    Returns:
+        A ConvertReport; ``extra`` holds task, opset, ir_version, exporter and external_data.
+    Raises:
+        NotEquivalent: the graph's outputs differ from PyTorch's; nothing was left at ``dst_path``.
+        UsageError: a bare weights file without ``config``, or flags that do not fit.
+    Example:
+        >>> to_onnx("gpt2-hf", "gpt2-onnx", src_format="hf", dtype="keep", verify=True, force=False).extra["task"]
+        'text-generation-with-past'
+    """
+    from llmconv.convert import ConvertReport
+    from llmconv.export.exporters import plan_export, run_export
+    from llmconv.export.onnx_post import finalize, rename_model
+    from llmconv.formats.hf import load_config
+
+    t0 = time.perf_counter()
+    src, dst = Path(src_path), Path(dst_path)
+    fmt_name = src_format if isinstance(src_format, str) else src_format.name
+    if dtype not in ("keep", "fp32"):
+        raise Unsupported(f"ONNX export writes float32 graphs; --dtype {dtype} is not an export option",
+                          hint=f"export, then run `llmconv quantize MODEL.onnx OUT.onnx --method {dtype}`")
+    to_file = dst.suffix.lower() == ".onnx" and not dst.is_dir()
+    data_dst = dst.with_name(f"{dst.name}_data")
+    if to_file and not force and (data_dst.exists() or data_dst.is_symlink()):
+        raise DestinationError("the destination's external data file exists", path=data_dst,
+                               hint="pass --force to replace it")
+    notes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        folder = _model_folder(src, fmt_name, config, stack)
+        plan = plan_export(load_config(folder), task=task, opset=opset, path=src)
+        # Unwound last-in first-out: the scratch folder goes, then the temporary output is renamed.
+        tmp_out = Path(stack.enter_context(atomic_output(dst, folder=not to_file, force=force)))
+        out_dir = Path(stack.enter_context(scratch_dir(dst))) / "onnx" if to_file else tmp_out
+        run_export(plan, folder, out_dir)
+        produced = out_dir / "model.onnx"
+        if not produced.is_file():
+            raise Unsupported(f"the {plan.exporter} exporter wrote no single model.onnx for task {plan.task}",
+                              path=src, hint="this architecture/task splits into several graphs, "
+                                             "which llmconv does not handle yet")
+        model_path = rename_model(produced, dst.name) if to_file else produced
+        post = finalize(model_path, data_name=f"{model_path.name}_data", external_data=external_data)
+        if post["ir_lowered_from"] is not None:
+            notes.append(f"IR version lowered from {post['ir_lowered_from']} to {post['ir_version']}, the highest "
+                         "the installed onnxruntime loads")
+        verification = None
+        if verify:
+            from llmconv.verify.outputs import compare_outputs
+
+            verification = compare_outputs(folder, model_path, profile="auto", provider=provider)
+            verification.reference, verification.candidate = str(src), str(dst)
+            if not verification.passed:
+                raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "
+                                    "nothing was written", report=verification, path=dst)
+        if to_file:
+            data_files = [model_path.parent / d for d in post["external_data"]]
+            size = sum(p.stat().st_size for p in [model_path, *data_files])
+            listed = [str(dst)] + [str(dst.with_name(p.name)) for p in data_files]
+            for p in data_files:  # data first: the model never appears without its data
+                with atomic_output(dst.with_name(p.name), folder=False, force=force) as tmp_data:
+                    os.replace(p, tmp_data)
+            os.replace(model_path, tmp_out)
+            notes.append("config and tokenizer files are written only with a folder destination")
+        else:
+            everything = sorted(p for p in out_dir.rglob("*") if p.is_file())
+            listed = [str(dst / p.relative_to(out_dir)) for p in everything]
+            size = sum(p.stat().st_size for p in everything)
+    if plan.exporter != "optimum":
+        notes.append(f"optimum does not know {plan.model_type}: exported with torch.onnx, without past key/values")
+    return ConvertReport(
+        source=str(src), destination=str(dst), source_format=fmt_name, destination_format="onnx",
+        weights_format=None, tensors=post["initializers"], parameters=post["parameters"], bytes_written=size,
+        files=listed,
+        dtype="float32", notes=notes, verification=verification, seconds=time.perf_counter() - t0,
+        extra={"task": plan.task, "opset": plan.opset, "ir_version": post["ir_version"], "exporter": plan.exporter,
+               "external_data": bool(post["external_data"])})
+
+
+def _model_folder(src: Path, fmt_name: str, config: str | Path | None, stack: contextlib.ExitStack) -> Path:
+    """The hf folder to export: ``src`` itself, or a scratch folder pairing a bare weights file with ``config``."""
+    if fmt_name == "hf":
+        if config is not None:
+            raise UsageError("--config is for a bare weights file; this folder has its own config.json", path=src)
+        return src
+    if fmt_name == "onnx":
+        raise UsageError("the source is already ONNX", path=src,
+                         hint="to get its weights out, convert it to a .safetensors or .bin file")
+    if fmt_name not in _WEIGHT_NAMES:
+        raise Unsupported(f"cannot export {fmt_name} to ONNX", path=src)
+    if config is None:
+        raise UsageError("a bare weights file holds no architecture, and an ONNX graph needs the model's config",
+                         path=src, hint="pass --config path/to/config.json, or convert the model's Hugging Face "
+                                        "folder (config.json beside the weights)")
+    cfg_path = Path(config)
+    if cfg_path.is_dir():
+        cfg_path = cfg_path / "config.json"
+    if not cfg_path.is_file():
+        raise InputError("no such config file", path=cfg_path, hint="--config takes a config.json")
+    from llmconv.checkpoint import read_json
+
+    parsed = read_json(cfg_path, what="config.json")
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise UsageError("--config is not a transformers config.json (no model_type)", path=cfg_path)
+    # Links and a copied config only: the system's temporary folder will do.
+    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmconv-export-")))
+    (work / "config.json").write_bytes(cfg_path.read_bytes())
+    if src.is_dir():
+        for p in src.iterdir():
+            if p.is_file():
+                os.symlink(p.resolve(), work / p.name)
+    else:
+        os.symlink(src.resolve(), work / _WEIGHT_NAMES[fmt_name])
+    return work

@@ -1,10 +1,500 @@
-"""ONNX models (being built)."""
+"""ONNX models: a ``.onnx`` file, with its external data file(s) beside it.
+
+Opening a model lists every initializer (of the main graph and of its subgraphs) as a named
+tensor, bit-exact, under its ONNX name. Only the graph's structure is parsed (:func:`load_graph`
+skips the bytes of inline weights): inline weights are views of a private mapping of the model
+file, and those in external data files views of a mapping of the data file, after a check that the
+reference stays inside the model's folder (``safe_child``) and within the file's bounds. Opening
+a 2 GB model costs milliseconds and no memory beyond the page cache.
+
+ONNX graphs come from an exporter (``llmconv.export``), not from named tensors, so this format is
+read-only here. ``onnx`` is imported when a model is opened, never when the module is imported.
+"""
 
 from __future__ import annotations
 
+import mmap
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from llmconv.errors import CorruptInput, InputError, MissingDependency, UsageError
 from llmconv.formats.registry import Format, register
+from llmconv.io import safe_child
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmconv.checkpoint import TensorSource
+
+# TensorProto.DataType -> (torch dtype name, storage): "raw" dtypes map one to one; "packed" 4-bit
+# (and smaller) types have no torch dtype and are handed out as their packed bytes (uint8).
+_ONNX_TYPES: dict[int, str] = {
+    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+    10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 14: "complex64", 15: "complex128",
+    16: "bfloat16", 17: "float8_e4m3fn", 19: "float8_e5m2",
+}
+_PACKED_TYPES: dict[int, tuple[str, int]] = {21: ("uint4", 4), 22: ("int4", 4), 23: ("float4e2m1", 4)}
+_TYPE_NAMES = {0: "undefined", 8: "string", 18: "float8e4m3fnuz", 20: "float8e5m2fnuz", 24: "float8e8m0"}
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+_SNIFF_TAGS = (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72)  # fields 2,3,4,5,6,7,8,14 of ModelProto
+
+
+def onnx_type_name(elem_type: int) -> str:
+    """A readable name for an ONNX tensor element type."""
+    if elem_type in _ONNX_TYPES:
+        return _ONNX_TYPES[elem_type]
+    if elem_type in _PACKED_TYPES:
+        return _PACKED_TYPES[elem_type][0]
+    return _TYPE_NAMES.get(elem_type, f"type{elem_type}")
+
+
+def import_onnx() -> Any:
+    """``import onnx``, or the pip command that installs it."""
+    try:
+        import onnx
+    except ImportError as e:
+        raise MissingDependency("the onnx package is not installed",
+                                hint="pip install 'llmconv[onnx]' (or: pip install onnx onnxruntime)") from e
+    return onnx
+
+
+def model_file(path: Path) -> Path:
+    """The ``.onnx`` file that ``path`` names: the file itself, or the one model in a folder.
+
+    Args:
+        path: a ``.onnx`` file, or a folder holding ``model.onnx`` (or a single ``*.onnx``).
+    Returns:
+        The path of the ``.onnx`` file.
+    Example:
+        >>> model_file(Path("gpt2-onnx"))
+        PosixPath('gpt2-onnx/model.onnx')
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / "model.onnx").is_file():
+        return path / "model.onnx"
+    found = sorted(p for p in path.glob("*.onnx") if p.is_file())
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise InputError("folder holds no .onnx model", path=path)
+    raise UsageError(f"folder holds {len(found)} .onnx models ({', '.join(p.name for p in found[:4])})", path=path,
+                     hint="name the one you mean")
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    """ModelProto starts with field 1 (ir_version, a small varint), then another known field."""
+    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 30 and head[2] in _SNIFF_TAGS
+
+
+def load_proto(path: Path, *, external: bool = False) -> Any:
+    """Parse an ONNX file (without its external data unless ``external``), raising CorruptInput on failure."""
+    onnx = import_onnx()
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=external)
+    except DecodeError as e:
+        raise CorruptInput(f"not a valid ONNX protobuf ({e})", path=path,
+                           hint="the file is truncated or is not an ONNX model") from None
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}", path=path) from None
+
+
+class GraphView:
+    """A parsed ONNX model without the bytes of its inline weights, over a mapping of the file.
+
+    Attributes:
+        model: the ModelProto, whose main-graph initializers have no ``raw_data``.
+        spans: per main-graph initializer (in order), ``(offset, length)`` of its ``raw_data`` in the
+            file, or None when it holds none (typed fields, external data).
+        buffer: the read-only mapping of the file the spans point into.
+    """
+
+    def __init__(self, model: Any, spans: list[tuple[int, int] | None], buffer: mmap.mmap) -> None:
+        self.model, self.spans, self.buffer = model, spans, buffer
+
+    def close(self) -> None:
+        self.buffer.close()
+
+
+def _varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """Protobuf wire-format fields in ``buf[start:end]``: (number, wire type, value start, value end, tag start)."""
+    pos = start
+    while pos < end:
+        tag_start = pos
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, value_end = _varint(buf, pos, end)
+        elif wire == 1:
+            value_end = pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            value_end = pos + length
+        elif wire == 5:
+            value_end = pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if value_end > end or number == 0:
+            raise ValueError("field runs past the end of its message")
+        yield number, wire, pos, value_end, tag_start
+        pos = value_end
+
+
+def load_graph(path: Path) -> GraphView:
+    """Parse an ONNX file's structure and initializer headers, leaving inline weight bytes in the file.
+
+    The model is read through a memory mapping: only the graph's nodes, inputs, outputs and the
+    initializers' names, types, shapes and external-data entries are copied and parsed, so a 2 GB
+    model costs milliseconds and no extra memory; :attr:`GraphView.spans` locate each weight.
+
+    Args:
+        path: the ``.onnx`` file.
+    Returns:
+        A GraphView (close it to release the mapping).
+    Raises:
+        CorruptInput: the bytes are not a well-formed ONNX protobuf.
+    Example:
+        >>> view = load_graph(Path("model.onnx")); view.model.graph.initializer[0].name
+    """
+    onnx = import_onnx()
+    from google.protobuf.message import DecodeError
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            # ACCESS_COPY: a private mapping torch may view as writable; the file is never changed.
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}", path=path) from None
+    if buf is None:
+        raise CorruptInput("the file is empty", path=path, hint="the file is truncated or is not an ONNX model")
+    try:
+        head = bytearray()
+        spans: list[tuple[int, int] | None] = []
+        for number, wire, s, e, t in _fields(buf, 0, size):
+            if number != 7 or wire != 2:
+                head += buf[t:e]
+                continue
+            graph = bytearray()
+            for gnum, gwire, gs, ge, gt in _fields(buf, s, e):
+                if gnum != 5 or gwire != 2:
+                    graph += buf[gt:ge]
+                    continue
+                tensor = bytearray()
+                span = None
+                for tnum, twire, ts, te, tt in _fields(buf, gs, ge):
+                    if tnum == 9 and twire == 2:
+                        span = (ts, te - ts)
+                    else:
+                        tensor += buf[tt:te]
+                spans.append(span)
+                graph += b"\x2a" + _encode_varint(len(tensor)) + tensor  # field 5, length-delimited
+            head += b"\x3a" + _encode_varint(len(graph)) + graph  # field 7, length-delimited
+        model = onnx.ModelProto()
+        model.ParseFromString(bytes(head))
+    except (ValueError, IndexError, DecodeError) as e:
+        buf.close()
+        raise CorruptInput(f"not a valid ONNX protobuf ({e})", path=path,
+                           hint="the file is truncated or is not an ONNX model") from None
+    if len(model.graph.initializer) != len(spans):
+        buf.close()
+        raise CorruptInput("initializers could not be located in the file", path=path)
+    return GraphView(model, spans, buf)
+
+
+def iter_graphs(graph: Any) -> Iterator[Any]:
+    """A graph and, depth first, the subgraphs of its nodes (If/Loop/Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == 5:  # GRAPH
+                yield from iter_graphs(attr.g)
+            elif attr.type == 10:  # GRAPHS
+                for g in attr.graphs:
+                    yield from iter_graphs(g)
+
+
+def _value_info(v: Any) -> dict[str, Any]:
+    t = v.type.tensor_type
+    shape: list[Any] | None = None
+    if t.HasField("shape"):
+        shape = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
+                 for d in t.shape.dim]
+    return {"name": v.name, "dtype": onnx_type_name(t.elem_type), "shape": shape}
+
+
+def describe_proto(model: Any) -> dict[str, Any]:
+    """What ``inspect`` shows of an ONNX graph: opset, IR version, producer, inputs, outputs, ops."""
+    ops: Counter[str] = Counter()
+    for g in iter_graphs(model.graph):
+        for node in g.node:
+            domain = node.domain if node.domain not in ("", "ai.onnx") else ""
+            ops[f"{domain}.{node.op_type}" if domain else node.op_type] += 1
+    opsets = {(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import}
+    initializer_names = {i.name for i in model.graph.initializer}
+    producer = f"{model.producer_name} {model.producer_version}".strip()
+    return {
+        "opset": opsets.get("ai.onnx"),
+        "opsets": opsets,
+        "ir_version": int(model.ir_version),
+        "producer": producer or None,
+        "inputs": [_value_info(v) for v in model.graph.input if v.name not in initializer_names],
+        "outputs": [_value_info(v) for v in model.graph.output],
+        "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "nodes": sum(ops.values()),
+    }
+
+
+def check_external_references(model: Any, mfile: Path) -> list[Path]:
+    """Refuse external-data references that leave the model's folder (initializers and Constant values).
+
+    Args:
+        model: the parsed ModelProto (without its external data).
+        mfile: the ``.onnx`` file it was read from.
+    Returns:
+        The external data files it references, resolved, in first-use order.
+    Raises:
+        UnsafeInput: a reference is absolute or leaves the model's folder.
+        InputError: a referenced file is missing.
+    """
+    ext = _ExternalFiles(mfile.parent, mfile)
+    seen: dict[Path, None] = {}
+    for g in iter_graphs(model.graph):
+        tensors = list(g.initializer)
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == 4:  # TENSOR
+                    tensors.append(attr.t)
+                elif attr.type == 9:  # TENSORS
+                    tensors.extend(attr.tensors)
+        for t in tensors:
+            if t.data_location == _EXTERNAL:
+                location = next((e.value for e in t.external_data if e.key == "location"), "")
+                seen.setdefault(ext.resolve(location), None)
+    return list(seen)
+
+
+class _ExternalFiles:
+    """Private read-only-in-effect mappings of the external data files, one per file, opened on demand."""
+
+    def __init__(self, root: Path, model: Path) -> None:
+        self.root, self.model = root, model
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._sizes: dict[Path, int] = {}
+
+    def resolve(self, location: str) -> Path:
+        p = safe_child(self.root, location, what="external data file", source=self.model)
+        if not p.is_file():
+            raise InputError(f"external data file {location!r} is missing", path=self.model,
+                             hint="copy it beside the model; it travels with the .onnx file")
+        return p
+
+    def size(self, p: Path) -> int:
+        if p not in self._sizes:
+            self._sizes[p] = p.stat().st_size
+        return self._sizes[p]
+
+    def map(self, p: Path) -> mmap.mmap:
+        if p not in self._maps:
+            with open(p, "rb") as fh:
+                # ACCESS_COPY: a private mapping that torch may view as writable; the file is never changed.
+                self._maps[p] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[p]
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+
+
+def _inline_bytes(t: Any, name: str, model: Path) -> tuple[bytes, str]:
+    """The little-endian bytes of an inline tensor, and how they were stored."""
+    import numpy as np
+
+    if t.HasField("raw_data") or t.raw_data:
+        return bytes(t.raw_data), "raw"
+    dt = t.data_type
+    # Typed fields, as the ONNX spec lays them out (onnx.proto, TensorProto).
+    if dt == 1:
+        return np.asarray(t.float_data, dtype="<f4").tobytes(), "float_data"
+    if dt == 11:
+        return np.asarray(t.double_data, dtype="<f8").tobytes(), "double_data"
+    if dt == 7:
+        return np.asarray(t.int64_data, dtype="<i8").tobytes(), "int64_data"
+    if dt in (12, 13):
+        return np.asarray(t.uint64_data, dtype="<u8").astype("<u4" if dt == 12 else "<u8").tobytes(), "uint64_data"
+    if dt == 14:
+        return np.asarray(t.float_data, dtype="<f4").tobytes(), "float_data"
+    if dt == 15:
+        return np.asarray(t.double_data, dtype="<f8").tobytes(), "double_data"
+    int32_as = {6: "<i4", 5: "<i2", 3: "i1", 2: "u1", 9: "u1", 4: "<u2", 10: "<u2", 16: "<u2", 17: "u1", 19: "u1"}
+    if dt in int32_as:
+        # int32_data holds one value (or one bit pattern, for 16- and 8-bit floats) per element.
+        return np.asarray(t.int32_data, dtype="<i8").astype(int32_as[dt]).tobytes(), "int32_data"
+    if dt in _PACKED_TYPES:
+        return np.asarray(t.int32_data, dtype="<i8").astype("u1").tobytes(), "int32_data"
+    raise CorruptInput(f"initializer {name!r} has data type {onnx_type_name(dt)} that llmconv cannot read",
+                       path=model)
+
+
+def open_model(path: Path) -> TensorSource:
+    """Open an ONNX model as named tensors (its initializers), with ``details`` for ``inspect``.
+
+    Args:
+        path: a ``.onnx`` file, or a folder holding one.
+    Returns:
+        A TensorSource whose names are the ONNX initializer names. Packed 4-bit initializers are
+        handed out as their packed bytes (uint8, 1-D) and listed in ``details["packed"]``.
+    Raises:
+        UnsafeInput: an external-data reference leaves the model's folder.
+        CorruptInput: the protobuf cannot be parsed, or an external reference runs past its file.
+    Example:
+        >>> with open_model(Path("model.onnx")) as src:
+        ...     src.names()[:2]
+    """
+    given = Path(path)
+    mfile = model_file(given)
+    view = load_graph(mfile)
+    ext = _ExternalFiles(mfile.parent, mfile)
+    try:
+        return _open_view(given, mfile, view, ext)
+    except BaseException:
+        ext.close()
+        view.close()
+        raise
+
+
+def _open_view(given: Path, mfile: Path, view: GraphView, ext: _ExternalFiles) -> TensorSource:
+    import torch
+
+    from llmconv.checkpoint import DTYPES_BY_NAME, TensorInfo, TensorSource, read_json
+
+    root = mfile.parent
+    model = view.model
+    check_external_references(model, mfile)
+
+    infos: dict[str, TensorInfo] = {}
+    # name -> (tensor proto, offset, length, file): file None = inline (offset into the model file when the
+    # bytes are raw_data, -1 when they sit in typed fields of the proto)
+    entries: dict[str, tuple[Any, int, int, Path | None]] = {}
+    packed: dict[str, dict[str, Any]] = {}
+    data_files: list[Path] = []
+    seen_files: set[Path] = set()
+    main = model.graph
+    for g in iter_graphs(main):
+        for index, t in enumerate(g.initializer):
+            name = t.name
+            if name in infos:
+                continue  # a subgraph initializer that shadows an outer one: the outer one is the weight
+            if not name:
+                raise CorruptInput("an initializer has no name", path=mfile)
+            shape = tuple(int(d) for d in t.dims)
+            if any(d < 0 for d in shape):
+                raise CorruptInput(f"initializer {name!r} has a negative dimension {list(shape)}", path=mfile)
+            numel = 1
+            for d in shape:
+                numel *= d
+            if t.data_type in _ONNX_TYPES:
+                dtype = DTYPES_BY_NAME[_ONNX_TYPES[t.data_type]]
+                info = TensorInfo(name, dtype, shape)
+            elif t.data_type in _PACKED_TYPES:
+                kind, bits = _PACKED_TYPES[t.data_type]
+                nbytes = (numel * bits + 7) // 8
+                info = TensorInfo(name, torch.uint8, (nbytes,))
+                packed[name] = {"dtype": kind, "shape": list(shape)}
+            else:
+                raise CorruptInput(f"initializer {name!r} has data type {onnx_type_name(t.data_type)}, which "
+                                   "llmconv cannot represent as a tensor", path=mfile)
+            if t.data_location == _EXTERNAL:
+                kv = {e.key: e.value for e in t.external_data}
+                location = kv.get("location", "")
+                p = ext.resolve(location)
+                try:
+                    offset = int(kv.get("offset", "0"))
+                    length = int(kv.get("length", str(info.nbytes)))
+                except ValueError:
+                    raise CorruptInput(f"initializer {name!r} has a non-numeric external offset or length",
+                                       path=mfile) from None
+                if length != info.nbytes:
+                    raise CorruptInput(f"initializer {name!r} claims {length} bytes of {location!r} but shape "
+                                       f"{list(shape)} needs {info.nbytes}", path=mfile)
+                if offset < 0 or offset + length > ext.size(p):
+                    raise CorruptInput(f"initializer {name!r} reads bytes {offset}..{offset + length} of "
+                                       f"{location!r}, which holds {ext.size(p)} (truncated?)", path=mfile)
+                entries[name] = (None, offset, length, p)
+                if p not in seen_files:
+                    seen_files.add(p)
+                    data_files.append(p)
+            else:
+                span = view.spans[index] if g is main else None
+                if span is not None and span[1] != info.nbytes:
+                    raise CorruptInput(f"initializer {name!r} holds {span[1]} bytes but shape {list(shape)} of "
+                                       f"{onnx_type_name(t.data_type)} needs {info.nbytes}", path=mfile)
+                entries[name] = (t, span[0] if span else -1, info.nbytes, None)
+            infos[name] = info
+
+    def load(name: str) -> torch.Tensor:
+        info = infos[name]
+        tensor, offset, length, p = entries[name]
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if p is not None:
+            flat = torch.frombuffer(ext.map(p), dtype=info.dtype, count=info.numel, offset=offset)
+            return flat.view(info.shape)
+        if offset >= 0:  # raw_data of the model file: a view of its mapping
+            return torch.frombuffer(view.buffer, dtype=info.dtype, count=info.numel, offset=offset).view(info.shape)
+        raw, _ = _inline_bytes(tensor, name, mfile)
+        if len(raw) != info.nbytes:
+            raise CorruptInput(f"initializer {name!r} holds {len(raw)} bytes but shape {list(info.shape)} of "
+                               f"{info.dtype} needs {info.nbytes}", path=mfile)
+        return torch.frombuffer(bytearray(raw), dtype=info.dtype, count=info.numel).view(info.shape)
+
+    details = describe_proto(model)
+    details["initializers"] = len(infos)
+    details["initializer_bytes"] = sum(i.nbytes for i in infos.values())
+    details["external_data"] = [str(p.relative_to(root.resolve())) for p in data_files]
+    if packed:
+        details["packed"] = packed
+    metadata = {p.key: p.value for p in model.metadata_props}
+    config = None
+    if (root / "config.json").is_file():
+        parsed = read_json(root / "config.json", what="config.json")
+        config = parsed if isinstance(parsed, dict) else None
+    files = [mfile] + [root / p.relative_to(root.resolve()) for p in data_files]
+    src = TensorSource(format="onnx", path=given, infos=infos, loader=load, metadata=metadata, config=config,
+                       weights_format="onnx", files=files, zero_copy=True, details=details)
+    src._closers += [ext.close, view.close]
+    return src
 
 
 class OnnxFormat(Format):
@@ -12,9 +502,15 @@ class OnnxFormat(Format):
     description = "ONNX model (.onnx), with external data files beside it"
     extensions = (".onnx",)
     writable = False
+    priority = 5
 
     def sniff(self, path: Path, head: bytes) -> bool:
-        return False
+        if path.is_dir():
+            return (path / "model.onnx").is_file() or len([p for p in path.glob("*.onnx") if p.is_file()]) == 1
+        return _looks_like_onnx(head)
+
+    def open(self, path: Path) -> TensorSource:
+        return open_model(Path(path))
 
 
 FORMAT = register(OnnxFormat())

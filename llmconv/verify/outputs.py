@@ -1,0 +1,227 @@
+"""Outputs mode: run the reference and the candidate on the same inputs and compare every shared output.
+
+The reference runs first on every input (and on ``--text``), its outputs are kept, and it is
+released before the candidate loads; the candidate's outputs are folded into the figures as they
+come. Peak memory is therefore one model plus one set of outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from llmconv.errors import InputError, UsageError
+from llmconv.export.tasks import base_task, is_causal
+from llmconv.verify.report import VerifyReport
+
+DEFAULT_PPL_WINDOW = 1024  # tokens per window when neither model says how many positions it has
+
+
+def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", atol: float | None = None,
+                    rtol: float | None = None, inputs: Path | None = None, text: Path | None = None, batch: int = 2,
+                    seq_len: int = 16, samples: int = 2, seed: int = 0, provider: str = "cpu",
+                    max_ppl_increase: float | None = None) -> VerifyReport:
+    """Run both models on the same inputs and compare the outputs they share.
+
+    Args:
+        reference: the model taken as right: an hf folder (PyTorch) or an ONNX model (onnxruntime).
+        candidate: the model checked, of either kind.
+        profile: ``auto`` (from the candidate's dtypes and quantization ops), or exact, fp32, fp16,
+            bf16, int8, int4 (thresholds in ``llmconv.verify.profiles``).
+        atol: absolute tolerance of the elementwise test (overrides the profile's).
+        rtol: relative tolerance of the elementwise test (overrides the profile's).
+        inputs: an ``.npz`` of input arrays to use instead of synthetic inputs.
+        text: a text file: the perplexity of both (causal) models on it, each with its own tokenizer.
+        batch: synthetic inputs: rows per sample.
+        seq_len: synthetic inputs: sequence length (odd samples use about half of it).
+        samples: synthetic inputs: number of batches.
+        seed: synthetic inputs: random seed.
+        provider: onnxruntime execution provider: ``cpu`` or ``cuda``.
+        max_ppl_increase: perplexity budget as a fraction (0.02 = 2 %), overriding the profile's.
+    Returns:
+        A VerifyReport in outputs mode: one check per shared output, plus ``perplexity`` with ``text``.
+    Raises:
+        UsageError: the models cannot be run on common inputs (no shared outputs, ``text`` with a
+            model that is not a causal LM, a sequence longer than the model's positions, ...).
+    Example:
+        >>> compare_outputs(Path("gpt2-hf"), Path("gpt2-onnx/model.onnx"), profile="fp32").passed
+        True
+    """
+    from llmconv.verify.inputs import InputPlan, load_inputs, synthetic_inputs
+    from llmconv.verify.metrics import OutputComparison, perplexity_check
+    from llmconv.verify.profiles import auto_profile, outputs_profile
+    from llmconv.verify.runners import describe, settle_task
+
+    ref_sig, cand_sig = describe(Path(reference)), describe(Path(candidate))
+    ref_task, cand_task = settle_task(ref_sig, cand_sig)
+    notes: list[str] = []
+    if profile == "auto":
+        name = auto_profile(float_dtype=cand_sig.float_dtype, quantization=cand_sig.quantization)
+        why = cand_sig.quantization or cand_sig.float_dtype or "no float weights"
+        notes.append(f"profile auto -> {name} (candidate: {why})")
+    else:
+        name = profile
+    prof = outputs_profile(name, atol=atol, rtol=rtol, max_ppl_increase=max_ppl_increase)
+
+    vocabs = [v for v in (ref_sig.vocab_size, cand_sig.vocab_size) if v]
+    positions = [p for p in (ref_sig.max_positions, cand_sig.max_positions) if p]
+    if len(set(vocabs)) > 1:
+        notes.append(f"vocabulary sizes differ ({vocabs[0]} vs {vocabs[1]}): token ids drawn below {min(vocabs)}")
+    plan = InputPlan(wants=ref_sig.inputs | cand_sig.inputs, vocab_size=min(vocabs) if vocabs else 0,
+                     max_positions=min(positions) if positions else None, past=ref_sig.past or cand_sig.past)
+    if inputs is not None:
+        feeds, meta = load_inputs(Path(inputs), plan)
+    else:
+        feeds = synthetic_inputs(plan, batch=batch, seq_len=seq_len, samples=samples, seed=seed)
+        meta = {"batch": batch, "seq_len": seq_len, "samples": samples, "seed": seed}
+        if samples < 2:
+            notes.append("one sample: dynamic shapes were tried at one length only (use --samples 2 or more)")
+
+    ref_outputs = _planned_outputs(ref_sig, ref_task)
+    cand_outputs = _planned_outputs(cand_sig, cand_task)
+    shared = [o for o in ref_outputs if o in cand_outputs]
+    if not shared:
+        raise UsageError(f"the two models share no output: reference gives {', '.join(ref_outputs[:6])}; "
+                         f"candidate gives {', '.join(cand_outputs[:6])}", path=Path(candidate),
+                         hint="export both for the same --task")
+    for label, names in (("reference", ref_outputs), ("candidate", cand_outputs)):
+        only = [o for o in names if o not in shared]
+        if only:
+            notes.append(f"outputs only the {label} has (not compared): {', '.join(only[:8])}"
+                         + (" ..." if len(only) > 8 else ""))
+
+    texts = None
+    if text is not None:
+        texts = _tokenize_both(Path(text), ref_sig, cand_sig, ref_task, cand_task, notes)
+    window = min(positions) if positions else DEFAULT_PPL_WINDOW
+
+    ref_results, ref_nll = _run_side(ref_sig, ref_task, feeds, shared, provider=provider,
+                                     tokens=texts[0] if texts else None, window=window)
+    comparisons = {o: OutputComparison(o, profile=prof, logits=o in ("logits", "start_logits", "end_logits"))
+                   for o in shared}
+
+    def fold(i: int, out: dict[str, Any]) -> None:
+        for o in shared:
+            comparisons[o].add(ref_results[i][o], out[o])
+        ref_results[i] = {}  # free the reference's copy as soon as it is compared
+
+    _, cand_nll = _run_side(cand_sig, cand_task, feeds, shared, provider=provider,
+                            tokens=texts[1] if texts else None, window=window, sink=fold)
+    checks = [comparisons[o].check() for o in shared]
+    if texts is not None and ref_nll is not None and cand_nll is not None:
+        (r_sum, r_n), (c_sum, c_n) = ref_nll, cand_nll
+        checks.append(perplexity_check(reference_ppl=_ppl(r_sum, r_n), candidate_ppl=_ppl(c_sum, c_n),
+                                       tokens=c_n, budget=prof.max_ppl_increase))
+    report = VerifyReport(mode="outputs", profile=prof.name, reference=str(reference), candidate=str(candidate),
+                          checks=checks, inputs=meta, notes=notes)
+    report.extra["thresholds"] = prof.thresholds()
+    report.extra["runners"] = {"reference": f"{ref_sig.kind} ({ref_task})",
+                               "candidate": f"{cand_sig.kind} ({cand_task})"}
+    return report
+
+
+def _ppl(nll_sum: float, n: int) -> float:
+    if n <= 0 or not math.isfinite(nll_sum):
+        return math.nan
+    return math.exp(nll_sum / n)
+
+
+def _planned_outputs(sig: Any, task: str) -> list[str]:
+    """Outputs a side will give, known before it is loaded."""
+    from llmconv.export.tasks import TASK_CLASSES
+
+    if sig.kind == "onnxruntime":
+        return list(sig.outputs)
+    from llmconv.verify.runners import _num_layers
+
+    out = [TASK_CLASSES[base_task(task)][1]] if base_task(task) in TASK_CLASSES else []
+    if task.endswith("-with-past"):
+        for i in range(_num_layers(sig.config or {})):
+            out += [f"present.{i}.key", f"present.{i}.value"]
+    return out
+
+
+def _run_side(sig: Any, task: str, feeds: list[dict[str, Any]], names: list[str], *, provider: str,
+              tokens: list[int] | None, window: int, sink: Any = None) -> tuple[list[dict[str, Any]], Any]:
+    """Load one model, run every feed (and the perplexity windows), release it."""
+    from llmconv.verify.runners import open_runner
+
+    runner = open_runner(sig, task=task, provider=provider)
+    results: list[dict[str, Any]] = []
+    nll = None
+    try:
+        for i, feed in enumerate(feeds):
+            out = runner.run(feed, names)
+            if sink is None:
+                results.append(out)
+            else:
+                sink(i, out)
+        if tokens is not None:
+            nll = _nll(runner, sig, tokens, window)
+    finally:
+        runner.close()
+    return results, nll
+
+
+def _nll(runner: Any, sig: Any, tokens: list[int], window: int) -> tuple[float, int]:
+    """Summed NLL over non-overlapping windows of ``window`` tokens, with no cache (empty past)."""
+    import numpy as np
+
+    from llmconv.verify.inputs import empty_past
+    from llmconv.verify.metrics import token_nll
+
+    total, count = 0.0, 0
+    for start in range(0, len(tokens), window):
+        chunk = tokens[start:start + window]
+        if len(chunk) < 2:
+            continue
+        ids = np.asarray(chunk, dtype=np.int64)[None, :]
+        n = ids.shape[1]
+        feed: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                "position_ids": np.arange(n, dtype=np.int64)[None, :]}
+        feed.update(empty_past(sig.past, 1))
+        logits = runner.run(feed, ["logits"])["logits"][0]
+        total += token_nll(logits[:-1], ids[0, 1:])
+        count += n - 1
+    return total, count
+
+
+def _tokenize_both(text_path: Path, ref: Any, cand: Any, ref_task: str, cand_task: str,
+                   notes: list[str]) -> tuple[list[int], list[int]]:
+    """The text as token ids, for each side with its own tokenizer (the other's when it has none)."""
+    for sig, task in ((ref, ref_task), (cand, cand_task)):
+        if not is_causal(task):
+            raise UsageError(f"--text measures perplexity, which needs a causal language model; this one is "
+                             f"{base_task(task) or 'a graph of unknown task'}", path=sig.path)
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError("no such text file", path=text_path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the text file as UTF-8: {e}", path=text_path) from None
+    if not text.strip():
+        raise UsageError("the text file is empty", path=text_path)
+    dirs = [ref.tokenizer_dir, cand.tokenizer_dir]
+    if dirs[0] is None and dirs[1] is None:
+        raise UsageError("--text needs a tokenizer, and neither model's folder has tokenizer files",
+                         path=Path(ref.path), hint="copy tokenizer.json / tokenizer_config.json beside the model")
+    for i, label in ((0, "reference"), (1, "candidate")):
+        if dirs[i] is None:
+            dirs[i] = dirs[1 - i]
+            notes.append(f"the {label} has no tokenizer files: the text was tokenized with {dirs[i]}'s")
+    ids = [_encode(d, text) for d in dirs]
+    for i in (0, 1):
+        if len(ids[i]) < 2:
+            raise UsageError("the text is shorter than two tokens: no perplexity to measure", path=text_path)
+    return ids[0], ids[1]
+
+
+def _encode(folder: Path, text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from llmconv.export._quiet import quiet
+
+    with quiet():
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return list(tok(text)["input_ids"])

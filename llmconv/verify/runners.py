@@ -1,0 +1,454 @@
+"""Runners for outputs mode: PyTorch for Hugging Face folders, onnxruntime for ONNX graphs.
+
+:func:`describe` reads what a model takes and gives from its files alone (config.json, the ONNX
+graph's inputs and outputs, weight dtypes), without loading weights, so that inputs can be planned
+before either model runs. :func:`open_runner` then loads one model at a time: the verifier runs the
+reference on every input, releases it, and only then loads the candidate, so peak memory is one
+model plus outputs.
+
+Both runners name outputs the way optimum's ONNX export does (``logits``, ``last_hidden_state``,
+``present.{i}.key``/``.value``), so any pair (hf vs ONNX, ONNX vs ONNX, hf vs hf) compares by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmconv.errors import InputError, MissingDependency, Unsupported, UsageError
+from llmconv.export.tasks import TASK_CLASSES, base_task, is_causal, task_from_config
+from llmconv.verify.inputs import KNOWN_INPUTS, PastSpec
+
+_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
+             "ConvInteger", "QLinearConv", "DynamicQuantizeMatMul", "QAttention", "QGemm", "QLinearAdd",
+             "QLinearMul", "MatMulIntegerToFloat", "QOrderedMatMul"}
+_INT4_OPS = {"MatMulNBits", "GatherBlockQuantized", "MatMulBnb4"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
+_ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+              "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(bool)": np.bool_,
+              "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+_MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+
+
+@dataclass
+class Signature:
+    """What a model takes and gives, read from its files.
+
+    Attributes:
+        path: the path as given.
+        kind: ``onnxruntime`` or ``torch``.
+        model_path: the ``.onnx`` file, or the hf folder.
+        task: the task it is for (``text-generation-with-past``, ``feature-extraction``, ...), or None.
+        inputs: the non-past inputs it takes.
+        required: inputs it cannot run without (every ONNX graph input).
+        past: the past key/values it takes, if any.
+        outputs: its output names (for hf folders, filled in once the task is settled).
+        config: config.json, when there is one.
+        vocab_size: size of the vocabulary, when known.
+        max_positions: longest sequence it handles, when known.
+        float_dtype: the dtype of most of its floating-point weight bytes.
+        quantization: ``int8``, ``int4`` or None.
+        tokenizer_dir: the folder with its tokenizer files, if any.
+    """
+
+    path: Path
+    kind: str
+    model_path: Path
+    task: str | None
+    inputs: set[str] = field(default_factory=set)
+    required: set[str] = field(default_factory=set)
+    past: PastSpec | None = None
+    outputs: list[str] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+    vocab_size: int | None = None
+    max_positions: int | None = None
+    float_dtype: str | None = None
+    quantization: str | None = None
+    tokenizer_dir: Path | None = None
+
+
+def _max_positions(config: dict[str, Any] | None) -> int | None:
+    if not config:
+        return None
+    for k in _MAX_POSITION_KEYS:
+        v = config.get(k)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _tokenizer_dir(folder: Path) -> Path | None:
+    return folder if any((folder / n).is_file() for n in _TOKENIZER_FILES) else None
+
+
+def _num_layers(config: dict[str, Any]) -> int:
+    for k in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(k), int):
+            return int(config[k])
+    raise UsageError("config.json names no layer count (num_hidden_layers)")
+
+
+def describe(path: Path) -> Signature:
+    """Read a model's signature from its files (no weights are loaded).
+
+    Args:
+        path: an hf folder, or an ONNX model (file, or folder holding one).
+    Returns:
+        A Signature.
+    Raises:
+        UsageError: the path holds only weights, which outputs mode cannot run.
+    Example:
+        >>> describe(Path("gpt2-onnx")).task
+        'text-generation-with-past'
+    """
+    from llmconv.formats import registry
+
+    path = Path(path)
+    fmt = registry.detect(path)
+    if fmt.name == "onnx":
+        return _describe_onnx(path)
+    if fmt.name == "hf":
+        return _describe_hf(path)
+    raise UsageError(f"outputs mode needs a model it can run; this is a bare {fmt.name} weights file", path=path,
+                     hint="give the model's Hugging Face folder (config.json + weights) or an ONNX model, "
+                          "or compare weights with --mode weights")
+
+
+def _describe_hf(path: Path) -> Signature:
+    from llmconv.checkpoint import dtype_name
+    from llmconv.formats.hf import FORMAT as HF
+
+    with HF.open(path) as src:
+        config = src.config or {}
+        by_dtype: Counter[str] = Counter()
+        for n, info in src.infos.items():
+            if info.dtype.is_floating_point and n not in src.aliases:
+                by_dtype[dtype_name(info.dtype)] += info.nbytes
+    float_dtype = by_dtype.most_common(1)[0][0] if by_dtype else None
+    wants = {"input_ids", "attention_mask", "position_ids"}
+    if config.get("type_vocab_size"):
+        wants.add("token_type_ids")
+    return Signature(path=path, kind="torch", model_path=path, task=task_from_config(config), inputs=wants,
+                     config=config, vocab_size=config.get("vocab_size"), max_positions=_max_positions(config),
+                     float_dtype=float_dtype, tokenizer_dir=_tokenizer_dir(path))
+
+
+# Signatures of graphs just written, keyed by (resolved path, size, mtime): the exporter has the proto
+# in hand already, and parsing a large model again costs about a second per GB.
+_KNOWN: dict[tuple[str, int, int], Signature] = {}
+
+
+def _key(mfile: Path) -> tuple[str, int, int]:
+    st = mfile.stat()
+    return str(mfile.resolve()), st.st_size, st.st_mtime_ns
+
+
+def remember_graph(mfile: Path, model: Any) -> None:
+    """Describe a graph from its parsed proto, so that verifying it right after does not parse it again.
+
+    Args:
+        mfile: the ``.onnx`` file, exactly as written (the entry is dropped if it changes).
+        model: its ModelProto (weights may be left out: only the structure is read).
+    """
+    _KNOWN.clear()
+    _KNOWN[_key(mfile)] = _signature_from_proto(mfile, mfile, model)
+
+
+def _describe_onnx(path: Path) -> Signature:
+    from llmconv.formats.onnx import load_graph, model_file
+
+    mfile = model_file(path)
+    known = _KNOWN.get(_key(mfile))
+    if known is not None:
+        return Signature(**{**known.__dict__, "path": path})
+    view = load_graph(mfile)  # structure only: inline weights stay in the file
+    try:
+        return _signature_from_proto(path, mfile, view.model)
+    finally:
+        view.close()
+
+
+def _signature_from_proto(path: Path, mfile: Path, model: Any) -> Signature:
+    from llmconv.checkpoint import read_json
+    from llmconv.formats.onnx import check_external_references, iter_graphs, onnx_type_name
+
+    check_external_references(model, mfile)  # onnxruntime would follow them wherever they lead
+    init_names: set[str] = set()
+    by_dtype: Counter[str] = Counter()
+    quant: str | None = None
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            init_names.add(t.name)
+            name = onnx_type_name(t.data_type)
+            if name in ("int4", "uint4"):
+                quant = "int4"
+            if name in ("float32", "float16", "bfloat16", "float64"):
+                n = 1
+                for d in t.dims:
+                    n *= int(d)
+                by_dtype[name] += n * {"float64": 8, "float32": 4}.get(name, 2)
+        for node in g.node:
+            if node.op_type in _INT4_OPS:
+                bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+                quant = "int4" if bits <= 4 else (quant or "int8")
+            elif node.op_type in _INT8_OPS and quant is None:
+                quant = "int8"
+    graph_inputs = [v for v in model.graph.input if v.name not in init_names]
+    in_types = {v.name: v.type.tensor_type for v in graph_inputs}
+    outputs = [v.name for v in model.graph.output]
+    out_types = {v.name: v.type.tensor_type for v in model.graph.output}
+    del model
+
+    config = None
+    if (mfile.parent / "config.json").is_file():
+        parsed = read_json(mfile.parent / "config.json", what="config.json")
+        config = parsed if isinstance(parsed, dict) else None
+
+    past_layers: dict[int, dict[str, str]] = {}
+    plain: set[str] = set()
+    for name in in_types:
+        m = _PAST_RE.match(name)
+        if m:
+            past_layers.setdefault(int(m.group(1)), {})[m.group(2)] = name
+        else:
+            plain.add(name)
+    past = None
+    if past_layers:
+        first = in_types[next(iter(past_layers[min(past_layers)].values()))]
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in first.shape.dim]
+        heads = dims[1] if len(dims) == 4 and dims[1] else None
+        head_dim = dims[3] if len(dims) == 4 and dims[3] else None
+        if config and heads is None:
+            heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or config.get("n_head")
+        if config and head_dim is None and heads:
+            hidden = config.get("hidden_size") or config.get("n_embd")
+            n_heads = config.get("num_attention_heads") or config.get("n_head")
+            head_dim = config.get("head_dim") or (hidden // n_heads if hidden and n_heads else None)
+        if not heads or not head_dim:
+            raise UsageError("the graph takes past key/values of unknown shape and there is no config.json "
+                             "beside it to tell", path=mfile, hint="copy the model's config.json beside the .onnx file")
+        names = []
+        for i in sorted(past_layers):
+            kv = past_layers[i]
+            if set(kv) != {"key", "value"}:
+                raise UsageError(f"past key/values of layer {i} are incomplete", path=mfile)
+            names.append((kv["key"], kv["value"]))
+        dtype = onnx_type_name(first.elem_type)
+        past = PastSpec(names=names, num_heads=int(heads), head_dim=int(head_dim), dtype=dtype)
+
+    vocab = config.get("vocab_size") if config else None
+    if not vocab and "logits" in out_types:
+        last = out_types["logits"].shape.dim
+        if last and last[-1].HasField("dim_value"):
+            vocab = int(last[-1].dim_value)
+    task = _onnx_task(outputs, out_types, config, has_past=past is not None)
+    return Signature(path=path, kind="onnxruntime", model_path=mfile, task=task, inputs=plain,
+                     required=set(in_types), past=past, outputs=outputs, config=config, vocab_size=vocab,
+                     max_positions=_max_positions(config),
+                     float_dtype=by_dtype.most_common(1)[0][0] if by_dtype else None, quantization=quant,
+                     tokenizer_dir=_tokenizer_dir(mfile.parent))
+
+
+def _onnx_task(outputs: list[str], out_types: dict[str, Any], config: dict[str, Any] | None, *,
+               has_past: bool) -> str | None:
+    """The task an ONNX graph was exported for, from its outputs (and config.json when it is there)."""
+    if "last_hidden_state" in outputs:
+        base = "feature-extraction"
+    elif "logits" in outputs:
+        rank = len(out_types["logits"].shape.dim)
+        from_config = task_from_config(config) if config else None
+        if rank == 2:
+            base = "text-classification"
+        elif from_config in ("text-generation", "fill-mask", "token-classification"):
+            base = from_config
+        else:
+            base = "text-generation"
+    else:
+        return None
+    return f"{base}-with-past" if has_past else base
+
+
+def settle_task(ref: Signature, cand: Signature) -> tuple[str, str]:
+    """The task each side runs: an ONNX side's own; an hf side follows the ONNX side, or the reference.
+
+    Returns:
+        (reference task, candidate task).
+    """
+    ort_tasks = [s.task for s in (ref, cand) if s.kind == "onnxruntime" and s.task]
+
+    def pick(sig: Signature) -> str:
+        if sig.kind == "onnxruntime":
+            return sig.task or ""  # a graph of no known task: its shared outputs are compared as they are
+        task = ort_tasks[0] if ort_tasks else (ref.task if ref.kind == "torch" else sig.task)
+        if not task:
+            raise UsageError("cannot tell which transformers class to run against this graph: it has neither "
+                             "'logits' nor 'last_hidden_state' among its outputs", path=sig.path)
+        if ort_tasks or not is_causal(task):
+            return task
+        # hf vs hf: causal models compare their caches too.
+        return f"{base_task(task)}-with-past"
+
+    return pick(ref), pick(cand)
+
+
+def _ort_threads() -> int:
+    raw = os.environ.get("LLMCONV_ORT_THREADS", "")
+    try:
+        return max(0, int(raw)) if raw else 0
+    except ValueError:
+        raise UsageError(f"LLMCONV_ORT_THREADS={raw!r} is not a number") from None
+
+
+class OrtRunner:
+    """An onnxruntime session on one graph. ``LLMCONV_ORT_THREADS`` caps its intra-op threads."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, sig: Signature, *, provider: str) -> None:
+        try:
+            import onnxruntime as ort
+            from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+        except ImportError as e:
+            raise MissingDependency("onnxruntime is not installed", hint="pip install onnxruntime") from e
+        providers = _providers(ort, provider)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        threads = _ort_threads()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.sig = sig
+        try:
+            self.session = ort.InferenceSession(str(sig.model_path), options, providers=providers)
+        except (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.InvalidProtobuf,
+                ort_state.NoSuchFile, ort_state.NotImplemented) as e:
+            raise Unsupported(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}",
+                              path=sig.model_path) from None
+        self._types = {i.name: _ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self._ort_state = ort_state
+
+    def run(self, feed: dict[str, Any], names: list[str]) -> dict[str, np.ndarray]:
+        missing = [n for n in self._types if n not in feed]
+        if missing:
+            raise UsageError(f"the graph needs inputs llmconv cannot make: {', '.join(missing)}",
+                             path=self.sig.model_path, hint="give them with --inputs FILE.npz")
+        feeds = {n: (np.ascontiguousarray(feed[n], dtype=t) if t is not None else feed[n])
+                 for n, t in self._types.items()}
+        s = self._ort_state
+        try:
+            values = self.session.run(names, feeds)
+        except (s.Fail, s.InvalidArgument, s.RuntimeException) as e:
+            raise Unsupported(f"onnxruntime failed to run the model: {str(e).splitlines()[0][:300]}",
+                              path=self.sig.model_path) from None
+        return dict(zip(names, values, strict=True))
+
+    def close(self) -> None:
+        del self.session  # reference counting frees it; gc.collect() would cost ~0.3 s for nothing
+
+
+def _providers(ort: Any, provider: str) -> list[str]:
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise Unsupported("onnxruntime here has no CUDA execution provider",
+                              hint="pip install onnxruntime-gpu, or use --provider cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise UsageError(f"unknown --provider {provider!r}", hint="use cpu or cuda")
+
+
+class TorchRunner:
+    """A transformers model in PyTorch (float32, eval mode), of the Auto class the task calls for."""
+
+    kind = "torch"
+
+    def __init__(self, sig: Signature, *, task: str) -> None:
+        try:
+            import torch
+            import transformers
+        except ImportError as e:
+            raise MissingDependency("transformers is not installed", hint="pip install 'llmconv[onnx]'") from e
+        from llmconv.export._quiet import quiet
+
+        base = base_task(task)
+        if base not in TASK_CLASSES:
+            raise Unsupported(f"outputs mode does not run {task!r} models in PyTorch", path=sig.path,
+                              hint="supported: " + ", ".join(sorted(TASK_CLASSES)))
+        cls_name, self.main_output = TASK_CLASSES[base]
+        self.sig = sig
+        self.want_cache = task.endswith("-with-past")
+        with quiet():
+            self.model = getattr(transformers, cls_name).from_pretrained(
+                str(sig.model_path), dtype=torch.float32, local_files_only=True)
+        self.model.eval()
+        params = inspect.signature(self.model.forward).parameters
+        self.accepts = {n for n in KNOWN_INPUTS if n in params and n in sig.inputs}
+        self._use_cache_param = "use_cache" in params
+        self.outputs = [self.main_output]
+        if self.want_cache:
+            layers = _num_layers(sig.config or {})
+            for i in range(layers):
+                self.outputs += [f"present.{i}.key", f"present.{i}.value"]
+
+    def run(self, feed: dict[str, Any], names: list[str]) -> dict[str, np.ndarray]:
+        import torch
+
+        kwargs: dict[str, Any] = {n: torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.accepts
+                                  if n in feed}
+        wants_cache = self.want_cache and any(n.startswith("present.") for n in names)
+        if self._use_cache_param:
+            kwargs["use_cache"] = wants_cache
+        with torch.inference_mode():
+            out = self.model(**kwargs, return_dict=True)
+        result: dict[str, np.ndarray] = {}
+        if self.main_output in names:
+            result[self.main_output] = out[self.main_output].float().numpy()
+        if wants_cache:
+            for i, (k, v) in enumerate(_cache_layers(out.past_key_values)):
+                for label, t in (("key", k), ("value", v)):
+                    name = f"present.{i}.{label}"
+                    if name in names:
+                        result[name] = t.float().numpy()
+        return result
+
+    def close(self) -> None:
+        del self.model  # reference counting frees the weights (measured: no cycle keeps them)
+
+
+def _cache_layers(cache: Any) -> list[tuple[Any, Any]]:
+    """(key, value) per layer from a transformers cache object or a legacy tuple."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "to_legacy_cache"):
+        return [(k, v) for k, v, *_ in cache.to_legacy_cache()]
+    return [(k, v) for k, v, *_ in cache]
+
+
+def open_runner(sig: Signature, *, task: str, provider: str) -> OrtRunner | TorchRunner:
+    """Load the model ``sig`` describes, ready to run.
+
+    Args:
+        sig: from :func:`describe`.
+        task: the task settled for this side (:func:`settle_task`).
+        provider: onnxruntime execution provider (``cpu`` or ``cuda``); unused for PyTorch.
+    Returns:
+        A runner with ``outputs``, ``run(feed, names)`` and ``close()``.
+    Example:
+        >>> r = open_runner(describe(Path("m.onnx")), task="text-generation", provider="cpu")
+    """
+    if sig.kind == "onnxruntime":
+        return OrtRunner(sig, provider=provider)
+    if sig.kind == "torch":
+        return TorchRunner(sig, task=task)
+    raise InputError(f"no runner for {sig.kind}", path=sig.path)

@@ -1,0 +1,197 @@
+"""hf folder -> ONNX: every architecture, with and without past key/values, exported and verified."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from llmconv.errors import DestinationError, NotEquivalent, Unsupported, UsageError
+from llmconv.export import to_onnx
+from llmconv.export.onnx_post import ort_max_ir_version
+from tests.export._exports import ARCHITECTURES, DECODERS
+
+CASES = [(a, None) for a in ARCHITECTURES] + [(a, "text-generation") for a in DECODERS]
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(("name", "task"), CASES, ids=[f"{a}-{t or 'auto'}" for a, t in CASES])
+def test_export_is_verified_against_pytorch(exported, name, task):
+    folder, report = exported(f"{name}-hf", task)
+    v = report.verification
+    assert v is not None and v.passed, v.summary()
+    assert v.mode == "outputs" and v.profile == "fp32"
+    expected_task = task or ("feature-extraction" if name == "bert" else "text-generation-with-past")
+    assert report.extra["task"] == expected_task
+    assert report.extra["exporter"] == "optimum"
+    names = [c.name for c in v.checks]
+    if name == "bert":
+        assert names == ["last_hidden_state"]
+    elif task is None:
+        assert names == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    else:
+        assert names == ["logits"]
+    for c in v.checks:
+        # The fp32 export matches PyTorch to float rounding (FIELD-NOTES: < 5e-7 on these models).
+        assert c.figures["max_abs"] < 5e-6, (c.name, c.figures)
+        assert c.figures["nan"] == 0 and c.figures["cosine"] > 0.99999
+    # Two sequence lengths and a padded row were exercised.
+    assert v.inputs == {"batch": 2, "seq_len": 16, "samples": 2, "seed": 0}
+    # The folder carries what onnxruntime and optimum's ORTModel classes need.
+    files = {p.name for p in folder.iterdir()}
+    assert {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    if name != "bert":
+        assert "generation_config.json" in files
+    assert not any(f.endswith((".safetensors", ".bin")) for f in files)
+    assert report.files == sorted(str(folder / f) for f in files)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    assert model.ir_version <= ort_max_ir_version()
+    assert report.extra["ir_version"] == model.ir_version
+    assert report.extra["opset"] == 18 == next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    inputs = [i.name for i in _session(folder / "model.onnx").get_inputs()]
+    assert ("past_key_values.0.key" in inputs) == (task is None and name != "bert")
+
+
+def test_ort_max_ir_version_is_what_onnxruntime_loads():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    top = ort_max_ir_version()
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    ok = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=top)
+    ort.InferenceSession(ok.SerializeToString(), providers=["CPUExecutionProvider"])
+    if top < onnx.IR_VERSION:
+        too_new = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=top + 1)
+        with pytest.raises(Exception, match="(?i)ir version|unsupported model"):
+            ort.InferenceSession(too_new.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_ort_model_classes_load_the_export(exported):
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForFeatureExtraction
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 300, 2, 9, 44]])
+    mask = torch.ones_like(ids)
+    for name, ort_cls, hf_cls, key in (("llama", ORTModelForCausalLM, AutoModelForCausalLM, "logits"),
+                                       ("bert", ORTModelForFeatureExtraction, AutoModel, "last_hidden_state")):
+        folder, report = exported(f"{name}-hf")
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        ort_model = ort_cls.from_pretrained(folder, session_options=so)
+        hf = hf_cls.from_pretrained(report.source).eval()
+        with torch.no_grad():
+            expected = getattr(hf(input_ids=ids, attention_mask=mask), key).numpy()
+        got = getattr(ort_model(input_ids=ids, attention_mask=mask), key)
+        np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=0)
+
+
+def test_file_destination_with_external_data(fx, tmp_path):
+    dst = tmp_path / "out" / "gpt2.onnx"
+    report = to_onnx(fx("gpt2-hf"), dst, src_format="hf", dtype="keep", verify=True, force=False,
+                     external_data=True)
+    data = tmp_path / "out" / "gpt2.onnx_data"
+    assert report.verification.passed and report.extra["external_data"] is True
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["gpt2.onnx", "gpt2.onnx_data"]
+    assert report.files == [str(dst), str(data)]
+    assert report.bytes_written == dst.stat().st_size + data.stat().st_size
+    assert oct(data.stat().st_mode & 0o777) == "0o644"
+    model = onnx.load(str(dst), load_external_data=False)
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"gpt2.onnx_data"}
+    # The weights live in the data file: the graph itself is small.
+    assert dst.stat().st_size < data.stat().st_size / 5
+    assert "config and tokenizer files are written only with a folder destination" in report.notes
+
+
+def test_opset_is_honoured(fx, tmp_path):
+    dst = tmp_path / "qwen2-opset17.onnx"
+    report = to_onnx(fx("qwen2-hf"), dst, src_format="hf", dtype="keep", verify=True, force=False, opset=17,
+                     task="text-generation")
+    model = onnx.load(str(dst))
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 17
+    assert report.extra["opset"] == 17 and report.verification.passed
+
+
+def test_opset_out_of_range_is_refused(fx, tmp_path):
+    with pytest.raises(UsageError, match=r"--opset 99 is outside what the exporter writes \(7\.\.20\)"):
+        to_onnx(fx("gpt2-hf"), tmp_path / "m.onnx", src_format="hf", dtype="keep", verify=True, force=False,
+                opset=99)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_task_the_architecture_lacks_is_refused(fx, tmp_path):
+    with pytest.raises(Unsupported, match="optimum exports bert for .*not for task 'text-generation-with-past'"):
+        to_onnx(fx("bert-hf"), tmp_path / "b.onnx", src_format="hf", dtype="keep", verify=True, force=False,
+                task="text-generation-with-past")
+    with pytest.raises(UsageError, match="task 'image-classification' is not one llmconv can export and verify"):
+        to_onnx(fx("bert-hf"), tmp_path / "b.onnx", src_format="hf", dtype="keep", verify=True, force=False,
+                task="image-classification")
+
+
+def test_fp16_export_points_to_quantize(fx, tmp_path):
+    with pytest.raises(Unsupported, match="llmconv quantize MODEL.onnx OUT.onnx --method fp16"):
+        to_onnx(fx("gpt2-hf"), tmp_path / "m.onnx", src_format="hf", dtype="fp16", verify=True, force=False)
+
+
+def test_bare_weights_need_a_config(fx, tmp_path):
+    with pytest.raises(UsageError, match="pass --config path/to/config.json") as e:
+        to_onnx(fx("llama.safetensors"), tmp_path / "m.onnx", src_format="safetensors", dtype="keep", verify=True,
+                force=False)
+    assert "an ONNX graph needs the model's config" in str(e.value)
+    report = to_onnx(fx("llama.safetensors"), tmp_path / "m.onnx", src_format="safetensors", dtype="keep",
+                     verify=True, force=False, config=fx("llama-hf") / "config.json")
+    assert report.verification.passed and report.source_format == "safetensors"
+    # A tied GPT-2 state dict (pickle) works the same way.
+    report = to_onnx(fx("gpt2-state-dict.bin"), tmp_path / "g", src_format="pytorch", dtype="keep", verify=True,
+                     force=False, config=fx("gpt2-hf"))
+    assert report.verification.passed and (tmp_path / "g" / "model.onnx").is_file()
+
+
+def test_onnx_source_and_existing_destination_are_refused(exported, fx, tmp_path):
+    folder, _ = exported("gpt2-hf")
+    with pytest.raises(UsageError, match="already ONNX"):
+        to_onnx(folder / "model.onnx", tmp_path / "x.onnx", src_format="onnx", dtype="keep", verify=True, force=False)
+    (tmp_path / "taken.onnx").write_bytes(b"keep me")
+    with pytest.raises(DestinationError, match="destination exists"):
+        to_onnx(fx("gpt2-hf"), tmp_path / "taken.onnx", src_format="hf", dtype="keep", verify=True, force=False)
+    assert (tmp_path / "taken.onnx").read_bytes() == b"keep me"
+
+
+def test_failed_verification_leaves_nothing(fx, tmp_path):
+    dst = tmp_path / "out" / "nan-onnx"
+    with pytest.raises(NotEquivalent, match="outputs differ from PyTorch's: .*NaN.*nothing was written") as e:
+        to_onnx(fx("llama-hf-nan"), dst, src_format="hf", dtype="keep", verify=True, force=False)
+    assert e.value.exit_code == 1
+    assert not e.value.report.passed
+    assert not (tmp_path / "out").exists()  # not even the folder made for it
+    file_dst = tmp_path / "nan.onnx"
+    with pytest.raises(NotEquivalent):
+        to_onnx(fx("llama-hf-nan"), file_dst, src_format="hf", dtype="keep", verify=True, force=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_onnx_fallback_for_an_architecture_optimum_does_not_know(fx, tmp_path):
+    dst = tmp_path / "sc2"
+    report = to_onnx(fx("starcoder2-hf"), dst, src_format="hf", dtype="keep", verify=True, force=False)
+    assert report.extra["exporter"] == "torch.onnx" and report.extra["task"] == "text-generation"
+    assert report.verification.passed and [c.name for c in report.verification.checks] == ["logits"]
+    assert report.verification.checks[0].figures["max_abs"] < 5e-6
+    assert any("exported with torch.onnx" in n for n in report.notes)
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "starcoder2"
+    with pytest.raises(Unsupported, match="use --task text-generation"):
+        to_onnx(fx("starcoder2-hf"), tmp_path / "sc2b", src_format="hf", dtype="keep", verify=True, force=False,
+                task="text-generation-with-past")
