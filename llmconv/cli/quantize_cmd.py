@@ -1,12 +1,108 @@
-"""llmconv quantize (being built)"""
+"""llmconv quantize SRC DST --target cpu|gpu"""
 
 from __future__ import annotations
 
-HELP = "quantize (being built)."
-EPILOG = ""
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmconv.cli import options as o
+from llmconv.cli.output import err, escape, fmt_num, kv_table, out, print_json
+
+HELP = ("Quantize a model for CPU or GPU with onnxruntime's own tools (int8 dynamic/static, int4 MatMulNBits, "
+        "fp16), or cast weights to fp16/bf16; the output is verified against the source before it is put in "
+        "place (exit 1 and nothing written if it is not within the method's profile). "
+        "Defaults: --target cpu is int8-dynamic, --target gpu is fp16. hf folders are exported to ONNX first. "
+        "int4 MatMulNBits and fp16 graphs also run on onnxruntime's CUDA provider; without a GPU they are "
+        "verified on the CPU provider.")
+EPILOG = ("Examples: [bold]llmconv quantize model.onnx model-int8.onnx --target cpu[/]  ·  "
+          "[bold]llmconv quantize hf-folder out-int4 --target gpu --method int4[/]  ·  "
+          "[bold]llmconv quantize model.onnx static.onnx --target cpu --method int8-static "
+          "--calibration heldout.txt[/]  ·  [bold]llmconv quantize model.safetensors half.safetensors "
+          "--target gpu[/]")
 
 
-def command() -> None:
-    from llmconv.errors import Unsupported
+def command(
+    src: o.Src,
+    dst: o.Dst,
+    target: Annotated[str, typer.Option("--target", help="cpu|gpu: picks the default method and settings.",
+                                        show_default=False)],
+    method: Annotated[str, typer.Option(
+        "--method", help="auto|int8-dynamic|int8-static|int4|fp16|bf16 (auto: int8-dynamic for cpu, fp16 for "
+                         "gpu; bf16 is for weights files).")] = "auto",
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", metavar="FILE", help="int8-static: inputs as .npz (name -> array), or a text file "
+                                              "tokenized with the model's tokenizer; default: seeded synthetic.")
+    ] = None,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="int8: one scale per output channel.")] = False,
+    block_size: Annotated[int, typer.Option("--block-size", help="int4: weights per quantization block.")] = 32,
+    op_types: Annotated[str | None, typer.Option(
+        "--op-types", help="Comma list of op types to quantize (int8/int4): MatMul,Gemm,Gather. Default "
+                           "MatMul,Gemm (+Gather, the embedding, for int8-dynamic).")] = None,
+    text: Annotated[Path | None, typer.Option(
+        "--text", metavar="FILE", help="Also verify perplexity of both models on this text (causal LMs).")] = None,
+    inputs: Annotated[Path | None, typer.Option(
+        "--inputs", metavar="FILE", help="Verify on these inputs (.npz, name -> array) instead of seeded synthetic "
+                                         "ones; needed for models whose inputs llmconv cannot make up.")] = None,
+    max_ppl_increase: Annotated[float | None, typer.Option(
+        "--max-ppl-increase", help="With --text: largest relative perplexity increase accepted "
+                                   "(default: the profile's, e.g. 0.02 for int8).")] = None,
+    atol: o.Atol = None,
+    rtol: o.Rtol = None,
+    provider: o.Provider = "cpu",
+    calibration_samples: Annotated[int, typer.Option("--calibration-samples", min=1,
+                                                     help="int8-static: calibration batches.")] = 8,
+    verify: o.Verify = True,
+    force: o.Force = False,
+    quiet: o.Quiet = False,
+    json_output: o.Json = False,
+) -> None:
+    from llmconv.io import human_size
+    from llmconv.transforms.quantize import PROFILES, quantize
 
-    raise Unsupported("quantize is being built")
+    types = [t.strip() for t in op_types.split(",") if t.strip()] if op_types is not None else None
+    report = quantize(src, dst, target=target, method=method, calibration=calibration, per_channel=per_channel,
+                      block_size=block_size, op_types=types, text=text, inputs=inputs, atol=atol, rtol=rtol,
+                      max_ppl_increase=max_ppl_increase, provider=provider, calibration_samples=calibration_samples,
+                      verify=verify, force=force)
+    if json_output:
+        print_json(report.to_json())
+        return
+    if quiet:
+        return
+    out.print(f"[green]quantized[/] {escape(report.source)} ({report.source_format}) -> "
+              f"{escape(report.destination)}: {report.method} for {report.target}")
+    rows = [("method", f"{report.method} (profile {PROFILES[report.method]})")]
+    if report.linear_ops:
+        ops = ", ".join(f"{k} x{v}" for k, v in report.ops_quantized.items()) or "none"
+        label = "converted to fp16" if report.method == "fp16" else "quantized"
+        rows.append(("linear ops", f"{sum(report.ops_quantized.values())} of {report.linear_ops} {label} ({ops})"))
+        if report.embeddings_quantized:
+            rows.append(("embeddings", f"{report.embeddings_quantized} {label}"))
+        if report.ops_after:
+            rows.append(("ops after", ", ".join(f"{k} x{v}" for k, v in report.ops_after.items())))
+    if report.tensors_cast:
+        rows.append(("tensors cast", report.tensors_cast))
+    for key in ("op_types", "per_channel", "block_size", "activation_type", "kept_fp32_ops", "calibration"):
+        if key in report.options:
+            value = report.options[key]
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, list):
+                value = ",".join(value)
+            rows.append((key.replace("_", " "), value))
+    rows.append(("size", f"{human_size(report.size_before)} -> {human_size(report.size_after)} "
+                         f"({fmt_num(report.size_ratio)}x)"))
+    rows.append(("time", f"{report.seconds:.2f} s"))
+    out.print(kv_table(rows))
+    for note in report.notes:
+        out.print(f"  note: {escape(note)}")
+    v = report.verification
+    if v is None:
+        err.print("  [yellow]not verified[/] (--no-verify); onnxruntime loads the output")
+        return
+    from llmconv.cli.verify_cmd import render_report
+
+    render_report(v)
+    out.print(f"[green]verified[/] ({v.mode}, profile {v.profile}): {escape(v.summary())}")

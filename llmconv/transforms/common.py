@@ -1,0 +1,113 @@
+"""What quantize and prune share: where ONNX outputs are built, how they are put in place, companion files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llmconv.errors import DestinationError
+from llmconv.io import atomic_output, scratch_dir
+
+# Files that travel with an ONNX model folder (what a verifier or a runtime needs besides the graph).
+COMPANION_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                      "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template*",
+                      "preprocessor_config.json")
+
+
+def scratch_near(dst: Path) -> Any:
+    """A temporary folder on the filesystem of ``dst`` (its nearest existing ancestor), for building outputs."""
+    anchor = Path(dst)
+    while not anchor.parent.exists() and anchor.parent != anchor:
+        anchor = anchor.parent
+    return scratch_dir(anchor)
+
+
+def check_sidecar(dst: Path, *, force: bool) -> None:
+    """Refuse to overwrite ``DST.data`` (the external data of an ``.onnx`` destination) without ``force``."""
+    sidecar = dst.parent / f"{dst.name}.data"
+    if (sidecar.exists() or sidecar.is_symlink()) and not force:
+        raise DestinationError("destination's external data file exists", path=sidecar,
+                               hint="pass --force to replace it")
+
+
+def onnx_destination(dst: Path, *, what: str) -> bool:
+    """Whether an ONNX output goes to a folder (True) or to ``dst`` as a ``.onnx`` file (False).
+
+    Raises:
+        UsageError: ``dst`` has the extension of another format (``.safetensors``, ``.bin``, ...).
+    """
+    from llmconv.errors import UsageError
+    from llmconv.formats import registry
+
+    if dst.suffix.lower() == ".onnx" and not dst.is_dir():
+        return False
+    other = registry.by_extension(dst)
+    if other is not None and other.name != "onnx" and not dst.is_dir():
+        raise UsageError(f"{what} is an ONNX model and cannot be written as {other.name} ({dst.suffix})", path=dst,
+                         hint="give DST a .onnx extension, or a folder")
+    return True
+
+
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """``folder/config.json`` parsed, or None when there is none."""
+    from llmconv.checkpoint import read_json
+
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    parsed = read_json(path, what="config.json")
+    return parsed if isinstance(parsed, dict) else None
+
+
+def copy_companions(folder: Path, out_dir: Path) -> list[Path]:
+    """Copy config and tokenizer files from ``folder`` into ``out_dir`` (those not there already)."""
+    copied: list[Path] = []
+    if not folder.is_dir():
+        return copied
+    for pattern in COMPANION_PATTERNS:
+        for p in sorted(folder.glob(pattern)):
+            target = out_dir / p.name
+            if p.is_file() and not target.exists() and not p.name.endswith((".onnx", ".onnx.data")):
+                shutil.copyfile(p, target)
+                copied.append(target)
+    return copied
+
+
+def install(out_dir: Path, dst: Path, *, folder: bool, force: bool) -> list[Path]:
+    """Move a finished (and verified) output from ``out_dir`` into place.
+
+    A folder destination is renamed into place at once. A file destination is the ``.onnx`` file
+    (named ``dst.name`` in ``out_dir``) and its external data files: the data files go first, each
+    renamed atomically, and the model that refers to them last.
+
+    Returns:
+        The paths written.
+    """
+    names = sorted(p.name for p in out_dir.iterdir())
+    if folder:
+        with atomic_output(dst, folder=True, force=force) as tmp:
+            for name in names:
+                os.replace(out_dir / name, tmp / name)
+        return [dst / n for n in names]
+    model = dst.name
+    order = [n for n in names if n != model] + [model]
+    for name in order:
+        with atomic_output(dst.parent / name, folder=False, force=force or name != model) as tmp:
+            os.replace(out_dir / name, tmp)
+    return [dst.parent / n for n in order]
+
+
+def rename_paths(report: Any, renames: dict[Path, Path]) -> None:
+    """Name the user's paths, not our temporary ones, in a verification report's notes and reasons."""
+    pairs = sorted(((str(a), str(b)) for a, b in renames.items()), key=lambda kv: -len(kv[0]))
+
+    def fix(text: str) -> str:
+        for old, new in pairs:
+            text = text.replace(old, new)
+        return text
+
+    report.notes = [fix(n) for n in report.notes]
+    for check in report.checks:
+        check.reason = fix(check.reason)

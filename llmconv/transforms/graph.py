@@ -1,0 +1,327 @@
+"""ONNX graph helpers shared by quantize and prune: safe loading, saving, linear layers, op counts.
+
+onnx and onnxruntime are imported inside the functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmconv.errors import CorruptInput, InputError, MissingDependency, UsageError
+from llmconv.io import safe_child
+
+if TYPE_CHECKING:
+    import onnx
+
+# A protobuf cannot be serialized past 2 GiB; stay well under it before switching to external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+_ONNX_PIP = "pip install 'llmconv[onnx]' (onnx, onnxruntime, optimum)"
+_FLOAT = 1  # onnx.TensorProto.FLOAT
+
+
+def require_onnx() -> None:
+    """Raise MissingDependency with the pip command when onnx or onnxruntime is missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise MissingDependency(f"ONNX support needs {e.name}", hint=_ONNX_PIP) from e
+
+
+def onnx_file(path: Path) -> Path:
+    """The ``.onnx`` file at ``path``: the path itself, or the one model in a folder (``model.onnx`` first)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / "model.onnx").is_file():
+            return path / "model.onnx"
+        found = sorted(path.glob("*.onnx"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise UsageError(f"folder holds {len(found)} ONNX models ({', '.join(p.name for p in found[:4])})",
+                             path=path, hint="name the .onnx file to use")
+    raise InputError("no ONNX model here", path=path)
+
+
+def external_data_files(model: onnx.ModelProto, model_path: Path) -> list[Path]:
+    """The external data files ``model`` refers to, each checked to lie inside the model's folder.
+
+    Raises:
+        UnsafeInput: a reference is absolute or leaves the folder.
+        CorruptInput: a referenced file is missing.
+    """
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    files: dict[Path, None] = {}
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        target = safe_child(model_path.parent, info.location, what="external data file", source=model_path)
+        if not target.is_file():
+            raise CorruptInput(f"tensor {tensor.name!r} refers to external data file {info.location!r}, "
+                               "which is missing", path=model_path, hint="keep the .data file beside the .onnx")
+        size = target.stat().st_size
+        offset = info.offset or 0
+        if info.length is not None and offset + info.length > size or offset > size:
+            raise CorruptInput(f"tensor {tensor.name!r} reads bytes {offset}..{offset + (info.length or 0)} of "
+                               f"{info.location!r}, which holds {size} (truncated?)", path=model_path)
+        files[target] = None
+    return list(files)
+
+
+def load_model(path: Path, *, with_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model, checking its external-data references before reading them.
+
+    Args:
+        path: the ``.onnx`` file.
+        with_data: also load the external data (else tensors keep their references).
+    Returns:
+        The ModelProto.
+    """
+    require_onnx()
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise CorruptInput(f"not a readable ONNX model ({type(e).__name__}: {e})", path=path) from e
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}", path=path) from e
+    external = external_data_files(model, path)
+    if with_data and external:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(path.parent))
+    return model
+
+
+def model_files(path: Path) -> list[Path]:
+    """The ``.onnx`` file and the external data files it uses."""
+    model = load_model(path, with_data=False)
+    return [path, *external_data_files(model, path)]
+
+
+def files_size(files: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files)
+
+
+def proto_size(model: onnx.ModelProto) -> int:
+    """Serialized size of the model, counting external tensors by their length on disk."""
+    return model.ByteSize()
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, external_data: bool) -> list[Path]:
+    """Save ``model`` at ``path``; with ``external_data`` the tensors go to ``<name>.data`` beside it.
+
+    Returns:
+        The files written.
+    """
+    import onnx
+
+    path = Path(path)
+    if external_data:
+        location = path.name + ".data"
+        data = path.parent / location
+        if data.exists():
+            data.unlink()
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024, convert_attribute=False)
+        return [path, data]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+def needs_external_data(model: onnx.ModelProto, source_files: list[Path]) -> bool:
+    """Whether an output derived from ``model`` should keep its tensors outside the proto."""
+    if len(source_files) > 1:
+        return True
+    return files_size(source_files) > EXTERNAL_DATA_THRESHOLD
+
+
+@dataclass(frozen=True)
+class LinearNode:
+    """A MatMul or Gemm node whose weight (input B) is a float32 initializer.
+
+    Attributes:
+        node: the node's name (made unique by :func:`name_nodes`).
+        op: ``MatMul`` or ``Gemm``.
+        weight: the initializer's name.
+        shape: the weight's shape.
+        in_axis: the weight axis that runs along the layer's input features (0 for ``x @ W``).
+        is_output: whether the node writes a graph output directly (the LM head).
+    """
+
+    node: str
+    op: str
+    weight: str
+    shape: tuple[int, ...]
+    in_axis: int
+    is_output: bool
+
+    @property
+    def out_axis(self) -> int:
+        return 1 - self.in_axis
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give unnamed nodes a unique name, so they can be listed and quantized by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}" if not node.name else f"{node.name}_{i}"
+        seen.add(node.name)
+
+
+def linear_nodes(model: onnx.ModelProto) -> list[LinearNode]:
+    """The graph's linear layers: MatMul/Gemm whose weight is a 2-D float32 initializer."""
+    inits = {t.name: t for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        w = inits.get(node.input[1])
+        if w is None or w.data_type != _FLOAT or len(w.dims) != 2:
+            continue
+        in_axis = 0
+        if node.op_type == "Gemm":
+            attrs = {a.name: a for a in node.attribute}
+            if "transB" in attrs and attrs["transB"].i:
+                in_axis = 1
+        found.append(LinearNode(node.name, node.op_type, w.name, tuple(w.dims), in_axis,
+                                any(o in outputs for o in node.output)))
+    return found
+
+
+def op_histogram(model: onnx.ModelProto) -> Counter[str]:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def float_linear_names(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> op type of the linear layers that still compute with float32 weights."""
+    return {ln.node: ln.op for ln in linear_nodes(model)}
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite ``Gemm(A, W, C)`` (alpha 1, beta 1, no transA) as ``MatMul(A, W) + C``, in place.
+
+    onnxruntime's weight-only int4 quantizer takes MatMul only; GPT-2's linear layers export as Gemm.
+    The rewrite computes the same values (a transposed weight is stored transposed once).
+
+    Returns:
+        The number of nodes rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    new_nodes = []
+    count = 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        w = inits.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if (w is None or w.data_type != _FLOAT or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
+                or attrs.get("beta", 1.0) != 1.0):
+            new_nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            arr = numpy_helper.to_array(w).T.copy()
+            weight = f"{w.name}_transposed"
+            model.graph.initializer.append(numpy_helper.from_array(arr, weight))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=f"{node.name}_MatMul"))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]],
+                                              name=f"{node.name}_Add"))
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [t for t in model.graph.initializer if t.name in used]
+        if len(keep) != len(model.graph.initializer):
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(keep)
+    return count
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime() -> Iterator[None]:
+    """Keep onnxruntime's quantization tools from printing: they log through the root logger.
+
+    The library never prints; what these tools would say is either in our report or noise.
+    """
+    root = logging.getLogger()
+    old_level = root.level
+    old_disable = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    root.setLevel(logging.ERROR)
+    try:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+    except ImportError:
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import numpy as np
+
+            with np.errstate(all="ignore"):
+                yield
+    finally:
+        root.setLevel(old_level)
+        logging.disable(old_disable)
+        with contextlib.suppress(ImportError):
+            import onnxruntime as ort
+
+            ort.set_default_logger_severity(2)
+
+
+def session(path: Path, *, threads: int = 0, provider: str = "cpu") -> Any:
+    """An onnxruntime session on ``path`` (quiet, ``threads`` intra-op threads, 0 = default)."""
+    require_onnx()
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except ort_errors() as e:
+        raise CorruptInput(f"onnxruntime cannot load the model: {e}", path=path) from e
+
+
+def check_loads(path: Path) -> None:
+    """Make sure onnxruntime loads an output we wrote (the least check when verification is off)."""
+    from llmconv.errors import ConversionError
+
+    try:
+        session(path)
+    except CorruptInput as e:
+        raise ConversionError(f"onnxruntime cannot load the output: {e.bare_message}", path=path,
+                              hint="this is likely a bug; rerun with LLMCONV_DEBUG=1 and report it") from e
+
+
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """onnxruntime's own exception types (they derive from Exception, not RuntimeError)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidGraph", "InvalidArgument", "NoSuchFile", "NotImplemented", "RuntimeException",
+             "InvalidProtobuf", "EPFail", "ModelLoaded", "NoModel", "EngineError")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, ValueError)

@@ -1,0 +1,606 @@
+"""Quantize a model for a CPU or GPU target with onnxruntime's own tools, verified before it is put in place.
+
+ONNX graphs (and hf folders, exported to ONNX first) go through ``onnxruntime.quantization``:
+
+- ``int8-dynamic``: ``quantize_dynamic`` with signed int8 weights (QInt8) on the linear layers
+  (MatMul/Gemm with a constant weight) and the embedding (Gather); activations are quantized at run time.
+- ``int8-static``: ``quantize_static`` in QDQ form with MinMax calibration, on the linear layers only
+  (onnxruntime's default of quantizing every op wrecks transformer outputs).
+- ``int4``: weight-only ``MatMulNBits`` (``MatMulNBitsQuantizer``, symmetric, block size 32), which the
+  CPU and CUDA execution providers both run.
+- ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with float32 inputs and
+  outputs kept and numerically sensitive ops (normalisations, softmax, exp/log, ...) kept in float32.
+
+Weight files (safetensors, PyTorch, hf folders not exported) take ``fp16`` and ``bf16`` casts, with
+the overflow check of :func:`llmconv.checkpoint.cast_tensor`.
+
+Every output is verified against its source with the matching profile (int8, int4, fp16, bf16)
+before it is renamed into place; a failed verification raises NotEquivalent and leaves nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmconv.errors import ConversionError, NotEquivalent, Unsupported, UsageError
+from llmconv.io import atomic_output, check_destination
+from llmconv.verify.report import VerifyReport
+
+QUANTIZE_SCHEMA = "llmconv.quantize/1"
+TARGETS = ("cpu", "gpu")
+METHODS = ("int8-dynamic", "int8-static", "int4", "fp16", "bf16")
+GRAPH_METHODS = ("int8-dynamic", "int8-static", "int4", "fp16")
+WEIGHT_METHODS = ("fp16", "bf16")
+PROFILES = {"int8-dynamic": "int8", "int8-static": "int8", "int4": "int4", "fp16": "fp16", "bf16": "bf16"}
+DEFAULT_OP_TYPES = {
+    "int8-dynamic": ("MatMul", "Gemm", "Gather"),
+    "int8-static": ("MatMul", "Gemm"),
+    "int4": ("MatMul", "Gemm"),
+}
+_ALLOWED_OP_TYPES = {
+    "int8-dynamic": {"MatMul", "Gemm", "Gather"},
+    "int8-static": {"MatMul", "Gemm", "Gather"},
+    "int4": {"MatMul", "Gemm", "Gather"},
+}
+# Kept in float32 by the fp16 conversion: reductions and normalisations whose intermediate values
+# leave float16's range (sum of squares in RMSNorm, variance in LayerNorm), and exp/log/softmax.
+FP16_KEEP_FP32 = ("Pow", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "Sqrt", "Reciprocal",
+                  "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+                  "SkipSimplifiedLayerNormalization", "RMSNormalization", "Softmax", "LogSoftmax", "Exp", "Log",
+                  "Erf", "Range", "CumSum")
+_OP_KEYS = ("MatMul", "Gemm", "Gather", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear",
+            "DequantizeLinear", "MatMulNBits", "GatherBlockQuantized", "Cast")
+
+
+@dataclass
+class QuantizeReport:
+    """What a quantization did, and how the result compared with its source.
+
+    Attributes:
+        source: the path given as source.
+        destination: the path written.
+        source_format: ``onnx``, ``hf``, ``safetensors`` or ``pytorch``.
+        target: ``cpu`` or ``gpu``.
+        method: the method used (``auto`` resolved).
+        size_before: bytes of the float model (the exported ONNX for an hf source).
+        size_after: bytes of the output's model files.
+        files: the files written.
+        linear_ops: linear layers (MatMul/Gemm with a float32 weight) in the source graph.
+        ops_quantized: of those, how many of each op type no longer compute with float32 weights.
+        embeddings_quantized: Gather nodes whose float32 table was quantized.
+        ops_before: counts of the ops that quantization touches, before.
+        ops_after: the same counts after (MatMulInteger, MatMulNBits, QuantizeLinear, Cast, ...).
+        tensors_cast: weights mode: the tensors cast.
+        options: the settings used (op types, per-channel, block size, calibration, ...).
+        verification: the comparison with the source, or None with ``verify=False``.
+        notes: what else the user should know.
+        seconds: wall time.
+    """
+
+    source: str
+    destination: str
+    source_format: str
+    target: str
+    method: str
+    size_before: int
+    size_after: int
+    files: list[str]
+    linear_ops: int = 0
+    ops_quantized: dict[str, int] = field(default_factory=dict)
+    embeddings_quantized: int = 0
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    tensors_cast: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    verification: VerifyReport | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def size_ratio(self) -> float:
+        return self.size_after / self.size_before if self.size_before else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.verification is None or self.verification.passed
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "schema": QUANTIZE_SCHEMA, "ok": self.passed, "source": self.source, "destination": self.destination,
+            "source_format": self.source_format, "target": self.target, "method": self.method,
+            "profile": PROFILES[self.method], "size_before": self.size_before, "size_after": self.size_after,
+            "size_ratio": round(self.size_ratio, 4), "files": self.files, "linear_ops": self.linear_ops,
+            "ops_quantized": self.ops_quantized, "embeddings_quantized": self.embeddings_quantized,
+            "ops_before": self.ops_before, "ops_after": self.ops_after, "options": self.options,
+            "notes": self.notes, "seconds": round(self.seconds, 3), "verified": self.verification is not None,
+        }
+        if self.tensors_cast:
+            out["tensors_cast"] = self.tensors_cast
+        if self.verification is not None:
+            out["verification"] = self.verification.to_json()
+        return out
+
+
+def resolve_method(method: str, *, target: str, source_format: str, onnx_destination: bool) -> str:
+    """The method ``auto`` stands for, and a check that ``method`` fits the source.
+
+    ``auto`` is ``int8-dynamic`` for ``--target cpu`` and ``fp16`` for ``--target gpu``. A weights
+    file (no graph) takes ``fp16``/``bf16`` only; ``auto`` on one with ``--target cpu`` is ``bf16``.
+    """
+    if target not in TARGETS:
+        raise UsageError(f"unknown --target {target!r}", hint="use cpu or gpu")
+    if method != "auto" and method not in METHODS:
+        raise UsageError(f"unknown --method {method!r}", hint="use auto, " + ", ".join(METHODS))
+    graph = source_format == "onnx" or (source_format == "hf" and (onnx_destination or method in
+                                                                     ("int8-dynamic", "int8-static", "int4")))
+    if method == "auto":
+        if graph or source_format == "hf":
+            return "int8-dynamic" if target == "cpu" else "fp16"
+        return "bf16" if target == "cpu" else "fp16"
+    if source_format == "onnx" and method == "bf16":
+        raise Unsupported("bf16 is a weights cast; onnxruntime's CPU kernels do not run bfloat16 graphs",
+                          hint="use --method fp16 for an ONNX model, or bf16 on safetensors/PyTorch/hf weights")
+    if source_format in ("safetensors", "pytorch") and method not in WEIGHT_METHODS:
+        raise Unsupported(f"{method} quantizes an ONNX graph, and a bare {source_format} weights file has none",
+                          hint="quantize the hf model folder (it is exported to ONNX first) or an .onnx model; "
+                               "weights files take --method fp16 or bf16")
+    if source_format == "hf" and method == "bf16" and onnx_destination:
+        raise Unsupported("bf16 ONNX graphs do not run on onnxruntime's CPU kernels",
+                          hint="use --method fp16 for an ONNX destination, or a folder destination for bf16 weights")
+    return method
+
+
+def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "auto",
+             calibration: str | Path | None = None, per_channel: bool = False, block_size: int = 32,
+             op_types: list[str] | None = None, text: str | Path | None = None, inputs: str | Path | None = None,
+             atol: float | None = None,
+             rtol: float | None = None, max_ppl_increase: float | None = None, provider: str = "cpu",
+             calibration_samples: int = 8, seed: int = 0, verify: bool = True, force: bool = False,
+             progress: Any = None) -> QuantizeReport:
+    """Quantize ``src`` for ``target`` and write it at ``dst``, verified against the source first.
+
+    Args:
+        src: an ONNX model (file, or folder with one), an hf folder (exported to ONNX first for the
+            int8/int4 methods or an ``.onnx`` destination), or a safetensors/PyTorch weights file.
+        dst: the destination: ``NAME.onnx`` (plus ``NAME.onnx.data`` for large models), a folder
+            (``model.onnx`` with the source's config and tokenizer files), or a weights file/folder
+            for ``fp16``/``bf16`` casts of weights.
+        target: ``cpu`` or ``gpu``; picks the default method and kernel-friendly settings.
+        method: ``auto``, ``int8-dynamic``, ``int8-static``, ``int4``, ``fp16`` or ``bf16``.
+        calibration: int8-static: an .npz of inputs or a text file (tokenized with the model's own
+            tokenizer); seeded synthetic inputs when None.
+        per_channel: int8: one scale per output channel rather than per tensor.
+        block_size: int4: weights per quantization block (a power of two, at least 16).
+        op_types: op types to quantize (default: MatMul, Gemm and, for int8-dynamic, Gather).
+        text: verify on this text too (perplexity of both models, causal LMs).
+        inputs: verify on these inputs (an .npz of name -> array) instead of seeded synthetic ones.
+        atol: absolute tolerance for the verification (overrides the profile).
+        rtol: relative tolerance for the verification (overrides the profile).
+        max_ppl_increase: with ``text``: largest relative perplexity increase accepted.
+        provider: onnxruntime execution provider for the verification (``cpu`` or ``cuda``).
+        calibration_samples: int8-static: number of calibration batches from text or synthetic inputs.
+        seed: seed of synthetic calibration inputs.
+        verify: compare the output with the source before renaming it into place.
+        force: replace an existing destination.
+        progress: called with bytes written (weights casts).
+    Returns:
+        A QuantizeReport.
+    Raises:
+        NotEquivalent: the output is not within the profile; nothing was left at ``dst``.
+    Example:
+        >>> quantize("model.onnx", "model-int8.onnx", target="cpu").size_ratio
+        0.25
+    """
+    from llmconv.formats import registry
+
+    t0 = time.perf_counter()
+    src_path, dst_path = Path(src), Path(dst)
+    fmt = registry.detect(src_path)
+    check_destination(src_path, dst_path, force=force)
+    onnx_dst = dst_path.suffix.lower() == ".onnx"
+    resolved = resolve_method(method, target=target, source_format=fmt.name, onnx_destination=onnx_dst)
+    graph = fmt.name == "onnx" or (fmt.name == "hf" and (onnx_dst or resolved in ("int8-dynamic", "int8-static",
+                                                                                   "int4")))
+    if graph:
+        from llmconv.transforms.common import onnx_destination
+
+        onnx_destination(dst_path, what=f"the {resolved} output")
+        _check_graph_options(resolved, calibration=calibration, per_channel=per_channel, block_size=block_size,
+                             op_types=op_types)
+        report = _quantize_graph(src_path, dst_path, fmt=fmt, target=target, method=resolved,
+                                 calibration=Path(calibration) if calibration else None, per_channel=per_channel,
+                                 block_size=block_size, op_types=op_types, text=text, inputs=inputs, atol=atol,
+                                 rtol=rtol,
+                                 max_ppl_increase=max_ppl_increase, provider=provider,
+                                 calibration_samples=calibration_samples, seed=seed, verify=verify, force=force)
+    else:
+        for flag, given in (("--calibration", calibration), ("--per-channel", per_channel),
+                            ("--op-types", op_types), ("--text", text), ("--inputs", inputs)):
+            if given:
+                raise UsageError(f"{flag} does not apply to a {resolved} cast of weights")
+        report = _cast_weights(src_path, dst_path, fmt=fmt, target=target, method=resolved, atol=atol, rtol=rtol,
+                               verify=verify, force=force, progress=progress)
+    if method == "auto":
+        report.notes.insert(0, f"--method auto chose {resolved} for --target {target}")
+    if target == "gpu" and resolved in ("int8-dynamic", "int8-static"):
+        report.notes.append("int8 ONNX graphs are made for onnxruntime's CPU kernels; for CUDA prefer int4 "
+                            "(MatMulNBits) or fp16")
+    if target == "gpu" and graph and report.verification is not None:
+        report.notes.append("verified on the " + ("CUDA" if provider == "cuda" else "CPU")
+                            + " execution provider")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _check_graph_options(method: str, *, calibration: Any, per_channel: bool, block_size: int,
+                         op_types: list[str] | None) -> None:
+    if calibration is not None and method != "int8-static":
+        raise UsageError(f"--calibration applies to --method int8-static, not {method}")
+    if per_channel and method not in ("int8-dynamic", "int8-static"):
+        raise UsageError(f"--per-channel applies to the int8 methods, not {method}")
+    if method == "int4" and (block_size < 16 or block_size & (block_size - 1)):
+        raise UsageError(f"--block-size {block_size} is not a power of two of at least 16", hint="use 32, 64 or 128")
+    if op_types is not None:
+        if method not in _ALLOWED_OP_TYPES:
+            raise UsageError(f"--op-types applies to the int8 and int4 methods, not {method}")
+        bad = [o for o in op_types if o not in _ALLOWED_OP_TYPES[method]]
+        if bad or not op_types:
+            raise UsageError(f"--op-types {','.join(op_types)}: {method} quantizes "
+                             + ", ".join(sorted(_ALLOWED_OP_TYPES[method])))
+
+
+# ---- ONNX graphs -----------------------------------------------------------------------------------
+
+
+def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, method: str,
+                    calibration: Path | None, per_channel: bool, block_size: int, op_types: list[str] | None,
+                    text: Any, inputs: Any, atol: float | None, rtol: float | None, max_ppl_increase: float | None,
+                    provider: str, calibration_samples: int, seed: int, verify: bool,
+                    force: bool) -> QuantizeReport:
+    from llmconv.formats.onnx import model_file
+    from llmconv.transforms import graph as g
+    from llmconv.transforms.common import (
+        check_sidecar,
+        copy_companions,
+        install,
+        onnx_destination,
+        read_config,
+        rename_paths,
+        scratch_near,
+    )
+
+    g.require_onnx()
+    folder_out = onnx_destination(dst_path, what=f"the {method} output")
+    out_name = "model.onnx" if folder_out else dst_path.name
+    if not folder_out:
+        check_sidecar(dst_path, force=force)
+    notes: list[str] = []
+    with scratch_near(dst_path) as scratch_name:
+        scratch = Path(scratch_name)
+        companions_from: Path
+        if fmt.name == "hf":
+            ref_file = _export(src_path, scratch / "fp32", fmt=fmt, verify=verify, provider=provider)
+            notes.append(f"exported {src_path} to ONNX first; sizes and verification are against that fp32 graph")
+            companions_from = src_path
+            copy_companions(src_path, ref_file.parent)
+        else:
+            ref_file = model_file(src_path)
+            companions_from = ref_file.parent
+        config = read_config(companions_from)
+        source_model = g.load_model(ref_file, with_data=False)
+        source_files = [ref_file, *g.external_data_files(source_model, ref_file)]
+        size_before = g.files_size(source_files)
+        external = g.needs_external_data(source_model, source_files)
+        out_dir = scratch / "out"
+        out_dir.mkdir()
+        out_file = out_dir / out_name
+        options: dict[str, Any] = {}
+        with g.quiet_onnxruntime():
+            if method == "int8-dynamic":
+                options = _int8_dynamic(ref_file, out_file, source_model, per_channel=per_channel,
+                                        op_types=op_types, external=external)
+            elif method == "int8-static":
+                options = _int8_static(ref_file, out_file, source_model, target=target, calibration=calibration,
+                                       config=config, per_channel=per_channel, op_types=op_types,
+                                       samples=calibration_samples, seed=seed, external=external)
+            elif method == "int4":
+                options = _int4(ref_file, out_file, target=target, block_size=block_size, op_types=op_types,
+                                external=external, notes=notes)
+            else:
+                options = _fp16(ref_file, out_file, external=external)
+        out_model = g.load_model(out_file, with_data=False)
+        out_files = [out_file, *g.external_data_files(out_model, out_file)]
+        stray = [p for p in out_dir.iterdir() if p not in out_files]
+        for p in stray:  # onnxruntime's tools may leave helper files (augmented models) beside the output
+            p.unlink()
+        counts = _count_ops(source_model, out_model)
+        if folder_out:
+            copy_companions(companions_from, out_dir)
+        verification = None
+        if verify:
+            verification = _verify_outputs(ref_file, out_file, profile=PROFILES[method], atol=atol, rtol=rtol,
+                                           text=text, inputs=inputs, provider=provider,
+                                           max_ppl_increase=max_ppl_increase)
+            verification.reference, verification.candidate = str(src_path), str(dst_path)
+            rename_paths(verification, {out_file: dst_path / out_name if folder_out else dst_path,
+                                        out_dir: dst_path if folder_out else dst_path.parent,
+                                        ref_file: src_path if fmt.name == "onnx" else ref_file,
+                                        ref_file.parent: src_path if fmt.name == "hf" else ref_file.parent})
+            if not verification.passed:
+                raise NotEquivalent(f"{method} output is not within the {PROFILES[method]} profile: "
+                                    f"{verification.summary()}; nothing was written", report=verification,
+                                    path=dst_path)
+        else:
+            g.check_loads(out_file)
+        size_after = g.files_size(out_files)
+        written = install(out_dir, dst_path, folder=folder_out, force=force)
+    if method == "fp16" and target == "cpu":
+        notes.append("fp16 halves the size but is meant for GPUs: on onnxruntime's CPU kernels it is no faster "
+                     "than fp32")
+    return QuantizeReport(
+        source=str(src_path), destination=str(dst_path), source_format=fmt.name, target=target, method=method,
+        size_before=size_before, size_after=size_after, files=[str(p) for p in written],
+        linear_ops=counts["linear_ops"], ops_quantized=counts["ops_quantized"],
+        embeddings_quantized=counts["embeddings_quantized"], ops_before=counts["ops_before"],
+        ops_after=counts["ops_after"], options=options, verification=verification, notes=notes)
+
+
+def _export(src_path: Path, out_dir: Path, *, fmt: Any, verify: bool, provider: str) -> Path:
+    """hf folder -> fp32 ONNX in ``out_dir`` (through llmconv.export, itself verified against PyTorch)."""
+    from llmconv.export import to_onnx
+    from llmconv.formats.onnx import model_file
+
+    out_dir.mkdir(parents=True)
+    target = out_dir / "model.onnx"
+    to_onnx(src_path, target, src_format=fmt, dtype="keep", verify=verify, force=True, provider=provider)
+    return model_file(target if target.exists() else out_dir)
+
+
+def _linear_selection(model: Any, op_types: tuple[str, ...]) -> list[str]:
+    """Names of the linear nodes (constant float weight) of the given op types."""
+    from llmconv.transforms.graph import linear_nodes, name_nodes
+
+    name_nodes(model)
+    return [ln.node for ln in linear_nodes(model) if ln.op in op_types]
+
+
+def _model_for_ort(src: Path, model: Any) -> Any:
+    """What to hand onnxruntime's tools: the file when its node names are the ones selected, else the
+    model (with its data) after naming its nodes the same way."""
+    from llmconv.transforms.graph import load_model, name_nodes
+
+    on_disk = load_model(src, with_data=False)
+    if [n.name for n in on_disk.graph.node] == [n.name for n in model.graph.node]:
+        return src
+    full = load_model(src)
+    name_nodes(full)
+    return full
+
+
+def _embedding_nodes(model: Any) -> list[str]:
+    inits = {t.name for t in model.graph.initializer if t.data_type == 1 and len(t.dims) == 2}
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits]
+
+
+def _int8_dynamic(src: Path, out: Path, model: Any, *, per_channel: bool, op_types: list[str] | None,
+                  external: bool) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    types = tuple(op_types or DEFAULT_OP_TYPES["int8-dynamic"])
+    nodes = _linear_selection(model, types) + (_embedding_nodes(model) if "Gather" in types else [])
+    if not nodes:
+        raise Unsupported(f"the graph has no {'/'.join(types)} node with a float32 weight to quantize", path=src)
+    # No node list here: the tool rewrites Gemm as MatMul under a new name before it quantizes, and
+    # MatMulConstBOnly already limits it to weights (attention's activation products stay float).
+    _ort_call(src, lambda: quantize_dynamic(
+        src, out, op_types_to_quantize=list(types), per_channel=per_channel, reduce_range=False,
+        weight_type=QuantType.QInt8, use_external_data_format=external, extra_options={"MatMulConstBOnly": True}))
+    return {"op_types": list(types), "per_channel": per_channel, "weight_type": "int8 (QInt8, signed)",
+            "embedding": "uint8 (onnxruntime quantizes Gather tables with the activation type)"
+            if "Gather" in types else "float32",
+            "activations": "uint8, quantized at run time (DynamicQuantizeLinear)", "tool":
+            "onnxruntime.quantization.quantize_dynamic"}
+
+
+def _int8_static(src: Path, out: Path, model: Any, *, target: str, calibration: Path | None,
+                 config: dict[str, Any] | None, per_channel: bool, op_types: list[str] | None, samples: int,
+                 seed: int, external: bool) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from llmconv.transforms.calibration import FeedReader, calibration_batches
+
+    types = tuple(op_types or DEFAULT_OP_TYPES["int8-static"])
+    nodes = _linear_selection(model, types) + (_embedding_nodes(model) if "Gather" in types else [])
+    if not nodes:
+        raise Unsupported(f"the graph has no {'/'.join(types)} node with a float32 weight to quantize", path=src)
+    feeds, described = calibration_batches(model, src, calibration, config=config, samples=samples, seed=seed)
+    # uint8 activations with int8 weights (U8S8) is what onnxruntime's x86 CPU kernels run fastest
+    # (measured 0.55x fp32 latency against 0.96x for S8S8); GPUs (TensorRT) want symmetric int8.
+    activation = QuantType.QUInt8 if target == "cpu" else QuantType.QInt8
+    model_in = _model_for_ort(src, model)
+    _ort_call(src, lambda: quantize_static(
+        model_in, out, FeedReader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(types),
+        per_channel=per_channel, reduce_range=False, activation_type=activation, weight_type=QuantType.QInt8,
+        nodes_to_quantize=nodes, use_external_data_format=external, calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": target == "gpu"}))
+    return {"op_types": list(types), "per_channel": per_channel, "weight_type": "int8 (QInt8, signed)",
+            "activation_type": "uint8" if target == "cpu" else "int8 (symmetric)", "format": "QDQ",
+            "calibration": described, "calibrate_method": "MinMax",
+            "tool": "onnxruntime.quantization.quantize_static"}
+
+
+def _int4(src: Path, out: Path, *, target: str, block_size: int, op_types: list[str] | None, external: bool,
+          notes: list[str]) -> dict[str, Any]:
+    from llmconv.transforms.graph import gemm_to_matmul, load_model, name_nodes
+
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:  # it imports onnx_ir, which onnxruntime does not declare
+        from llmconv.errors import MissingDependency
+
+        raise MissingDependency(f"onnxruntime's int4 quantizer needs the {e.name} package",
+                                hint="pip install onnx-ir (or: pip install 'llmconv[onnx]')") from e
+
+    types = tuple(op_types or DEFAULT_OP_TYPES["int4"])
+    model = load_model(src)
+    name_nodes(model)
+    if "Gemm" in types:
+        rewritten = gemm_to_matmul(model)
+        if rewritten:
+            notes.append(f"rewrote {rewritten} Gemm nodes as MatMul+Add (same values) for onnxruntime's int4 "
+                         "quantizer, which takes MatMul")
+    ort_types = tuple(t for t in types if t != "Gemm")
+    quant_axes = (("MatMul", 0), ("Gather", 1)) if "Gather" in ort_types else None
+    # accuracy_level 4: the CPU kernel computes with int8 activations (measured 0.86x fp32 latency at
+    # batch 4 x 128 against 0.94x for float compute, same perplexity); CUDA ignores the attribute.
+    accuracy = 4 if target == "cpu" else None
+    quantizer = _ort_call(src, lambda: MatMulNBitsQuantizer(
+        model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=accuracy,
+        op_types_to_quantize=ort_types, quant_axes=quant_axes))
+    _ort_call(src, quantizer.process)
+    quantizer.model.save_model_to_file(str(out), external)
+    return {"op_types": list(types), "block_size": block_size, "bits": 4, "symmetric": True,
+            "accuracy_level": accuracy or 0,
+            "embedding": "int4 (GatherBlockQuantized)" if "Gather" in ort_types else "float32",
+            "kernel": "MatMulNBits (CPU and CUDA execution providers)" + (" for --target gpu" if target == "gpu"
+                                                                           else ""),
+            "tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"}
+
+
+def _fp16(src: Path, out: Path, *, external: bool) -> dict[str, Any]:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from llmconv.transforms.graph import load_model, op_histogram, save_model
+
+    model = load_model(src)
+    present = op_histogram(model)
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
+    converted = _ort_call(src, lambda: convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=block, disable_shape_infer=external))
+    _drop_duplicate_nodes(converted)
+    save_model(converted, out, external_data=external)
+    kept = {op: present[op] for op in FP16_KEEP_FP32 if present.get(op)}
+    return {"keep_io_types": True, "kept_fp32_ops": kept, "tool": "onnxruntime.transformers.float16"}
+
+
+def _drop_duplicate_nodes(model: Any) -> int:
+    """Drop repeated identical nodes (same name, op, inputs, outputs, attributes).
+
+    The float16 converter inserts one Cast per blocked consumer of a value; when two blocked nodes
+    read the same value it adds the same Cast twice, which onnxruntime refuses ("two nodes with same
+    node name"). The copies compute the same output, so one is enough.
+    """
+    seen: set[bytes] = set()
+    keep = []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        keep.append(node)
+    dropped = len(model.graph.node) - len(keep)
+    if dropped:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return dropped
+
+
+def _ort_call(src: Path, fn: Any) -> Any:
+    """Run one of onnxruntime's tools; its failures on our input become ConversionError naming the model."""
+    from llmconv.transforms.graph import ort_errors
+
+    try:
+        return fn()
+    except ort_errors() as e:
+        raise ConversionError(f"onnxruntime's quantization tool failed: {type(e).__name__}: {e}", path=src,
+                              hint="inspect the model with `llmconv inspect`; try another --method") from e
+
+
+def _count_ops(before: Any, after: Any) -> dict[str, Any]:
+    from llmconv.transforms.graph import linear_nodes, name_nodes, op_histogram
+
+    name_nodes(before)
+    linears = linear_nodes(before)
+    still_float = {ln.node for ln in linear_nodes(after)}
+    quantized: Counter[str] = Counter()
+    for ln in linears:
+        if ln.node not in still_float and f"{ln.node}_MatMul" not in still_float:
+            quantized[ln.op] += 1
+    emb_before, emb_after = set(_embedding_nodes(before)), set(_embedding_nodes(after))
+    hb, ha = op_histogram(before), op_histogram(after)
+    return {
+        "linear_ops": len(linears), "ops_quantized": dict(sorted(quantized.items())),
+        "embeddings_quantized": len(emb_before - emb_after),
+        "ops_before": {k: hb[k] for k in _OP_KEYS if hb.get(k)},
+        "ops_after": {k: ha[k] for k in _OP_KEYS if ha.get(k)},
+    }
+
+
+def _verify_outputs(reference: Path, candidate: Path, *, profile: str, atol: float | None, rtol: float | None,
+                    text: Any, inputs: Any, provider: str, max_ppl_increase: float | None) -> VerifyReport:
+    from llmconv.verify.outputs import compare_outputs
+
+    options: dict[str, Any] = {}
+    if text is not None:
+        options["text"] = Path(text)
+    if inputs is not None:
+        options["inputs"] = Path(inputs)
+    if max_ppl_increase is not None:
+        options["max_ppl_increase"] = max_ppl_increase
+    return compare_outputs(reference, candidate, profile=profile, atol=atol, rtol=rtol, provider=provider,
+                           **options)
+
+
+# ---- weights ------------------------------------------------------------------------------------
+
+
+def _cast_weights(src_path: Path, dst_path: Path, *, fmt: Any, target: str, method: str, atol: float | None,
+                  rtol: float | None, verify: bool, force: bool, progress: Any) -> QuantizeReport:
+    from llmconv.checkpoint import CAST_TARGETS, cast_source
+    from llmconv.convert import resolve_destination
+    from llmconv.formats.registry import WriteOptions
+    from llmconv.verify.profiles import weights_tolerance
+    from llmconv.verify.weights import compare_weights
+
+    short = method  # fp16 / bf16
+    notes: list[str] = []
+    with fmt.open(src_path) as source:
+        dest = resolve_destination(fmt, source, dst_path, None)
+        if not dest.format.writable:
+            raise UsageError(f"a {method} cast of weights cannot be written as {dest.format.name}", path=dst_path,
+                             hint="give DST a .safetensors or .bin extension, or a folder")
+        view, cast = cast_source(source, CAST_TARGETS[short])
+        if not cast:
+            notes.append(f"every floating-point tensor is already {short}; written unchanged")
+        size_before = _weights_bytes(source.files)
+        options = WriteOptions(progress=progress, weights_format=dest.weights_format)
+        with atomic_output(dst_path, folder=dest.folder, force=force) as tmp:
+            files = dest.format.write(view, tmp, folder=dest.folder, options=options)
+            verification = None
+            if verify:
+                name, p_atol, p_rtol = weights_tolerance(PROFILES[method])
+                with dest.format.open(tmp) as written:
+                    verification = compare_weights(source, written, atol=p_atol if atol is None else atol,
+                                                    rtol=p_rtol if rtol is None else rtol, profile=name)
+                verification.reference, verification.candidate = str(src_path), str(dst_path)
+                if not verification.passed:
+                    raise NotEquivalent(f"{method} weights are not within the {name} profile of the source: "
+                                        f"{verification.summary()}; nothing was written", report=verification,
+                                        path=dst_path)
+            extra = {tmp / p.relative_to(source.path) for p in source.extra_files} if source.path.is_dir() else set()
+            weight_files = [f for f in files if f not in extra]
+            size_after = _weights_bytes(weight_files)
+            rel = [str(dst_path / f.relative_to(tmp)) if dest.folder else str(dst_path) for f in files]
+    return QuantizeReport(source=str(src_path), destination=str(dst_path), source_format=fmt.name, target=target,
+                          method=method, size_before=size_before, size_after=size_after, files=rel,
+                          tensors_cast=len(cast), options={"dtype": "float16" if short == "fp16" else "bfloat16",
+                                                           "overflow_check": True},
+                          verification=verification, notes=notes)
+
+
+def _weights_bytes(files: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files if f.exists() and not f.name.endswith(".json"))
