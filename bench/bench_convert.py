@@ -62,7 +62,7 @@ CASES = {
 }
 
 _BASELINE_CODE = (
-    "import time, torch, safetensors.torch, llmconv.cli.app, llmconv.convert\n"
+    "import time, torch, safetensors.torch, llmconv.cli.app, llmconv.conversion\n"
     "from llmconv.formats import registry\n"
     "registry.all_formats()\n"
     "time.sleep(0.3)\n"

@@ -117,9 +117,9 @@ _OVERHEAD = r'''
 import json, sys, time
 from pathlib import Path
 import numpy as np, torch, onnxruntime as ort, transformers as tf
-from llmconv.verify.outputs import compare_outputs
-from llmconv.verify.runners import describe, settle_task
-from llmconv.verify.inputs import InputPlan, synthetic_inputs
+from llmconv.verification.outputs import compare_outputs
+from llmconv.verification.runners import describe, settle_task
+from llmconv.verification.inputs import InputPlan, synthetic_inputs
 ref, cand, reps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 rs, cs = describe(ref), describe(cand)
 plan = InputPlan(wants=rs.inputs | cs.inputs, vocab_size=rs.vocab_size, max_positions=rs.max_positions,
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = work / "llama-100m"
     if not (model_dir / "config.json").exists():
         make_model(model_dir)
-    from llmconv.inspect import inspect
+    from llmconv.inspection import inspect
 
     params = inspect(model_dir)["parameters"]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}

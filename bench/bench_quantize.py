@@ -23,7 +23,7 @@ Random-weight outputs are flat, so the random model's outputs are not verified h
 
 Part 2, quality, on the trained fixture (fixtures/models/trained-gpt2, exported to ONNX): every
 method (and the two hand-called tools), perplexity on fixtures/data/heldout.txt against the fp32
-graph's, and top-1 agreement of the logits on seeded inputs (llmconv.verify.outputs.compare_outputs).
+graph's, and top-1 agreement of the logits on seeded inputs (llmconv.verification.outputs.compare_outputs).
 
 Targets: int8-dynamic latency <= 0.6x fp32 and size <= 0.27x; int4 size <= 0.35x with the embedding
 in fp32; llmconv's int8-dynamic within 5% of the hand-called quantize_dynamic's latency.
@@ -205,7 +205,7 @@ def time_variants(variants: dict[str, dict], *, threads: int, sweeps: int, batch
 
 
 def quality(variants: dict[str, dict], reference: Path, text: Path) -> None:
-    from llmconv.verify.outputs import compare_outputs
+    from llmconv.verification.outputs import compare_outputs
 
     for name, v in variants.items():
         if name == "fp32":

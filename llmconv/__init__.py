@@ -17,9 +17,9 @@ __version__ = "0.1.0"
 __all__ = ["convert", "inspect", "verify", "quantize", "prune", "__version__"]
 
 _API = {
-    "convert": ("llmconv.convert", "convert"),
-    "inspect": ("llmconv.inspect", "inspect"),
-    "verify": ("llmconv.verify.api", "verify"),
+    "convert": ("llmconv.conversion", "convert"),
+    "inspect": ("llmconv.inspection", "inspect"),
+    "verify": ("llmconv.verification.api", "verify"),
     "quantize": ("llmconv.transforms.quantize", "quantize"),
     "prune": ("llmconv.transforms.prune", "prune"),
 }

@@ -85,6 +85,32 @@ def main() -> None:
     """Console entry point (``llmconv`` and ``python -m llmconv``)."""
     try:
         app()
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
         sys.stderr.write("llmconv: interrupted\n")
-        sys.exit(130)
+        code = 130
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """End the process without tearing the heavy modules down.
+
+    Finalizing torch, transformers, optimum and onnxruntime at interpreter exit took ~1 s here on
+    every command that loaded them (and on every target of a batch Makefile). By now each output
+    is complete, closed and renamed into place; only the standard streams may hold buffered text.
+    """
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    import contextlib
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can reach the reader
+            stream.flush()
+    os._exit(code)

@@ -38,7 +38,7 @@ def command(
     quiet: o.Quiet = False,
     json_output: o.Json = False,
 ) -> None:
-    from llmconv.convert import convert
+    from llmconv.conversion import convert
     from llmconv.formats import registry
     from llmconv.io import human_size
 

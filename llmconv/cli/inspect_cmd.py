@@ -18,7 +18,7 @@ def command(
     sparsity: Annotated[bool, typer.Option("--sparsity", help="Also count zeros in weight matrices.")] = False,
     json_output: o.Json = False,
 ) -> None:
-    from llmconv.inspect import inspect
+    from llmconv.inspection import inspect
     from llmconv.io import human_size
 
     info = inspect(path, sparsity=sparsity)

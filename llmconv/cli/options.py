@@ -20,3 +20,12 @@ Profile = Annotated[str, typer.Option("--profile", help="Tolerance profile: auto
 Provider = Annotated[str, typer.Option("--provider", help="onnxruntime execution provider: cpu|cuda.")]
 Junit = Annotated[Path | None, typer.Option("--junit", help="Also write a JUnit XML report to FILE.",
                                             metavar="FILE")]
+Text = Annotated[Path | None, typer.Option(
+    "--text", metavar="FILE", help="Also compare perplexity of both models on this text file (causal LMs), tokenized "
+                                   "with the model's own tokenizer.")]
+Inputs = Annotated[Path | None, typer.Option(
+    "--inputs", metavar="FILE", help="Run both models on these inputs (.npz, name -> array) instead of seeded "
+                                     "synthetic ones; needed for models whose inputs llmconv cannot make up.")]
+MaxPplIncrease = Annotated[float | None, typer.Option(
+    "--max-ppl-increase", help="With --text: largest relative perplexity increase accepted, e.g. 0.02 for +2% "
+                               "(default: the profile's budget, e.g. fp16 0.005, int8 0.02, int4 0.1; prune 0.5).")]

@@ -5,15 +5,32 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+class _Console(Console):
+    """Off a terminal (CI logs, pipes, make) rich lays tables out in 80 columns; logs are wider.
+
+    ``COLUMNS`` still wins, read when printing as rich does.
+    """
+
+    def _wide(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if self._width is None and not self.is_terminal and "COLUMNS" not in os.environ:
+            return ConsoleDimensions(max(size.width, 120), size.height)
+        return size
+
+    size = property(_wide, Console.size.fset)
+
+
+out = _Console(highlight=False, soft_wrap=True)
+err = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_json(obj: dict[str, Any]) -> None:
@@ -90,5 +107,5 @@ def fmt_num(x: Any) -> str:
     if isinstance(x, float):
         if x == 0:
             return "0"
-        return f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 else f"{x:.3e}"
+        return f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 else f"{x:.2e}"
     return str(x)

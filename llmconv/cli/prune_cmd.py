@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -35,16 +34,11 @@ def command(
                           "repeatable. Replaces the default selection.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(
         "--exclude", help="Leave tensors matching this shell pattern alone; repeatable.")] = None,
-    text: Annotated[Path | None, typer.Option(
-        "--text", metavar="FILE", help="Quality check: perplexity of both models on this text (causal LMs).")] = None,
-    inputs: Annotated[Path | None, typer.Option(
-        "--inputs", metavar="FILE", help="Quality check on these inputs (.npz, name -> array) instead of seeded "
-                                         "synthetic ones.")] = None,
+    text: o.Text = None,
+    inputs: o.Inputs = None,
     min_top1: Annotated[float | None, typer.Option(
         "--min-top1", help="Quality check: least top-1 agreement with the source's logits (default 0.5).")] = None,
-    max_ppl_increase: Annotated[float | None, typer.Option(
-        "--max-ppl-increase", help="Quality check with --text: largest relative perplexity increase "
-                                   "(default 0.5, i.e. +50%).")] = None,
+    max_ppl_increase: o.MaxPplIncrease = None,
     provider: o.Provider = "cpu",
     verify: o.Verify = True,
     force: o.Force = False,

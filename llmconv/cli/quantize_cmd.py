@@ -40,14 +40,9 @@ def command(
     op_types: Annotated[str | None, typer.Option(
         "--op-types", help="Comma list of op types to quantize (int8/int4): MatMul,Gemm,Gather. Default "
                            "MatMul,Gemm (+Gather, the embedding, for int8-dynamic).")] = None,
-    text: Annotated[Path | None, typer.Option(
-        "--text", metavar="FILE", help="Also verify perplexity of both models on this text (causal LMs).")] = None,
-    inputs: Annotated[Path | None, typer.Option(
-        "--inputs", metavar="FILE", help="Verify on these inputs (.npz, name -> array) instead of seeded synthetic "
-                                         "ones; needed for models whose inputs llmconv cannot make up.")] = None,
-    max_ppl_increase: Annotated[float | None, typer.Option(
-        "--max-ppl-increase", help="With --text: largest relative perplexity increase accepted "
-                                   "(default: the profile's, e.g. 0.02 for int8).")] = None,
+    text: o.Text = None,
+    inputs: o.Inputs = None,
+    max_ppl_increase: o.MaxPplIncrease = None,
     atol: o.Atol = None,
     rtol: o.Rtol = None,
     provider: o.Provider = "cpu",

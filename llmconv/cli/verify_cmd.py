@@ -18,11 +18,28 @@ HELP = ("Check that CANDIDATE is the same model as REFERENCE: weights tensor by 
 EPILOG = ("Examples: [bold]llmconv verify model.bin model.safetensors[/]  ·  "
           "[bold]llmconv verify hf-folder model.onnx --profile fp32 --json --junit verify.xml[/]")
 
-# Columns shown per mode, in order; the JSON report has every figure.
+# Columns shown per mode, in order; the JSON report has every figure (mean abs, top-5, worst index, ...).
 _WEIGHT_COLS = ("shape", "reference_dtype", "candidate_dtype", "equal", "max_abs")
-_OUTPUT_COLS = ("shape", "max_abs", "mean_abs", "max_rel", "cosine", "top1_agreement", "top5_agreement", "kl",
-                "nan", "inf")
+_OUTPUT_COLS = ("shape", "max_abs", "max_rel", "cosine", "top1_agreement", "kl", "nan_inf")
 _MAX_ROWS = 20
+# Short headers keep the table readable at 80 columns (CI logs, pipes).
+_HEADERS = {"reference_dtype": "ref dtype", "candidate_dtype": "cand dtype", "max_abs": "max abs",
+            "mean_abs": "mean abs", "max_rel": "max rel", "cosine": "cosine", "top1_agreement": "top1",
+            "top5_agreement": "top5", "nan_inf": "nan/inf"}
+
+
+def _figure(figures: dict[str, Any], key: str) -> Any:
+    if key == "nan_inf":
+        return None if "nan" not in figures else f"{figures['nan']}/{figures.get('inf', 0)}"
+    return figures.get(key)
+
+
+def _cell(key: str, value: Any) -> str:
+    if key == "shape" and isinstance(value, (list, tuple)):
+        return "x".join(str(d) for d in value) or "scalar"
+    if key in ("cosine", "top1_agreement", "top5_agreement") and isinstance(value, float):
+        return f"{value:.6g}"  # 0.99998 must not read as 1
+    return fmt_num(value)
 
 
 def render_report(report: Any, *, console: Console = out) -> None:
@@ -35,14 +52,14 @@ def render_report(report: Any, *, console: Console = out) -> None:
     title = (f"{len(fails)} failing of {len(report.checks)} checks" if fails
              else f"{len(report.checks)} checks")
     table = Table(title=f"{report.mode} · profile {report.profile} · {title}", title_justify="left")
-    table.add_column("name", overflow="fold", min_width=24)
-    present = [c for c in cols if any(c in ch.figures for ch in shown)]
+    table.add_column("name", overflow="fold", min_width=16)
+    present = [c for c in cols if any(_figure(ch.figures, c) is not None for ch in shown)]
     for c in present:
-        table.add_column(c, justify="right")
-    table.add_column("result")
+        table.add_column(_HEADERS.get(c, c), justify="right", no_wrap=True)
+    table.add_column("result", overflow="fold")
     for ch in shown:
         result = "[green]pass[/]" if ch.passed else f"[red]FAIL[/] {escape(ch.reason)}"
-        table.add_row(escape(ch.name), *(fmt_num(ch.figures.get(c)) for c in present), result)
+        table.add_row(escape(ch.name), *(_cell(c, _figure(ch.figures, c)) for c in present), result)
     if shown:
         console.print(table)
     hidden = len(listed) - len(shown)
@@ -76,22 +93,18 @@ def command(
     profile: o.Profile = "auto",
     atol: o.Atol = None,
     rtol: o.Rtol = None,
-    inputs: Annotated[Path | None, typer.Option("--inputs", help="Inputs as .npz (name -> array).",
-                                                metavar="FILE")] = None,
-    text: Annotated[Path | None, typer.Option("--text", help="Text file: perplexity of both causal LMs on it.",
-                                              metavar="FILE")] = None,
+    inputs: o.Inputs = None,
+    text: o.Text = None,
     batch: Annotated[int, typer.Option("--batch", help="Synthetic inputs: batch size.", min=1)] = 2,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Synthetic inputs: sequence length.", min=1)] = 16,
     samples: Annotated[int, typer.Option("--samples", help="Synthetic inputs: number of batches.", min=1)] = 2,
     seed: Annotated[int, typer.Option("--seed", help="Synthetic inputs: random seed.")] = 0,
-    max_ppl_increase: Annotated[float | None, typer.Option(
-        "--max-ppl-increase", help="With --text: largest relative perplexity increase allowed, e.g. 0.02 for 2% "
-                                   "(default from the profile).")] = None,
+    max_ppl_increase: o.MaxPplIncrease = None,
     provider: o.Provider = "cpu",
     json_output: o.Json = False,
     junit: o.Junit = None,
 ) -> None:
-    from llmconv.verify.api import verify
+    from llmconv.verification.api import verify
 
     t0 = time.perf_counter()
     outputs_options: dict[str, Any] = {}
@@ -105,7 +118,7 @@ def command(
             outputs_options["max_ppl_increase"] = max_ppl_increase
     report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol, **outputs_options)
     if junit is not None:
-        from llmconv.verify.junit import write_junit
+        from llmconv.verification.junit import write_junit
 
         write_junit(report, junit, seconds=time.perf_counter() - t0)
     if json_output:

@@ -19,7 +19,7 @@ from llmconv.errors import DestinationError, InputError, NotEquivalent, Unsuppor
 from llmconv.io import atomic_output, scratch_dir
 
 if TYPE_CHECKING:
-    from llmconv.convert import ConvertReport
+    from llmconv.conversion import ConvertReport
     from llmconv.formats.registry import Format
 
 __all__ = ["to_onnx"]
@@ -55,7 +55,7 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
         >>> to_onnx("gpt2-hf", "gpt2-onnx", src_format="hf", dtype="keep", verify=True, force=False).extra["task"]
         'text-generation-with-past'
     """
-    from llmconv.convert import ConvertReport
+    from llmconv.conversion import ConvertReport
     from llmconv.export.exporters import plan_export, run_export
     from llmconv.export.onnx_post import finalize, rename_model
     from llmconv.formats.hf import load_config
@@ -91,7 +91,7 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
                          "the installed onnxruntime loads")
         verification = None
         if verify:
-            from llmconv.verify.outputs import compare_outputs
+            from llmconv.verification.outputs import compare_outputs
 
             verification = compare_outputs(folder, model_path, profile="auto", provider=provider)
             verification.reference, verification.candidate = str(src), str(dst)

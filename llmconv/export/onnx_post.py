@@ -121,7 +121,7 @@ def finalize(path: Path, *, data_name: str, external_data: bool) -> dict[str, An
         onnx.save_model(full, str(path))
         del full
         model, inline = _structure(path)
-    from llmconv.verify.runners import remember_graph
+    from llmconv.verification.runners import remember_graph
 
     remember_graph(path, model)
     names: set[str] = set()

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmconv.errors import NotEquivalent, Unsupported, UsageError
 from llmconv.io import atomic_output, check_destination
-from llmconv.verify.report import Check, VerifyReport
+from llmconv.verification.report import Check, VerifyReport
 
 if TYPE_CHECKING:
     import torch
@@ -341,10 +341,10 @@ def _prune_weights(src_path: Path, dst_path: Path, *, fmt: Any, sparsity: float,
                    selection: dict[str, list[str]], checks: dict[str, Any], thresholds: dict[str, float | None],
                    verify: bool, force: bool, progress: Any) -> PruneReport:
     from llmconv.checkpoint import TensorSource
-    from llmconv.convert import resolve_destination
+    from llmconv.conversion import resolve_destination
     from llmconv.formats.registry import WriteOptions
     from llmconv.transforms.common import rename_paths
-    from llmconv.verify.weights import compare_weights
+    from llmconv.verification.weights import compare_weights
 
     notes: list[str] = []
     with fmt.open(src_path) as source:
@@ -431,7 +431,7 @@ def _add_pattern_checks(report: VerifyReport, tensors: list[PrunedTensor], *, pa
 def _quality(reference: Path, candidate: Path, *, checks: dict[str, Any], thresholds: dict[str, float | None],
              provider: str) -> VerifyReport:
     """Compare outputs and judge them by the pruning thresholds, not by a numeric tolerance profile."""
-    from llmconv.verify.outputs import compare_outputs
+    from llmconv.verification.outputs import compare_outputs
 
     options: dict[str, Any] = {"provider": provider}
     if checks["inputs"] is not None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from llmconv.errors import ConversionError, NotEquivalent, Unsupported, UsageError
 from llmconv.io import atomic_output, check_destination
-from llmconv.verify.report import VerifyReport
+from llmconv.verification.report import VerifyReport
 
 QUANTIZE_SCHEMA = "llmconv.quantize/1"
 TARGETS = ("cpu", "gpu")
@@ -542,7 +542,7 @@ def _count_ops(before: Any, after: Any) -> dict[str, Any]:
 
 def _verify_outputs(reference: Path, candidate: Path, *, profile: str, atol: float | None, rtol: float | None,
                     text: Any, inputs: Any, provider: str, max_ppl_increase: float | None) -> VerifyReport:
-    from llmconv.verify.outputs import compare_outputs
+    from llmconv.verification.outputs import compare_outputs
 
     options: dict[str, Any] = {}
     if text is not None:
@@ -561,10 +561,10 @@ def _verify_outputs(reference: Path, candidate: Path, *, profile: str, atol: flo
 def _cast_weights(src_path: Path, dst_path: Path, *, fmt: Any, target: str, method: str, atol: float | None,
                   rtol: float | None, verify: bool, force: bool, progress: Any) -> QuantizeReport:
     from llmconv.checkpoint import CAST_TARGETS, cast_source
-    from llmconv.convert import resolve_destination
+    from llmconv.conversion import resolve_destination
     from llmconv.formats.registry import WriteOptions
-    from llmconv.verify.profiles import weights_tolerance
-    from llmconv.verify.weights import compare_weights
+    from llmconv.verification.profiles import weights_tolerance
+    from llmconv.verification.weights import compare_weights
 
     short = method  # fp16 / bf16
     notes: list[str] = []

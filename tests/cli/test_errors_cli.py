@@ -164,3 +164,28 @@ def test_python_m_llmconv_runs_a_command(fx, tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: {fx('not-a-model.txt')}: not a checkpoint")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_console_entry_point_exit_codes_and_complete_output(fx, tmp_path):
+    """main() ends the process with os._exit once torch is loaded: stdout must still arrive whole,
+    and exit codes 0, 1 and 2 must come through."""
+    src = fx("gpt2-state-dict.bin")
+    dst = tmp_path / "gpt2.safetensors"
+    r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(src), str(dst), "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] and report["verified"] and dst.is_file()
+    assert r.stderr == ""
+
+    other = fx("llama.safetensors")
+    r = subprocess.run([sys.executable, "-m", "llmconv", "verify", str(src), str(other), "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert json.loads(r.stdout)["ok"] is False
+
+    r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(src), str(dst)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert one_error_line(r.stderr) == f"error: {dst}: destination exists (pass --force to replace it)"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmconv.convert import convert
+from llmconv.conversion import convert
 from llmconv.errors import CorruptInput, InputError
 from llmconv.formats import registry, sharding
 

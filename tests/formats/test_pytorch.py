@@ -13,16 +13,7 @@ from llmconv.errors import CorruptInput, UnsafeInput, Unsupported, UsageError
 from llmconv.formats import pytorch as pt_format
 from llmconv.formats import registry, sharding
 from llmconv.formats.registry import WriteOptions
-
-
-def mapped_file(ptr: int) -> str | None:
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if lo <= ptr < hi:
-                return parts[5] if len(parts) > 5 else None
-    return None
+from tests.formats._maps import mapped_file
 
 
 class _Payload:

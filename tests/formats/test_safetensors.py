@@ -17,17 +17,7 @@ from llmconv.errors import CorruptInput, InputError, UnsafeInput, UsageError
 from llmconv.formats import registry, sharding
 from llmconv.formats import safetensors as st_format
 from llmconv.formats.registry import WriteOptions
-
-
-def mapped_file(ptr: int) -> str | None:
-    """The file mapped at address ``ptr`` in this process, from /proc/self/maps."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if lo <= ptr < hi:
-                return parts[5] if len(parts) > 5 else None
-    return None
+from tests.formats._maps import mapped_file
 
 
 def st_bytes(header: dict, data: bytes) -> bytes:
@@ -234,7 +224,7 @@ def test_missing_path(tmp_path):
 
 
 def test_files_we_write_are_readable_by_others(fx, tmp_path):
-    from llmconv.convert import convert
+    from llmconv.conversion import convert
 
     dst = tmp_path / "o.safetensors"
     convert(fx("llama.safetensors"), dst)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import llmconv
 from llmconv.errors import NotEquivalent, UsageError
-from llmconv.inspect import inspect
+from llmconv.inspection import inspect
 from tests.transforms._models import leftovers
 
 LLAMA_LINEAR = sorted(f"model.layers.{i}.{m}.weight" for i in range(2) for m in
@@ -159,7 +159,9 @@ def test_prune_errors(fx, onnx_fx, tmp_path):
 def test_trained_model_perplexity_after_pruning(trained, heldout, tmp_path):
     light = llmconv.prune(trained, tmp_path / "light", sparsity=0.2, text=heldout)
     ppl = next(c for c in light.quality.checks if c.name == "perplexity").figures
-    assert 0 <= ppl["relative_change"] <= 0.5 and ppl["budget"] == 0.5
+    # 20% magnitude pruning of a trained model moves perplexity by well under 1% (measured -0.27%: it can
+    # even drop a little), far inside the default pruning budget of +50%.
+    assert abs(ppl["relative_change"]) < 0.05 and ppl["budget"] == 0.5 and light.quality.passed
     with pytest.raises(NotEquivalent, match="perplexity rose by"):
         llmconv.prune(trained, tmp_path / "heavy", sparsity=0.9, text=heldout, min_top1=0.0, max_ppl_increase=0.05)
     assert not (tmp_path / "heavy").exists()

@@ -12,8 +12,8 @@ from llmconv.errors import NotEquivalent, UsageError
 from llmconv.formats import registry
 from llmconv.formats.registry import Format, ProgressFn, WriteOptions
 from llmconv.io import atomic_output, check_destination, parse_size
-from llmconv.verify.report import VerifyReport
-from llmconv.verify.weights import compare_weights
+from llmconv.verification.report import VerifyReport
+from llmconv.verification.weights import compare_weights
 
 CONVERT_SCHEMA = "llmconv.convert/1"
 

@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from llmconv.checkpoint import TensorInfo, TensorSource
 from llmconv.errors import UsageError
-from llmconv.verify.api import choose_mode, verify
-from llmconv.verify.junit import write_junit
-from llmconv.verify.report import VERIFY_SCHEMA
-from llmconv.verify.weights import compare_tensor, compare_weights
+from llmconv.verification.api import choose_mode, verify
+from llmconv.verification.junit import write_junit
+from llmconv.verification.report import VERIFY_SCHEMA
+from llmconv.verification.weights import compare_tensor, compare_weights
 
 
 def source(tensors: dict[str, torch.Tensor], aliases: dict[str, str] | None = None, path: str = "mem") -> TensorSource:

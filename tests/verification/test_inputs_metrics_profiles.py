@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from llmconv.errors import UsageError
-from llmconv.verify.inputs import InputPlan, PastSpec, load_inputs, second_length, synthetic_inputs
-from llmconv.verify.metrics import OutputComparison, perplexity_check, token_nll
-from llmconv.verify.profiles import OUTPUT_PROFILES, auto_profile, outputs_profile, weights_tolerance
+from llmconv.verification.inputs import InputPlan, PastSpec, load_inputs, second_length, synthetic_inputs
+from llmconv.verification.metrics import OutputComparison, perplexity_check, token_nll
+from llmconv.verification.profiles import OUTPUT_PROFILES, auto_profile, outputs_profile, weights_tolerance
 
 PLAN = InputPlan(wants={"input_ids", "attention_mask", "position_ids", "token_type_ids"}, vocab_size=50,
                  max_positions=64, past=PastSpec(names=[("past_key_values.0.key", "past_key_values.0.value")],

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from llmconv.io import atomic_output
-from llmconv.verify.report import VerifyReport
+from llmconv.verification.report import VerifyReport
 
 
 def _figures(figs: dict) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from llmconv.errors import InputError, UsageError
 from llmconv.export.tasks import base_task, is_causal
-from llmconv.verify.report import VerifyReport
+from llmconv.verification.report import VerifyReport
 
 DEFAULT_PPL_WINDOW = 1024  # tokens per window when neither model says how many positions it has
 
@@ -28,7 +28,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         reference: the model taken as right: an hf folder (PyTorch) or an ONNX model (onnxruntime).
         candidate: the model checked, of either kind.
         profile: ``auto`` (from the candidate's dtypes and quantization ops), or exact, fp32, fp16,
-            bf16, int8, int4 (thresholds in ``llmconv.verify.profiles``).
+            bf16, int8, int4 (thresholds in ``llmconv.verification.profiles``).
         atol: absolute tolerance of the elementwise test (overrides the profile's).
         rtol: relative tolerance of the elementwise test (overrides the profile's).
         inputs: an ``.npz`` of input arrays to use instead of synthetic inputs.
@@ -48,10 +48,10 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         >>> compare_outputs(Path("gpt2-hf"), Path("gpt2-onnx/model.onnx"), profile="fp32").passed
         True
     """
-    from llmconv.verify.inputs import InputPlan, load_inputs, synthetic_inputs
-    from llmconv.verify.metrics import OutputComparison, perplexity_check
-    from llmconv.verify.profiles import auto_profile, outputs_profile
-    from llmconv.verify.runners import describe, settle_task
+    from llmconv.verification.inputs import InputPlan, load_inputs, synthetic_inputs
+    from llmconv.verification.metrics import OutputComparison, perplexity_check
+    from llmconv.verification.profiles import auto_profile, outputs_profile
+    from llmconv.verification.runners import describe, settle_task
 
     ref_sig, cand_sig = describe(Path(reference)), describe(Path(candidate))
     ref_task, cand_task = settle_task(ref_sig, cand_sig)
@@ -133,7 +133,7 @@ def _planned_outputs(sig: Any, task: str) -> list[str]:
 
     if sig.kind == "onnxruntime":
         return list(sig.outputs)
-    from llmconv.verify.runners import _num_layers
+    from llmconv.verification.runners import _num_layers
 
     out = [TASK_CLASSES[base_task(task)][1]] if base_task(task) in TASK_CLASSES else []
     if task.endswith("-with-past"):
@@ -145,7 +145,7 @@ def _planned_outputs(sig: Any, task: str) -> list[str]:
 def _run_side(sig: Any, task: str, feeds: list[dict[str, Any]], names: list[str], *, provider: str,
               tokens: list[int] | None, window: int, sink: Any = None) -> tuple[list[dict[str, Any]], Any]:
     """Load one model, run every feed (and the perplexity windows), release it."""
-    from llmconv.verify.runners import open_runner
+    from llmconv.verification.runners import open_runner
 
     runner = open_runner(sig, task=task, provider=provider)
     results: list[dict[str, Any]] = []
@@ -168,8 +168,8 @@ def _nll(runner: Any, sig: Any, tokens: list[int], window: int) -> tuple[float, 
     """Summed NLL over non-overlapping windows of ``window`` tokens, with no cache (empty past)."""
     import numpy as np
 
-    from llmconv.verify.inputs import empty_past
-    from llmconv.verify.metrics import token_nll
+    from llmconv.verification.inputs import empty_past
+    from llmconv.verification.metrics import token_nll
 
     total, count = 0.0, 0
     for start in range(0, len(tokens), window):

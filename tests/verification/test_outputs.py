@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llmconv.errors import Unsupported, UsageError
-from llmconv.verify.outputs import compare_outputs
+from llmconv.verification.outputs import compare_outputs
 from tests.export._exports import by_shape, edit_initializers
 
 CHECK_KEYS = ["name", "passed", "shape", "dtype", "max_abs", "mean_abs", "max_rel", "cosine", "top1_agreement",
@@ -151,7 +151,7 @@ def test_auto_profile_follows_the_candidate(llama, tmp_path):
 
 
 def test_auto_profile_for_a_half_precision_hf_folder(llama, tmp_path):
-    from llmconv.convert import convert
+    from llmconv.conversion import convert
 
     hf, _, _ = llama
     half = tmp_path / "llama-fp16"

@@ -7,8 +7,8 @@ from typing import Any
 
 from llmconv.errors import UsageError
 from llmconv.formats import registry
-from llmconv.verify.report import VerifyReport
-from llmconv.verify.weights import compare_weights
+from llmconv.verification.report import VerifyReport
+from llmconv.verification.weights import compare_weights
 
 _NAMED_WEIGHTS = ("safetensors", "pytorch", "hf")
 
@@ -47,7 +47,7 @@ def verify(reference: str | Path, candidate: str | Path, *, mode: str = "auto", 
     wants_outputs = bool(outputs_options.get("inputs") or outputs_options.get("text"))
     chosen = choose_mode(ref_fmt.name, cand_fmt.name, mode=mode, wants_outputs=wants_outputs)
     if chosen == "weights":
-        from llmconv.verify.profiles import weights_tolerance
+        from llmconv.verification.profiles import weights_tolerance
 
         name, p_atol, p_rtol = weights_tolerance(profile)
         atol = p_atol if atol is None else atol
@@ -56,7 +56,7 @@ def verify(reference: str | Path, candidate: str | Path, *, mode: str = "auto", 
             report = compare_weights(ref, cand, atol=atol, rtol=rtol, profile=name, progress=progress)
         return report
     if chosen == "outputs":
-        from llmconv.verify.outputs import compare_outputs
+        from llmconv.verification.outputs import compare_outputs
 
         return compare_outputs(ref_path, cand_path, profile=profile, atol=atol, rtol=rtol, **outputs_options)
     raise UsageError(f"unknown --mode {mode!r}", hint="use auto, weights or outputs")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from llmconv.checkpoint import TensorSource, dtype_name
-from llmconv.verify.report import Check, VerifyReport
+from llmconv.verification.report import Check, VerifyReport
 
 _CHUNK = 1 << 23  # elements compared at once: bounded memory whatever the tensor size
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -91,6 +91,17 @@ def compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, *, atol: fl
     return Check(name, False, figs, f"max abs diff {max_abs:.3g} beyond atol {atol or 0.0:g} + rtol {rtol or 0.0:g}")
 
 
+def _unmatched(side: TensorSource, other: TensorSource) -> tuple[list[str], list[str]]:
+    """Names of ``side`` that ``other`` lacks: (tied aliases whose tensor ``other`` holds, the rest)."""
+    tied, absent = [], []
+    for n in side.infos:
+        if n in other.infos:
+            continue
+        canon = side.aliases.get(n)
+        (tied if canon is not None and canon in other.infos else absent).append(n)
+    return tied, absent
+
+
 def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: float | None = None,
                     rtol: float | None = None, profile: str = "exact", progress=None) -> VerifyReport:
     """Compare two checkpoints tensor by tensor.
@@ -112,23 +123,10 @@ def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: f
     """
     report = VerifyReport(mode="weights", profile=profile, reference=str(reference.path),
                           candidate=str(candidate.path))
-    ref_names, cand_names = set(reference.infos), set(candidate.infos)
-    for n in reference.infos:
-        if n in cand_names:
-            continue
-        canon = reference.aliases.get(n)
-        if canon is not None and canon in cand_names:
-            report.tied.append(n)
-        else:
-            report.missing.append(n)
-    for n in candidate.infos:
-        if n in ref_names:
-            continue
-        canon = candidate.aliases.get(n)
-        if canon is not None and canon in ref_names:
-            report.tied.append(n)
-        else:
-            report.unexpected.append(n)
+    cand_names = set(candidate.infos)
+    report.tied, report.missing = _unmatched(reference, candidate)
+    tied, report.unexpected = _unmatched(candidate, reference)
+    report.tied += tied
     checks = []
     for n in reference.infos:
         if n not in cand_names:

@@ -24,7 +24,7 @@ import numpy as np
 
 from llmconv.errors import InputError, MissingDependency, Unsupported, UsageError
 from llmconv.export.tasks import TASK_CLASSES, base_task, is_causal, task_from_config
-from llmconv.verify.inputs import KNOWN_INPUTS, PastSpec
+from llmconv.verification.inputs import KNOWN_INPUTS, PastSpec
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from llmconv.verify.profiles import OutputsProfile
-from llmconv.verify.report import Check
+from llmconv.verification.profiles import OutputsProfile
+from llmconv.verification.report import Check
 
 REL_FLOOR = 1e-6  # denominator floor of the relative difference
 
