@@ -49,6 +49,8 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
             out["extra_files"] = [str(f.relative_to(path)) for f in src.extra_files]
             if "tie_word_embeddings" in src.config:
                 out["tie_word_embeddings"] = bool(src.config["tie_word_embeddings"])
+            out["tied_by_config"] = ([] if src.config.get("tie_word_embeddings") is False
+                                     else _config_ties(path, out["architecture"], set(src.infos)))
         for key, value in src.details.items():
             if key not in ("shards",):
                 out.setdefault(key, value)
@@ -58,6 +60,26 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
         if sparsity:
             out["sparsity"] = _sparsity(src)
     return out
+
+
+def _config_ties(path: Path, architecture: str | None, stored: set[str]) -> list[str]:
+    """Weights the model ties to its input embedding that the folder does not store.
+
+    transformers saves a tied output head once, as the embedding, and ties it again on load, so a
+    folder's files never show the tie: the config (``tie_word_embeddings``, whose default depends on
+    the config class) and the model class (``_tied_weights_keys``) say it. Empty when transformers
+    is not installed or does not know the architecture.
+    """
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ImportError, OSError, ValueError, KeyError):
+        return []
+    if not getattr(config, "tie_word_embeddings", False) or not architecture:
+        return []
+    keys = getattr(getattr(transformers, architecture, None), "_tied_weights_keys", None) or []
+    return sorted(k for k in keys if not any(n == k or n.endswith("." + k) for n in stored))
 
 
 def _sparsity(src) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def command(
         return
     if quiet:
         return
-    target = report.destination_format + (f" ({report.weights_format} weights)" if report.weights_format and
+    target = report.destination_format + (f" folder, {report.weights_format} weights" if report.weights_format and
                                           report.destination_format == "hf" else "")
     out.print(f"[green]converted[/] {escape(report.source)} ({report.source_format}) -> "
               f"{escape(report.destination)} ({target})")

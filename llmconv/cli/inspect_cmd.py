@@ -44,8 +44,11 @@ def command(
         rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in info["metadata"].items())))
     if info.get("tied"):
         rows.append(("tied", ", ".join(f"{a} -> {c}" for a, c in info["tied"].items())))
-    if "tie_word_embeddings" in info:
-        rows.append(("tie_word_embeddings", info["tie_word_embeddings"]))
+    if info.get("tied_by_config"):
+        names = ", ".join(info["tied_by_config"])
+        rows.append(("tied", f"{names} = input embedding (by config: stored once, tied on load)"))
+    elif "tie_word_embeddings" in info:
+        rows.append(("tie_word_embeddings", fmt_num(info["tie_word_embeddings"])))
     if info.get("ops"):
         rows.append(("ops", ", ".join(f"{k} x{v}" for k, v in info["ops"].items())))
     for key in ("inputs", "outputs"):
@@ -55,6 +58,12 @@ def command(
         rows.append(("sparsity", f"{info['sparsity']['overall']:.2%} of weight-matrix elements are zero"))
     out.print(kv_table(rows))
     if info.get("largest"):
-        out.print("[bold]largest tensors[/]")
+        from rich.table import Table
+
+        table = Table(title="largest tensors", title_justify="left", box=None, pad_edge=False)
+        for col, justify in (("name", "left"), ("dtype", "left"), ("shape", "right"), ("bytes", "right")):
+            table.add_column(col, justify=justify, overflow="fold" if col == "name" else None)
         for t in info["largest"]:
-            out.print(f"  {escape(t['name'])}  {t['dtype']}{t['shape']}  {fmt_num(t['bytes'])} bytes")
+            table.add_row(escape(t["name"]), t["dtype"], "x".join(map(str, t["shape"])) or "scalar",
+                          human_size(t["bytes"]))
+        out.print(table)

@@ -62,6 +62,10 @@ def render_report(report: Any, *, console: Console = out) -> None:
         table.add_row(escape(ch.name), *(_cell(c, _figure(ch.figures, c)) for c in present), result)
     if shown:
         console.print(table)
+    elif report.checks:
+        exact = sum(1 for c in report.checks if c.figures.get("equal"))
+        how = f"{exact} bit-exact" if report.mode == "weights" else "all passed"
+        console.print(f"{report.mode} · profile {report.profile} · {len(report.checks)} checks, {how}")
     hidden = len(listed) - len(shown)
     if hidden > 0:
         console.print(f"  ... and {hidden} more (see --json)")

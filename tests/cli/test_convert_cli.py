@@ -38,7 +38,7 @@ def test_convert_json(cli, fx, tmp_path):
 def test_convert_human_output_and_no_progress_without_a_terminal(cli, fx, tmp_path):
     r = cli("convert", fx("gpt2-hf-bin"), tmp_path / "out", "--to", "safetensors")
     assert r.exit_code == 0, r.stderr
-    assert "converted" in r.stdout and "(hf (safetensors weights))" in r.stdout
+    assert "converted" in r.stdout and "(hf folder, safetensors weights)" in r.stdout
     assert "29 tensors, 173,824 parameters" in r.stdout
     assert "tied: lm_head.weight is stored once, as transformer.wte.weight" in r.stdout
     assert "verified: all 28 checks passed (weights, exact)" in r.stdout

@@ -36,6 +36,17 @@ def test_sharded_hf_folder(cli, fx):
     assert "model.safetensors.index.json" in info["files"]
     assert info["metadata"] == {"format": "pt"} and info["tied"] == {}
     assert info["tie_word_embeddings"] is False  # written in config.json: not the default
+    assert info["tied_by_config"] == []
+
+
+def test_tie_that_only_the_config_shows(cli, fx):
+    # transformers stores GPT-2's head once, as the embedding: the files hold no lm_head.weight, and
+    # its config.json leaves tie_word_embeddings at the class default (true).
+    info = inspect_json(cli, fx("gpt2-hf"))
+    assert "lm_head.weight" not in [t["name"] for t in info["largest"]] and info["tied"] == {}
+    assert "tie_word_embeddings" not in info and info["tied_by_config"] == ["lm_head.weight"]
+    r = cli("inspect", fx("gpt2-hf"), env={"COLUMNS": "200"})
+    assert "tied          lm_head.weight = input embedding (by config: stored once, tied on load)" in r.stdout
 
 
 def test_sharded_folder_given_as_a_relative_path(cli, fx, tmp_path, monkeypatch):

@@ -39,6 +39,7 @@ def test_identical_models_exit_0(cli, fx, llama, tmp_path):
     r = cli("verify", llama, converted)
     assert r.exit_code == 0
     assert "EQUIVALENT: all 21 checks passed" in r.stdout and r.stderr == ""
+    assert "weights · profile exact · 21 checks, 21 bit-exact" in r.stdout
     code, out = verify_json(cli, llama, converted)
     assert code == 0 and out["ok"] is True and out["mode"] == "weights" and out["profile"] == "exact"
     assert all(c["equal"] and c["max_abs"] == 0.0 for c in out["checks"])
