@@ -66,9 +66,16 @@ def command(
         ("written", f"{human_size(report.bytes_written)} in {len(report.files)} file(s), {report.seconds:.2f} s"),
     ]
     out.print(kv_table(rows))
-    for t in report.tensors[:_SHOWN]:
-        mark = "" if t.pattern_ok else "  [red]pattern not met[/]"
-        out.print(f"  {escape(t.name)}  {t.shape}  {t.sparsity:.2%}{mark}")
+    if report.tensors:
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False)
+        for col, justify in (("tensor", "left"), ("shape", "right"), ("zeros", "right"), ("pattern", "left")):
+            table.add_column(col, justify=justify, overflow="fold" if col == "tensor" else None)
+        for t in report.tensors[:_SHOWN]:
+            table.add_row(escape(t.name), "x".join(map(str, t.shape)), f"{t.sparsity:.2%}",
+                          "ok" if t.pattern_ok else "[red]not met[/]")
+        out.print(table)
     if len(report.tensors) > _SHOWN:
         out.print(f"  ... and {len(report.tensors) - _SHOWN} more (see --json)")
     for s in report.skipped:

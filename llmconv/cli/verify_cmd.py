@@ -56,12 +56,15 @@ def render_report(report: Any, *, console: Console = out) -> None:
     present = [c for c in cols if any(_figure(ch.figures, c) is not None for ch in shown)]
     for c in present:
         table.add_column(_HEADERS.get(c, c), justify="right", no_wrap=True)
-    table.add_column("result", overflow="fold")
+    table.add_column("result")
     for ch in shown:
-        result = "[green]pass[/]" if ch.passed else f"[red]FAIL[/] {escape(ch.reason)}"
+        result = "[green]pass[/]" if ch.passed else "[red]FAIL[/]"
         table.add_row(escape(ch.name), *(_cell(c, _figure(ch.figures, c)) for c in present), result)
     if shown:
         console.print(table)
+        for ch in shown:  # reasons under the table: in a column they fold into a tall, narrow strip
+            if not ch.passed:
+                console.print(f"[red]FAIL[/] {escape(ch.name)}: {escape(ch.reason)}")
     elif report.checks:
         exact = sum(1 for c in report.checks if c.figures.get("equal"))
         how = f"{exact} bit-exact" if report.mode == "weights" else "all passed"

@@ -76,9 +76,12 @@ def test_table_lists_failing_tensors_worst_first(cli, llama, tmp_path):
     r = cli("verify", llama, cand, env={"COLUMNS": "200"})
     assert r.exit_code == 1
     lines = r.stdout.splitlines()
-    rows = [ln for ln in lines if "FAIL" in ln]
+    rows = [ln for ln in lines if "FAIL" in ln and ln.startswith("│")]
     assert len(rows) == 2
     assert "model.layers.0.input_layernorm.weight" in rows[0] and "model.norm.weight" in rows[1]
+    reasons = [ln for ln in lines if ln.startswith("FAIL ")]
+    assert reasons == ["FAIL model.layers.0.input_layernorm.weight: not bit-exact (max abs diff 2)",
+                       "FAIL model.norm.weight: not bit-exact (max abs diff 0.5)"]
     assert "2 failing of 21 checks" in r.stdout
     assert "NOT EQUIVALENT: 2 of 21 checks failed (first: model.layers.0.input_layernorm.weight" in r.stdout
     assert "lm_head.weight" not in r.stdout  # passing tensors are not listed when some fail
