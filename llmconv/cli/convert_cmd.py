@@ -71,6 +71,7 @@ def command(
         out.print(f"  note: {escape(note)}")
     v = report.verification
     if v is not None:
-        out.print(f"  [green]verified[/]: {escape(v.summary())} ({v.mode}, {v.profile})")
+        against = ", against the cast values" if report.cast and v.mode == "weights" else ""
+        out.print(f"  [green]verified[/]: {escape(v.summary())} ({v.mode}, {v.profile}{against})")
     else:
         out.print("  [yellow]not verified[/] (--no-verify)")

@@ -67,7 +67,12 @@ def render_report(report: Any, *, console: Console = out) -> None:
                 console.print(f"[red]FAIL[/] {escape(ch.name)}: {escape(ch.reason)}")
     elif report.checks:
         exact = sum(1 for c in report.checks if c.figures.get("equal"))
-        how = f"{exact} bit-exact" if report.mode == "weights" else "all passed"
+        if report.mode != "weights":
+            how = "all passed"
+        elif exact == len(report.checks):
+            how = f"{exact} bit-exact"
+        else:
+            how = f"all within tolerance ({exact} bit-exact)"
         console.print(f"{report.mode} · profile {report.profile} · {len(report.checks)} checks, {how}")
     hidden = len(listed) - len(shown)
     if hidden > 0:

@@ -70,6 +70,7 @@ def test_dtype_fp16_reports_casts(cli, fx, tmp_path):
     assert all(t.dtype == torch.float16 for t in load_file(tmp_path / "o.safetensors").values())
     r = cli("convert", fx("llama.safetensors"), tmp_path / "p.safetensors", "--dtype", "bf16")
     assert "cast 21 floating-point tensors to bfloat16" in r.stdout
+    assert "verified: all 21 checks passed (weights, exact, against the cast values)" in r.stdout
 
 
 def test_fp16_overflow_exit_2_naming_tensor_and_value(cli, fx, tmp_path):

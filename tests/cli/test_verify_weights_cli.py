@@ -107,7 +107,8 @@ def test_dtype_change_fails_exact_passes_with_profile_or_atol(cli, llama, tmp_pa
         out["checks"][0]["reason"]
     code, out = verify_json(cli, llama, half, "--profile", "fp16")
     assert code == 0 and out["profile"] == "fp16" and out["checks"][0]["atol"] == 1e-3
-    assert cli("verify", llama, half, "--atol", "1e-3").exit_code == 0
+    r = cli("verify", llama, half, "--atol", "1e-3")
+    assert r.exit_code == 0 and "21 checks, all within tolerance (0 bit-exact)" in r.stdout
     assert cli("verify", llama, half, "--atol", "1e-7").exit_code == 1
 
 
