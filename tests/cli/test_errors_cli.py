@@ -189,3 +189,37 @@ def test_console_entry_point_exit_codes_and_complete_output(fx, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert one_error_line(r.stderr) == f"error: {dst}: destination exists (pass --force to replace it)"
+
+
+@pytest.mark.slow
+def test_interrupted_conversion_leaves_the_destination_as_it_was(tmp_path):
+    """Ctrl-C in the middle of writing: exit 130, the old destination intact, no temporary left."""
+    import os
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    src = tmp_path / "big.safetensors"
+    gen = torch.Generator().manual_seed(0)
+    save_file({f"layer.{i}.weight": torch.randn(1024, 2048, generator=gen) for i in range(48)}, str(src))  # 400 MB
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dst = out_dir / "model.bin"
+    dst.write_bytes(b"the previous model")
+    proc = subprocess.Popen([sys.executable, "-m", "llmconv", "convert", str(src), str(dst), "--force"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(p.name.startswith(".model.bin.llmconv-tmp-") for p in out_dir.iterdir()):
+            os.kill(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.002)
+    else:
+        pytest.fail(f"the conversion ended before it could be interrupted (exit {proc.returncode})")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert one_error_line(stderr) == "error: interrupted; the destination was left as it was"
+    assert dst.read_bytes() == b"the previous model"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.bin"]

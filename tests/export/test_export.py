@@ -195,3 +195,14 @@ def test_torch_onnx_fallback_for_an_architecture_optimum_does_not_know(fx, tmp_p
     with pytest.raises(Unsupported, match="use --task text-generation"):
         to_onnx(fx("starcoder2-hf"), tmp_path / "sc2b", src_format="hf", dtype="keep", verify=True, force=False,
                 task="text-generation-with-past")
+
+
+def test_exporting_twice_gives_byte_identical_files(exported, fx, tmp_path):
+    """The contract's determinism holds for graphs too: the same folder and flags give the same bytes."""
+    first, _ = exported("llama-hf")
+    again = tmp_path / "again"
+    to_onnx(fx("llama-hf"), again, src_format="hf", dtype="keep", verify=False, force=False)
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in again.iterdir())
+    for name in names:
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
