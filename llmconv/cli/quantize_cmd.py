@@ -36,7 +36,8 @@ def command(
                                               "tokenized with the model's tokenizer; default: seeded synthetic.")
     ] = None,
     per_channel: Annotated[bool, typer.Option("--per-channel", help="int8: one scale per output channel.")] = False,
-    block_size: Annotated[int, typer.Option("--block-size", help="int4: weights per quantization block.")] = 32,
+    block_size: Annotated[int | None, typer.Option(
+        "--block-size", help="int4: weights per quantization block (default 32).")] = None,
     op_types: Annotated[str | None, typer.Option(
         "--op-types", help="Comma list of op types to quantize (int8/int4): MatMul,Gemm,Gather. Default "
                            "MatMul,Gemm (+Gather, the embedding, for int8-dynamic).")] = None,
@@ -46,8 +47,8 @@ def command(
     atol: o.Atol = None,
     rtol: o.Rtol = None,
     provider: o.Provider = "cpu",
-    calibration_samples: Annotated[int, typer.Option("--calibration-samples", min=1,
-                                                     help="int8-static: calibration batches.")] = 8,
+    calibration_samples: Annotated[int | None, typer.Option(
+        "--calibration-samples", min=1, help="int8-static: calibration batches (default 8).")] = None,
     verify: o.Verify = True,
     force: o.Force = False,
     quiet: o.Quiet = False,

@@ -148,12 +148,24 @@ def npz_batches(path: Path, specs: list[FeedSpec]) -> list[dict[str, np.ndarray]
         raise UsageError(f"calibration file lacks inputs {missing}", path=path,
                          hint="give every input, or at least input_ids")
     rank = {k: len(by_name[k].dims) for k in arrays}
+    for k, a in arrays.items():
+        spec = by_name[k]
+        dims = "[" + ", ".join(str(d) for d in spec.dims) + "]"
+        if a.ndim not in (rank[k], rank[k] + 1):
+            raise UsageError(f"calibration array {k!r} has shape {list(a.shape)}, but the model's {k} is {dims}",
+                             path=path, hint=f"give {k} as {dims}, or a stack of them with a leading samples axis")
+        if np.dtype(spec.dtype).kind in "iub" and a.dtype.kind not in "iub":
+            raise UsageError(f"calibration array {k!r} holds {a.dtype} values, but the model's {k} takes "
+                             f"{spec.dtype}", path=path, hint="token ids and masks must be integer arrays")
     stacked = {k: a.ndim == rank[k] + 1 for k, a in arrays.items()}
     if len(set(stacked.values())) > 1:
         raise UsageError("calibration arrays mix single batches and stacks of batches", path=path,
                          hint="give every array the model's rank, or every one an extra leading samples axis")
     many = next(iter(stacked.values()), False)
     count = len(next(iter(arrays.values()))) if many else 1
+    if many and len({len(a) for a in arrays.values()}) > 1:
+        raise UsageError("calibration arrays hold different numbers of samples: "
+                         + ", ".join(f"{k} {len(a)}" for k, a in arrays.items()), path=path)
     batches = []
     for i in range(count):
         given = {k: (a[i] if many else a) for k, a in arrays.items()}

@@ -271,7 +271,7 @@ def quiet_onnxruntime() -> Iterator[None]:
     try:
         import onnxruntime as ort
 
-        ort.set_default_logger_severity(3)
+        ort.set_default_logger_severity(4)  # errors come back as exceptions; printed they are noise
     except ImportError:
         pass
     try:
@@ -296,7 +296,7 @@ def session(path: Path, *, threads: int = 0, provider: str = "cpu") -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

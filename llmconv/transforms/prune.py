@@ -271,6 +271,12 @@ def prune(src: str | Path, dst: str | Path, *, sparsity: float | None = None, pa
 
     t0 = time.perf_counter()
     sparsity = check_sparsity(sparsity, pattern)
+    if not verify:
+        for flag, given in (("--text", text), ("--inputs", inputs), ("--min-top1", min_top1),
+                            ("--max-ppl-increase", max_ppl_increase)):
+            if given is not None:
+                raise UsageError(f"{flag} sets the quality check, and --no-verify skips it",
+                                 hint=f"drop {flag} or --no-verify")
     for label, value in (("--min-top1", min_top1), ("--max-ppl-increase", max_ppl_increase)):
         if value is not None and (value < 0 or math.isnan(value) or (label == "--min-top1" and value > 1)):
             raise UsageError(f"{label} {value} is out of range", hint="give a fraction, e.g. 0.9 or 0.05")
@@ -301,17 +307,46 @@ def prune(src: str | Path, dst: str | Path, *, sparsity: float | None = None, pa
 # ---- weight formats ------------------------------------------------------------------------------
 
 
-def _nothing_selected(src_path: Path) -> UsageError:
+def _nothing_selected(src_path: Path, skipped: list[dict] | None = None) -> UsageError:
+    if skipped:
+        first = skipped[0]
+        return UsageError(f"no tensor was selected for pruning ({first['name']}: {first['reason']})",
+                          path=src_path)
     return UsageError("no tensor was selected for pruning", path=src_path,
-                      hint="check --include/--exclude; `llmconv inspect` lists the tensor names")
+                      hint="check --include/--exclude; `llmconv inspect` lists the tensor names (a tied output "
+                           "head such as GPT-2's lm_head.weight is stored as the input embedding)")
 
 
-def _in_axis(name: str, config: dict[str, Any] | None) -> int:
-    """1 for Linear weights ([out, in]); 0 for transformers' Conv1D weights ([in, out], GPT-2)."""
-    if config is not None:
-        return 0 if config.get("model_type") in CONV1D_MODEL_TYPES else 1
+def _leaf(name: str) -> str:
     parts = name.split(".")
-    return 0 if len(parts) >= 2 and parts[-2] in _CONV1D_LEAVES else 1
+    return parts[-2] if len(parts) >= 2 else ""
+
+
+def in_axes(names: list[str], src: TensorSource) -> tuple[dict[str, int], str | None]:
+    """The input axis of each weight: 1 for Linear ([out, in]), 0 for transformers' Conv1D ([in, out]).
+
+    Only GPT-2's family stores its attention and MLP layers (c_attn, c_proj, c_fc, q_attn) as Conv1D;
+    its output head and every layer of other models (GPTBigCode and StarCoder2 use the same names
+    for Linear layers) are Linear. The config's model_type says which family a folder is; a bare
+    weights file is told by its MLP up-projection, which widens: Conv1D stores it [in, out] with
+    fewer rows than columns.
+
+    Returns:
+        name -> axis, and a note saying how a bare file was read (None with a config).
+    """
+    note = None
+    if src.config is not None:
+        conv1d = src.config.get("model_type") in CONV1D_MODEL_TYPES
+    else:
+        fc = next((n for n in src.infos if _leaf(n) == "c_fc" and len(src.infos[n].shape) == 2), None)
+        conv1d = fc is not None and src.infos[fc].shape[0] < src.infos[fc].shape[1]
+        if any(_leaf(n) in _CONV1D_LEAVES for n in names):
+            shape = "x".join(map(str, src.infos[fc].shape)) if fc else ""
+            note = (f"no config.json: {fc} is {shape}, [in, out], so c_attn/c_proj/c_fc were read as GPT-2 "
+                    "Conv1D weights" if conv1d else
+                    "no config.json: c_attn/c_proj/c_fc were read as Linear weights [out, in]"
+                    + (f" ({fc} is {shape})" if fc else ""))
+    return {n: 0 if conv1d and _leaf(n) in _CONV1D_LEAVES else 1 for n in names}, note
 
 
 def select_weights(src: TensorSource, *, include: list[str], exclude: list[str]) -> tuple[list[str], list[dict]]:
@@ -319,6 +354,10 @@ def select_weights(src: TensorSource, *, include: list[str], exclude: list[str])
     chosen, skipped = [], []
     for name, info in src.infos.items():
         if name in src.aliases:
+            if include and _matches(include, name) and not _matches(exclude, name):
+                canon = src.aliases[name]
+                skipped.append({"name": name, "reason": f"tied to {canon}, stored once: --include {canon} "
+                                                        "prunes both"})
             continue
         if include:
             if not _matches(include, name):
@@ -354,11 +393,10 @@ def _prune_weights(src_path: Path, dst_path: Path, *, fmt: Any, sparsity: float,
                              hint="write them in the source's format (same extension, or a folder)")
         chosen, skipped = select_weights(source, include=selection["include"], exclude=selection["exclude"])
         if not chosen:
-            raise _nothing_selected(src_path)
-        axes = {n: _in_axis(n, source.config) for n in chosen}
-        if source.config is None and pattern != "unstructured" and any(a == 0 for a in axes.values()):
-            notes.append("no config.json: GPT-2-style names (c_attn, c_proj, c_fc) were taken as Conv1D "
-                         "weights [in, out]")
+            raise _nothing_selected(src_path, skipped)
+        axes, axis_note = in_axes(chosen, source)
+        if axis_note and pattern != "unstructured":
+            notes.append(axis_note)
         pruned_names = set(chosen)
         by_alias = {a: c for a, c in source.aliases.items() if c in pruned_names}
         measured: dict[str, PrunedTensor] = {}

@@ -35,6 +35,8 @@ TARGETS = ("cpu", "gpu")
 METHODS = ("int8-dynamic", "int8-static", "int4", "fp16", "bf16")
 GRAPH_METHODS = ("int8-dynamic", "int8-static", "int4", "fp16")
 WEIGHT_METHODS = ("fp16", "bf16")
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_CALIBRATION_SAMPLES = 8
 PROFILES = {"int8-dynamic": "int8", "int8-static": "int8", "int4": "int4", "fp16": "fp16", "bf16": "bf16"}
 DEFAULT_OP_TYPES = {
     "int8-dynamic": ("MatMul", "Gemm", "Gather"),
@@ -155,11 +157,11 @@ def resolve_method(method: str, *, target: str, source_format: str, onnx_destina
 
 
 def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "auto",
-             calibration: str | Path | None = None, per_channel: bool = False, block_size: int = 32,
+             calibration: str | Path | None = None, per_channel: bool = False, block_size: int | None = None,
              op_types: list[str] | None = None, text: str | Path | None = None, inputs: str | Path | None = None,
              atol: float | None = None,
              rtol: float | None = None, max_ppl_increase: float | None = None, provider: str = "cpu",
-             calibration_samples: int = 8, seed: int = 0, verify: bool = True, force: bool = False,
+             calibration_samples: int | None = None, seed: int = 0, verify: bool = True, force: bool = False,
              progress: Any = None) -> QuantizeReport:
     """Quantize ``src`` for ``target`` and write it at ``dst``, verified against the source first.
 
@@ -174,7 +176,7 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
         calibration: int8-static: an .npz of inputs or a text file (tokenized with the model's own
             tokenizer); seeded synthetic inputs when None.
         per_channel: int8: one scale per output channel rather than per tensor.
-        block_size: int4: weights per quantization block (a power of two, at least 16).
+        block_size: int4: weights per quantization block (a power of two, at least 16); None for 32.
         op_types: op types to quantize (default: MatMul, Gemm and, for int8-dynamic, Gather).
         text: verify on this text too (perplexity of both models, causal LMs).
         inputs: verify on these inputs (an .npz of name -> array) instead of seeded synthetic ones.
@@ -182,7 +184,8 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
         rtol: relative tolerance for the verification (overrides the profile).
         max_ppl_increase: with ``text``: largest relative perplexity increase accepted.
         provider: onnxruntime execution provider for the verification (``cpu`` or ``cuda``).
-        calibration_samples: int8-static: number of calibration batches from text or synthetic inputs.
+        calibration_samples: int8-static: number of calibration batches from text or synthetic inputs;
+            None for 8.
         seed: seed of synthetic calibration inputs.
         verify: compare the output with the source before renaming it into place.
         force: replace an existing destination.
@@ -202,6 +205,12 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
     fmt = registry.detect(src_path)
     check_destination(src_path, dst_path, force=force)
     onnx_dst = dst_path.suffix.lower() == ".onnx"
+    if not verify:
+        for flag, given in (("--text", text), ("--inputs", inputs), ("--atol", atol), ("--rtol", rtol),
+                            ("--max-ppl-increase", max_ppl_increase)):
+            if given is not None:
+                raise UsageError(f"{flag} sets how the output is verified, and --no-verify skips verification",
+                                 hint=f"drop {flag} or --no-verify")
     resolved = resolve_method(method, target=target, source_format=fmt.name, onnx_destination=onnx_dst)
     graph = fmt.name == "onnx" or (fmt.name == "hf" and (onnx_dst or resolved in ("int8-dynamic", "int8-static",
                                                                                    "int4")))
@@ -210,7 +219,9 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
 
         onnx_destination(dst_path, what=f"the {resolved} output")
         _check_graph_options(resolved, calibration=calibration, per_channel=per_channel, block_size=block_size,
-                             op_types=op_types)
+                             op_types=op_types, calibration_samples=calibration_samples)
+        block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        calibration_samples = DEFAULT_CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples
         report = _quantize_graph(src_path, dst_path, fmt=fmt, target=target, method=resolved,
                                  calibration=Path(calibration) if calibration else None, per_channel=per_channel,
                                  block_size=block_size, op_types=op_types, text=text, inputs=inputs, atol=atol,
@@ -219,8 +230,9 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                                  calibration_samples=calibration_samples, seed=seed, verify=verify, force=force)
     else:
         for flag, given in (("--calibration", calibration), ("--per-channel", per_channel),
-                            ("--op-types", op_types), ("--text", text), ("--inputs", inputs)):
-            if given:
+                            ("--op-types", op_types), ("--text", text), ("--inputs", inputs),
+                            ("--block-size", block_size), ("--calibration-samples", calibration_samples)):
+            if given is not None and given is not False:
                 raise UsageError(f"{flag} does not apply to a {resolved} cast of weights")
         report = _cast_weights(src_path, dst_path, fmt=fmt, target=target, method=resolved, atol=atol, rtol=rtol,
                                verify=verify, force=force, progress=progress)
@@ -236,13 +248,19 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
     return report
 
 
-def _check_graph_options(method: str, *, calibration: Any, per_channel: bool, block_size: int,
-                         op_types: list[str] | None) -> None:
+def _check_graph_options(method: str, *, calibration: Any, per_channel: bool, block_size: int | None,
+                         op_types: list[str] | None, calibration_samples: int | None) -> None:
     if calibration is not None and method != "int8-static":
         raise UsageError(f"--calibration applies to --method int8-static, not {method}")
+    if calibration_samples is not None and method != "int8-static":
+        raise UsageError(f"--calibration-samples applies to --method int8-static, not {method}")
+    if calibration_samples is not None and calibration_samples < 1:
+        raise UsageError(f"--calibration-samples {calibration_samples} must be at least 1")
     if per_channel and method not in ("int8-dynamic", "int8-static"):
         raise UsageError(f"--per-channel applies to the int8 methods, not {method}")
-    if method == "int4" and (block_size < 16 or block_size & (block_size - 1)):
+    if block_size is not None and method != "int4":
+        raise UsageError(f"--block-size applies to --method int4, not {method}")
+    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise UsageError(f"--block-size {block_size} is not a power of two of at least 16", hint="use 32, 64 or 128")
     if op_types is not None:
         if method not in _ALLOWED_OP_TYPES:
@@ -314,7 +332,9 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
                 options = _fp16(ref_file, out_file, external=external)
         out_model = g.load_model(out_file, with_data=False)
         out_files = [out_file, *g.external_data_files(out_model, out_file)]
-        stray = [p for p in out_dir.iterdir() if p not in out_files]
+        # external_data_files() resolves its paths, out_dir may be relative or under a link: compare resolved.
+        keep = {p.resolve() for p in out_files}
+        stray = [p for p in out_dir.iterdir() if p.resolve() not in keep]
         for p in stray:  # onnxruntime's tools may leave helper files (augmented models) beside the output
             p.unlink()
         counts = _count_ops(source_model, out_model)
@@ -472,15 +492,22 @@ def _int4(src: Path, out: Path, *, target: str, block_size: int, op_types: list[
 
 
 def _fp16(src: Path, out: Path, *, external: bool) -> dict[str, Any]:
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     from llmconv.transforms.graph import load_model, op_histogram, save_model
 
-    model = load_model(src)
+    # The converter needs the graph's value types. Infer them on the graph alone, before the weights
+    # are read in: with the weights a model past protobuf's 2 GB limit cannot be inferred in memory,
+    # and without the types the converter leaves mixed float16/float32 inputs that onnxruntime refuses.
+    model = load_model(src, with_data=False)
+    model = _ort_call(src, lambda: onnx.shape_inference.infer_shapes(model))
+    load_external_data_for_model(model, str(src.parent))
     present = op_histogram(model)
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
     converted = _ort_call(src, lambda: convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=block, disable_shape_infer=external))
+        model, keep_io_types=True, op_block_list=block, disable_shape_infer=True))
     _drop_duplicate_nodes(converted)
     save_model(converted, out, external_data=external)
     kept = {op: present[op] for op in FP16_KEEP_FP32 if present.get(op)}

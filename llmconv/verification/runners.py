@@ -321,7 +321,7 @@ class OrtRunner:
             raise MissingDependency("onnxruntime is not installed", hint="pip install onnxruntime") from e
         providers = _providers(ort, provider)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # its errors reach us as exceptions; printed they are noise
         threads = _ort_threads()
         if threads:
             options.intra_op_num_threads = threads

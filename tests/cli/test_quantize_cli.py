@@ -58,12 +58,46 @@ def test_quantize_verification_failure_exits_1_and_writes_nothing(cli, gpt2_onnx
     (["--method", "int8-dynamic"], "int8-dynamic quantizes an ONNX graph, and a bare safetensors weights file"),
     (["--method", "int4", "--block-size", "30"], "int4 quantizes an ONNX graph"),
     (["--calibration", "x.npz"], "--calibration does not apply to a fp16 cast of weights"),
+    (["--block-size", "64"], "--block-size does not apply to a fp16 cast of weights"),
+    (["--calibration-samples", "3"], "--calibration-samples does not apply to a fp16 cast of weights"),
+    (["--no-verify", "--text", "x.txt"], "--text sets how the output is verified, and --no-verify skips"),
+    (["--no-verify", "--atol", "0.1"], "--atol sets how the output is verified, and --no-verify skips"),
 ])
 def test_quantize_usage_errors_exit_2_with_one_line(cli, fx, tmp_path, args, message):
     r = cli("quantize", fx("llama.safetensors"), tmp_path / "q.safetensors", "--target", "gpu", *args)
     assert r.exit_code == 2
     assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "int8-dynamic", "--block-size", "64"], "--block-size applies to --method int4, not int8-dynamic"),
+    (["--method", "fp16", "--block-size", "32"], "--block-size applies to --method int4, not fp16"),
+    (["--method", "int4", "--calibration-samples", "3"],
+     "--calibration-samples applies to --method int8-static, not int4"),
+])
+def test_graph_options_of_another_method_are_refused(cli, gpt2_onnx, tmp_path, args, message):
+    r = cli("quantize", gpt2_onnx, tmp_path / "q.onnx", "--target", "cpu", *args)
+    assert r.exit_code == 2 and message in r.stderr and r.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_onnxruntime_errors_on_bad_calibration_values_print_one_line(gpt2_onnx, tmp_path):
+    """onnxruntime logs its own errors from C++ straight to the terminal: only our line may reach it."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    bad = tmp_path / "oov.npz"
+    np.savez(bad, input_ids=np.full((2, 16), 5000, dtype=np.int64))  # the vocabulary has 1024 tokens
+    r = subprocess.run([sys.executable, "-m", "llmconv", "quantize", str(gpt2_onnx), str(tmp_path / "s.onnx"),
+                        "--target", "cpu", "--method", "int8-static", "--calibration", str(bad)],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert not (tmp_path / "s.onnx").exists()
 
 
 def test_quantize_needs_a_target(cli, gpt2_onnx, tmp_path):

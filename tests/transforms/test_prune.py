@@ -55,7 +55,7 @@ def test_state_dict_rows_prune_gpt2_conv1d_columns_and_keep_the_tied_embedding(f
     dst = tmp_path / "p.bin"
     r = llmconv.prune(fx("gpt2-state-dict.bin"), dst, sparsity=0.25, pattern="rows")
     assert len(r.tensors) == 8 and all(t.in_axis == 0 for t in r.tensors)  # Conv1D weights are [in, out]
-    assert any("taken as Conv1D" in n for n in r.notes)
+    assert any("so c_attn/c_proj/c_fc were read as GPT-2 Conv1D weights" in n for n in r.notes)
     sd = torch.load(dst, weights_only=True)
     w = sd["transformer.h.0.attn.c_attn.weight"]  # [64, 192]: 192 outputs
     assert int(torch.all(w == 0, dim=0).sum()) == 48 and int(torch.all(w == 0, dim=1).sum()) == 0
@@ -101,6 +101,66 @@ def test_include_exclude_and_skipped(fx, tmp_path):
     with pytest.raises(UsageError, match="no tensor was selected for pruning.*--include/--exclude"):
         llmconv.prune(fx("llama.safetensors"), tmp_path / "c.safetensors", sparsity=0.3, include=["nothing*"])
     assert not (tmp_path / "c.safetensors").exists() and leftovers(tmp_path) == []
+
+
+def test_gpt2_output_head_is_a_linear_layer(fx, tmp_path):
+    """Only GPT-2's c_attn/c_proj/c_fc are Conv1D ([in, out]); an untied lm_head is nn.Linear ([out, in])."""
+    import shutil
+
+    src = tmp_path / "untied"
+    shutil.copytree(fx("gpt2-hf"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (src / "config.json").write_text(json.dumps(config))
+    weights = load_file(src / "model.safetensors")
+    weights["lm_head.weight"] = torch.randn(weights["transformer.wte.weight"].shape, generator=torch.Generator()
+                                            .manual_seed(0))
+    from safetensors.torch import save_file
+
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    r = llmconv.prune(src, tmp_path / "p", pattern="2:4", include=["lm_head.weight", "*.mlp.c_fc.weight"],
+                      min_top1=0.0)
+    axes = {t.name: t.in_axis for t in r.tensors}
+    assert axes == {"lm_head.weight": 1, "transformer.h.0.mlp.c_fc.weight": 0, "transformer.h.1.mlp.c_fc.weight": 0}
+    out = load_file(tmp_path / "p" / "model.safetensors")
+    head = out["lm_head.weight"]  # [vocab (out), hidden (in)]: two zeros in every four along a row
+    assert ((head == 0).reshape(head.shape[0], -1, 4).sum(-1) == 2).all()
+    fc = out["transformer.h.0.mlp.c_fc.weight"]  # Conv1D [hidden (in), 4*hidden (out)]: along a column
+    assert ((fc == 0).T.reshape(fc.shape[1], -1, 4).sum(-1) == 2).all()
+
+
+def test_bare_weights_file_reads_the_layer_layout_from_the_mlp(fx, tmp_path):
+    """Without a config, c_fc's shape tells GPT-2's Conv1D [in, out] from StarCoder2's Linear [out, in]."""
+    gpt2 = llmconv.prune(fx("gpt2-state-dict.bin"), tmp_path / "g.bin", pattern="2:4")
+    assert all(t.in_axis == 0 for t in gpt2.tensors)
+    assert any("[in, out], so c_attn/c_proj/c_fc were read as GPT-2 Conv1D weights" in n for n in gpt2.notes)
+    bare = tmp_path / "starcoder2.safetensors"
+    bare.write_bytes((fx("starcoder2-hf") / "model.safetensors").read_bytes())
+    sc = llmconv.prune(bare, tmp_path / "s.safetensors", pattern="2:4")
+    assert {t.name.split(".")[-2]: t.in_axis for t in sc.tensors}["c_fc"] == 1
+    assert all(t.in_axis == 1 for t in sc.tensors)
+    assert any(n.startswith("no config.json: c_attn/c_proj/c_fc were read as Linear weights [out, in]")
+               for n in sc.notes)
+    fc_name = next(t.name for t in sc.tensors if t.name.endswith("mlp.c_fc.weight"))
+    fc = load_file(tmp_path / "s.safetensors")[fc_name]
+    assert ((fc == 0).reshape(fc.shape[0], -1, 4).sum(-1) == 2).all()
+
+
+def test_a_tied_name_given_to_include_says_what_to_prune_instead(fx, tmp_path):
+    with pytest.raises(UsageError, match=r"no tensor was selected for pruning \(lm_head.weight: tied to "
+                                         r"transformer.wte.weight, stored once: --include transformer.wte.weight"):
+        llmconv.prune(fx("gpt2-state-dict.bin"), tmp_path / "a.bin", sparsity=0.3, include=["lm_head.weight"])
+    r = llmconv.prune(fx("gpt2-state-dict.bin"), tmp_path / "b.bin", sparsity=0.3,
+                      include=["lm_head.weight", "*.mlp.c_fc.weight"])
+    assert {"name": "lm_head.weight", "reason": "tied to transformer.wte.weight, stored once: --include "
+                                                "transformer.wte.weight prunes both"} in r.skipped
+
+
+def test_quality_flags_with_no_verify_are_refused(fx, tmp_path):
+    for kwargs in ({"min_top1": 0.9}, {"text": tmp_path / "t.txt"}, {"max_ppl_increase": 0.1}):
+        with pytest.raises(UsageError, match="sets the quality check, and --no-verify skips it"):
+            llmconv.prune(fx("llama-hf"), tmp_path / "p", sparsity=0.3, verify=False, **kwargs)
+    assert leftovers(tmp_path) == []
 
 
 def test_onnx_two_four_on_initializers_and_the_head_untouched(onnx_fx, tmp_path):

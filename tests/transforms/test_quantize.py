@@ -149,6 +149,23 @@ def test_calibration_errors_name_the_file_and_the_fix(onnx_fx, tmp_path):
     assert leftovers(tmp_path) == [] and not (tmp_path / "s.onnx").exists()
 
 
+@pytest.mark.parametrize(("arrays", "message"), [
+    ({"input_ids": np.arange(32)}, r"'input_ids' has shape \[32\], but the model's input_ids is \[batch_size, "),
+    ({"input_ids": np.zeros((2, 2, 1, 32), np.int64)}, r"'input_ids' has shape \[2, 2, 1, 32\]"),
+    ({"input_ids": np.random.default_rng(0).random((2, 32))}, r"'input_ids' holds float64 values, but the model's "
+                                                               r"input_ids takes int64"),
+    ({"input_ids": np.zeros((3, 2, 16), np.int64), "attention_mask": np.ones((2, 2, 16), np.int64)},
+     r"hold different numbers of samples: input_ids 3, attention_mask 2"),
+])
+def test_calibration_arrays_of_the_wrong_rank_or_kind_are_refused(onnx_fx, tmp_path, arrays, message):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    with pytest.raises(UsageError, match=message):
+        llmconv.quantize(onnx_fx("gpt2-hf"), tmp_path / "s.onnx", target="cpu", method="int8-static",
+                         calibration=bad)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "s.onnx").exists()
+
+
 # ---- int4 -----------------------------------------------------------------------------------------
 
 
@@ -296,6 +313,26 @@ def test_external_data_source_gives_an_external_data_output(external_fx, tmp_pat
     with pytest.raises(DestinationError, match="other.onnx.data: destination's external data file exists"):
         llmconv.quantize(src, tmp_path / "other.onnx", target="cpu")
     assert (tmp_path / "other.onnx.data").read_text() == "keep me" and not (tmp_path / "other.onnx").exists()
+
+
+@pytest.mark.parametrize("method", ["int8-dynamic", "fp16"])
+def test_external_data_source_to_a_relative_destination_through_a_link(external_fx, tmp_path, monkeypatch, method):
+    """The output's data file must survive whatever path spells the destination (relative, or under a
+    symlinked folder); fp16 must type the graph although the weights are outside the proto."""
+    src = external_fx("llama-hf")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    r = llmconv.quantize(src / "model.onnx", "link/q.onnx", target="cpu", method=method)
+    assert r.verification.passed
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["q.onnx", "q.onnx.data"]
+    out = onnx.load(str(tmp_path / "real" / "q.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in out.graph.initializer)
+    if method == "fp16":
+        assert {i.type.tensor_type.elem_type for i in out.graph.input if i.name == "attention_mask"} == {
+            onnx.TensorProto.INT64}
+        assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in out.graph.output)
+    _run(tmp_path / "real" / "q.onnx")
 
 
 def test_same_flags_give_identical_bytes(onnx_fx, tmp_path):
