@@ -139,6 +139,9 @@ def atomic_output(dst: Path, *, folder: bool, force: bool = False) -> Iterator[P
     parent = dst.parent if str(dst.parent) else Path(".")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise DestinationError("destination exists", path=dst, hint="pass --force to replace it")
+    if not folder and dst.is_dir() and not dst.is_symlink():
+        raise DestinationError("destination is a folder, and the output is a file; refusing to delete the folder",
+                               path=dst, hint="give a file path, or remove the folder yourself")
     # Folders made for the output are removed again if it fails: the file system is left as it was.
     made = [p for p in (parent, *parent.parents) if not p.exists()]
     parent.mkdir(parents=True, exist_ok=True)

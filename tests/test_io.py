@@ -167,3 +167,13 @@ def test_atomic_output_removes_the_folders_it_made_when_it_fails(tmp_path):
     with atomic_output(dst, folder=False) as tmp:
         tmp.write_bytes(b"x")
     assert dst.read_bytes() == b"x"
+
+
+def test_atomic_output_file_never_replaces_a_folder(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"keep")
+    with pytest.raises(DestinationError, match="destination is a folder, and the output is a file"), \
+            atomic_output(folder, folder=False, force=True):
+        pass
+    assert (folder / "weights.bin").read_bytes() == b"keep"

@@ -128,10 +128,20 @@ def command(
         outputs_options.update(batch=batch, seq_len=seq_len, samples=samples, seed=seed, provider=provider)
         if max_ppl_increase is not None:
             outputs_options["max_ppl_increase"] = max_ppl_increase
-    report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol, **outputs_options)
-    if junit is not None:
-        from llmconv.verification.junit import write_junit
+    if junit is None:
+        report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol, **outputs_options)
+    else:
+        from llmconv.errors import LlmconvError
+        from llmconv.verification.junit import check_report_path, write_junit, write_junit_error
 
+        check_report_path(junit, models=[reference, candidate])
+        try:
+            report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol,
+                            **outputs_options)
+        except LlmconvError as e:
+            write_junit_error(junit, code=e.exit_code, message=str(e), reference=str(reference),
+                              candidate=str(candidate), seconds=time.perf_counter() - t0)
+            raise
         write_junit(report, junit, seconds=time.perf_counter() - t0)
     if json_output:
         print_json(report.to_json())

@@ -5,12 +5,46 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from llmconv.errors import DestinationError
 from llmconv.io import atomic_output
 from llmconv.verification.report import VerifyReport
 
 
 def _figures(figs: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in figs.items())
+
+
+def check_report_path(path: str | Path, *, models: list[str | Path]) -> Path:
+    """Refuse a report path that would replace a folder or one of the models being compared.
+
+    Returns:
+        The path.
+    """
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise DestinationError("--junit names a folder; it takes the path of an XML file", path=path,
+                               hint="e.g. --junit reports/verify.xml")
+    for model in map(Path, models):
+        if path.exists() and model.exists() and path.resolve() == model.resolve():
+            raise DestinationError("--junit names one of the models being compared; the report would replace it",
+                                   path=path, hint="give the report a path of its own")
+    return path
+
+
+def write_junit_error(path: str | Path, *, code: int, message: str, reference: str, candidate: str,
+                      seconds: float = 0.0) -> None:
+    """A one-case suite in <error> state, for a verification that could not run (bad input, exit 2).
+
+    Without it a CI dashboard would keep showing the report of an earlier, passing run.
+    """
+    suite = ET.Element("testsuite", name="llmconv.verify", tests="1", failures="0", errors="1",
+                       time=f"{seconds:.3f}")
+    props = ET.SubElement(suite, "properties")
+    for k, v in (("reference", reference), ("candidate", candidate)):
+        ET.SubElement(props, "property", name=k, value=str(v))
+    tc = ET.SubElement(suite, "testcase", classname="llmconv.verify", name="verify")
+    ET.SubElement(tc, "error", message=message, type=f"exit {code}").text = message
+    _write(suite, Path(path))
 
 
 def write_junit(report: VerifyReport, path: Path, *, seconds: float = 0.0) -> None:
@@ -38,9 +72,12 @@ def write_junit(report: VerifyReport, path: Path, *, seconds: float = 0.0) -> No
     for name in report.unexpected:
         tc = ET.SubElement(suite, "testcase", classname=classname, name=name)
         ET.SubElement(tc, "failure", message="unexpected in candidate (not in reference)")
+    _write(suite, Path(path))
+
+
+def _write(suite: ET.Element, path: Path) -> None:
     tree = ET.ElementTree(ET.Element("testsuites"))
     tree.getroot().append(suite)
     ET.indent(tree)
-    path = Path(path)
     with atomic_output(path, folder=False, force=True) as tmp:
         tree.write(tmp, encoding="utf-8", xml_declaration=True)

@@ -156,6 +156,29 @@ def test_junit_report(cli, llama, tmp_path):
     assert ET.parse(xml_path).getroot().find("testsuite").get("failures") == "0"
 
 
+def test_junit_never_replaces_a_folder_or_a_model_and_records_errors(cli, fx, llama, tmp_path):
+    import shutil
+
+    folder = tmp_path / "llama-hf"
+    shutil.copytree(fx("llama-hf"), folder)
+    r = cli("verify", folder, fx("llama-hf-sharded"), "--junit", folder)
+    assert r.exit_code == 2 and "--junit names a folder" in r.stderr
+    assert (folder / "config.json").is_file()  # the model folder is still there
+    copy = tmp_path / "llama.safetensors"
+    shutil.copy(llama, copy)
+    r = cli("verify", llama, copy, "--junit", copy)
+    assert r.exit_code == 2 and "--junit names one of the models being compared" in r.stderr
+    assert copy.read_bytes() == llama.read_bytes()
+    # A run that cannot compare (exit 2) replaces an earlier report with an error case.
+    xml_path = tmp_path / "verify.xml"
+    assert cli("verify", llama, llama, "--junit", xml_path).exit_code == 0
+    r = cli("verify", llama, fx("truncated-data.safetensors"), "--junit", xml_path)
+    assert r.exit_code == 2
+    suite = ET.parse(xml_path).getroot().find("testsuite")
+    assert suite.get("errors") == "1" and suite.get("tests") == "1"
+    assert "truncated-data.safetensors" in suite.find("testcase/error").get("message")
+
+
 def test_verify_bad_inputs_exit_2(cli, fx, llama, tmp_path):
     r = cli("verify", llama, fx("truncated-data.safetensors"))
     assert r.exit_code == 2 and "truncated-data.safetensors" in r.stderr and "Traceback" not in r.stderr
