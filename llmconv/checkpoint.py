@@ -111,8 +111,18 @@ class TensorSource:
         return sum(i.numel for n, i in self.infos.items() if n not in self.aliases)
 
     def canonical_names(self) -> list[str]:
-        """Names to store when a format cannot hold aliases (tied tensors saved once)."""
-        return [n for n in self.infos if n not in self.aliases]
+        """Names to store when a format cannot hold aliases (safetensors).
+
+        A tied output head is left out, as ``save_pretrained`` leaves it out, when the model ties it
+        again on load (:func:`left_out_when_tied`); any other alias is kept, and written as a tensor
+        of its own, so that no name is lost.
+        """
+        dropped = self.left_out()
+        return [n for n in self.infos if n not in dropped]
+
+    def left_out(self) -> dict[str, str]:
+        """The aliases a format without shared storage leaves out: alias -> the tensor stored."""
+        return {a: c for a, c in self.aliases.items() if left_out_when_tied(a, c, self.config)}
 
     def close(self) -> None:
         while self._closers:
@@ -124,6 +134,37 @@ class TensorSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def is_output_head(name: str) -> bool:
+    """Whether ``name`` is a model's output projection (lm_head.weight and its other spellings)."""
+    return name.endswith(_OUTPUT_HEAD_SUFFIXES)
+
+
+def ties_on_load(config: dict[str, Any] | None) -> bool:
+    """Whether transformers ties the output head to the input embedding when it loads ``config``.
+
+    ``save_pretrained`` writes ``tie_word_embeddings`` only when it differs from PretrainedConfig's
+    default (true), so a config without it ties (GPT-2), and Llama's says false.
+    """
+    if config is None:
+        return False
+    value = config.get("tie_word_embeddings")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("tie_word_embeddings")
+    return True if value is None else bool(value)
+
+
+def left_out_when_tied(alias: str, canonical: str, config: dict[str, Any] | None) -> bool:
+    """Whether ``alias`` (sharing ``canonical``'s storage) may be left out of a file, as transformers does.
+
+    Only an output head tied to a tensor that is not a head qualifies, and only for a model that
+    ties them on load: with a config, the config must say so; a bare weights file (no config) is
+    written the way ``save_pretrained`` would write it, which is what ``from_pretrained`` reads.
+    """
+    if not is_output_head(alias) or is_output_head(canonical):
+        return False
+    return config is None or ties_on_load(config)
 
 
 def find_aliases(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:

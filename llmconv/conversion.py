@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmconv.checkpoint import CAST_TARGETS, TensorSource, cast_source, dtype_name
+from llmconv.checkpoint import CAST_TARGETS, TensorSource, cast_source, dtype_name, is_output_head
 from llmconv.errors import NotEquivalent, UsageError
 from llmconv.formats import registry
 from llmconv.formats.registry import Format, ProgressFn, WriteOptions
-from llmconv.io import atomic_output, check_destination, parse_size
+from llmconv.io import atomic_output, check_destination, human_size, parse_size
 from llmconv.verification.report import VerifyReport
 from llmconv.verification.weights import compare_weights
 
@@ -137,7 +137,13 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         if source.metadata and (dest.weights_format or dest.format.name) == "pytorch":
             notes.append(f"PyTorch state dicts hold no metadata: dropped {sorted(source.metadata)}")
         stores_aliases = (dest.weights_format or dest.format.name) == "pytorch"
-        dropped = {} if stores_aliases else dict(view.aliases)
+        dropped = {} if stores_aliases else view.left_out()
+        copied = {} if stores_aliases else {a: c for a, c in view.aliases.items() if a not in dropped}
+        for alias, canon in copied.items():
+            extra = human_size(view.infos[alias].nbytes)
+            notes.append(f"{alias} shares storage with {canon}, and safetensors cannot share: it is written as a "
+                         f"copy ({extra}), since " + ("the config does not tie them" if view.config is not None
+                                                       and is_output_head(alias) else "nothing ties it on load"))
         if limit and not dest.folder and view.total_bytes > limit:
             # Checked here, not in the writer, so the message names DST rather than its temporary name.
             raise UsageError(f"--shard-size {shard_size} needs a folder destination (the model is larger than "

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from llmconv.checkpoint import TensorSource, dtype_name
+from llmconv.checkpoint import TensorSource, dtype_name, left_out_when_tied
 from llmconv.verification.report import Check, VerifyReport
 
 _CHUNK = 1 << 23  # elements compared at once: bounded memory whatever the tensor size
@@ -92,13 +92,18 @@ def compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, *, atol: fl
 
 
 def _unmatched(side: TensorSource, other: TensorSource) -> tuple[list[str], list[str]]:
-    """Names of ``side`` that ``other`` lacks: (tied aliases whose tensor ``other`` holds, the rest)."""
+    """Names of ``side`` that ``other`` lacks: (tied heads that ``other`` may leave out, the rest).
+
+    A tied head counts as present only where ``other`` ties it again on load; an hf folder whose
+    config does not tie it would load a randomly initialised head in its place.
+    """
     tied, absent = [], []
     for n in side.infos:
         if n in other.infos:
             continue
         canon = side.aliases.get(n)
-        (tied if canon is not None and canon in other.infos else absent).append(n)
+        ok = canon is not None and canon in other.infos and left_out_when_tied(n, canon, other.config)
+        (tied if ok else absent).append(n)
     return tied, absent
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llmconv.conversion import convert
 from llmconv.errors import CorruptInput, InputError
@@ -71,6 +72,26 @@ def test_gpt2_outputs_load_with_from_pretrained_and_give_the_same_logits(fx, tmp
     # The head is tied again, not left random or on the meta device.
     assert model.lm_head.weight.device.type == "cpu"
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_shared_storage_in_an_untied_model_is_kept_as_a_copy(fx, tmp_path):
+    """A state dict may share a head's storage with the embedding while the config does not tie them:
+    leaving the head out would load a random one. It is written as a copy, and the logits match."""
+    src = tmp_path / "shared"
+    shutil.copytree(fx("llama-hf"), src, ignore=shutil.ignore_patterns("*.safetensors"))
+    state = load_file(fx("llama-hf") / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # one storage, two names
+    torch.save(state, src / "pytorch_model.bin")
+    assert json.loads((src / "config.json").read_text())["tie_word_embeddings"] is False
+    dst = tmp_path / "out"
+    report = convert(src, dst, to="safetensors")
+    assert report.dropped_aliases == {}
+    assert any("lm_head.weight shares storage with model.embed_tokens.weight" in n and "written as a copy" in n
+               and "the config does not tie them" in n for n in report.notes)
+    assert "lm_head.weight" in load_file(dst / "model.safetensors")
+    ref, _ = logits(src)
+    out, _ = logits(dst)
+    assert torch.equal(out, ref)
 
 
 def test_llama_sharded_both_ways_gives_the_same_logits(fx, tmp_path):

@@ -104,12 +104,12 @@ def test_large_tensors_are_compared_in_chunks():
 
 def test_compare_weights_missing_unexpected_tied_and_worst_first():
     w = torch.randn(4, 4)
-    ref = source({"emb": w, "head": w, "a": torch.zeros(3), "b": torch.zeros(3), "gone": torch.ones(1)},
-                 aliases={"head": "emb"})
+    ref = source({"emb": w, "lm_head.weight": w, "a": torch.zeros(3), "b": torch.zeros(3), "gone": torch.ones(1)},
+                 aliases={"lm_head.weight": "emb"})
     cand = source({"emb": w.clone(), "a": torch.tensor([0.0, 0.5, 0.0]), "b": torch.tensor([0.0, 0.0, 3.0]),
                    "new": torch.ones(1)})
     report = compare_weights(ref, cand)
-    assert report.missing == ["gone"] and report.unexpected == ["new"] and report.tied == ["head"]
+    assert report.missing == ["gone"] and report.unexpected == ["new"] and report.tied == ["lm_head.weight"]
     assert [c.name for c in report.checks] == ["b", "a", "emb"]  # failing first, worst first
     assert [c.passed for c in report.checks] == [False, False, True]
     assert not report.passed
@@ -120,7 +120,20 @@ def test_compare_weights_missing_unexpected_tied_and_worst_first():
     assert out["checks"][0] == {"name": "b", "passed": False, "shape": [3], "reference_dtype": "float32",
                                 "candidate_dtype": "float32", "equal": False, "max_abs": 3.0,
                                 "reason": "not bit-exact (max abs diff 3)"}
-    assert out["missing"] == ["gone"] and out["unexpected"] == ["new"] and out["tied"] == ["head"]
+    assert out["missing"] == ["gone"] and out["unexpected"] == ["new"] and out["tied"] == ["lm_head.weight"]
+
+
+def test_a_tied_head_counts_as_present_only_where_it_is_tied_again_on_load():
+    w = torch.randn(4, 4)
+    ref = source({"emb": w, "lm_head.weight": w, "other": w}, aliases={"lm_head.weight": "emb", "other": "emb"})
+    untied = source({"emb": w.clone()})
+    untied.config = {"model_type": "llama", "tie_word_embeddings": False}
+    report = compare_weights(ref, untied)
+    assert report.missing == ["lm_head.weight", "other"] and report.tied == [] and not report.passed
+    tied = source({"emb": w.clone()})
+    tied.config = {"model_type": "gpt2"}  # tie_word_embeddings left at its default: tied
+    report = compare_weights(ref, tied)
+    assert report.tied == ["lm_head.weight"] and report.missing == ["other"]  # nothing re-ties "other"
 
 
 def test_nothing_to_compare_is_not_a_pass():
