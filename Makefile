@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 LLMCONV := $(BIN)/llmconv
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install demo test test-fast lint bench bench-convert bench-export bench-quantize fixtures batch batch-models batch-summary clean
+.PHONY: install demo test test-fast lint bench bench-convert bench-export bench-quantize fixtures batch batch-check batch-models batch-summary clean
 
 install: $(VENV)/.installed
 
@@ -74,9 +74,21 @@ STAMPS := $(addprefix $(STATUS)/,$(addsuffix .json,$(MODELS)))
 # A file model keeps its stem and gets the destination format's extension; a folder stays a folder.
 dest = $(if $(wildcard $(MODELS_DIR)/$(1)/.),$(OUT_DIR)/$(1),$(OUT_DIR)/$(basename $(1))$(EXT_$(TO)))
 
-batch: install
+DESTS := $(foreach m,$(MODELS),$(call dest,$(m)))
+
+batch: install batch-check
 	@rc=0; $(MAKE) --no-print-directory -k batch-models || rc=$$?; \
 	$(MAKE) --no-print-directory batch-summary; exit $$rc
+
+# Refuse what make cannot do safely: nothing to convert, names with spaces (make splits them), and
+# two models that would be written to one output (model.pt and model.bin both give model.safetensors).
+batch-check:
+	@test -d "$(MODELS_DIR)" || { echo "error: $(MODELS_DIR): no such folder (set MODELS_DIR=...)" >&2; exit 2; }
+	@spaced=$$(find "$(MODELS_DIR)" -mindepth 1 -maxdepth 1 -name '* *' -printf '"%f" '); \
+	if [ -n "$$spaced" ]; then echo "error: $(MODELS_DIR): make cannot name targets with spaces: $$spaced(rename them)" >&2; exit 2; fi
+	@test -n "$(MODELS)" || { echo "error: $(MODELS_DIR): no models in it" >&2; exit 2; }
+	@dups=$$(printf '%s\n' $(DESTS) | sort | uniq -d | tr '\n' ' '); \
+	if [ -n "$$dups" ]; then echo "error: several models in $(MODELS_DIR) would be written to $$dups(a file keeps its stem and gets the $(EXT_$(TO)) extension: rename one)" >&2; exit 2; fi
 
 batch-models: $(STAMPS)
 
