@@ -206,3 +206,20 @@ def test_exporting_twice_gives_byte_identical_files(exported, fx, tmp_path):
     assert names == sorted(p.name for p in again.iterdir())
     for name in names:
         assert (first / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_sliding_window_model_is_verified_on_the_positions_both_caches_keep(fx, tmp_path):
+    """transformers keeps only the last window-1 keys/values of a sliding-window layer; the ONNX graph
+    returns all of them. The export is right (logits agree): the shared positions must agree too."""
+    import shutil
+
+    src = tmp_path / "mistral-sw"
+    shutil.copytree(fx("mistral-hf"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["sliding_window"] = 8
+    (src / "config.json").write_text(json.dumps(config))
+    report = to_onnx(src, tmp_path / "out", src_format="hf", dtype="keep", verify=True, force=False)
+    v = report.verification
+    assert v.passed, v.summary()
+    assert any(n.startswith("sliding window 8: the PyTorch cache keeps only the last 7 positions") for n in v.notes)
+    assert all(c.figures["max_abs"] < 5e-6 for c in v.checks)
