@@ -11,7 +11,7 @@ from llmconv.checkpoint import CAST_TARGETS, TensorSource, cast_source, dtype_na
 from llmconv.errors import NotEquivalent, UsageError
 from llmconv.formats import registry
 from llmconv.formats.registry import Format, ProgressFn, WriteOptions
-from llmconv.io import atomic_output, check_destination, human_size, parse_size
+from llmconv.io import atomic_output, check_destination, check_free_space, human_size, parse_size
 from llmconv.verification.report import VerifyReport
 from llmconv.verification.weights import compare_weights
 
@@ -150,6 +150,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                              "one shard)", path=dst_path,
                              hint=f"give a destination without the {dst_path.suffix} extension")
         options = WriteOptions(shard_size=limit, progress=progress, weights_format=dest.weights_format)
+        check_free_space(dst_path, view.total_bytes)
         with atomic_output(dst_path, folder=dest.folder, force=force) as tmp:
             files = dest.format.write(view, tmp, folder=dest.folder, options=options)
             verification = None

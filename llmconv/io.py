@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -122,6 +123,38 @@ def set_modes(path: Path) -> None:
         os.chmod(path, FILE_MODE)
 
 
+# errno values that say the destination cannot take the output (not that the input is bad).
+_DEST_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+# Below this much free space a failed write is taken to be a full disk: torch's zip writer reports
+# ENOSPC as "RuntimeError: ... unexpected pos".
+_NEARLY_FULL = 1 << 20
+
+
+def _cannot_write(dst: Path, e: BaseException) -> DestinationError | None:
+    """The error to raise instead of ``e`` when ``e`` came from the destination's file system."""
+    if isinstance(e, OSError) and e.errno in _DEST_ERRNOS:
+        return DestinationError(f"cannot write the output: {e.strerror}", path=dst,
+                                hint="free some space or choose another destination")
+    if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, DestinationError):
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(dst.parent if str(dst.parent) else ".").free < _NEARLY_FULL:
+                return DestinationError(f"cannot write the output: no space left on the device ({e})".rstrip(),
+                                        path=dst, hint="free some space or choose another destination")
+    return None
+
+
+def check_free_space(dst: Path, needed: int) -> None:
+    """Refuse to start an output of ``needed`` bytes that the destination's file system cannot hold."""
+    parent = next((p for p in (dst.parent, *dst.parent.parents) if p.exists()), Path("."))
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if needed > free:
+        raise DestinationError(f"the output needs {human_size(needed)}, and {parent} has {human_size(free)} free",
+                               path=dst, hint="free some space or choose another destination")
+
+
 @contextlib.contextmanager
 def atomic_output(dst: Path, *, folder: bool, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``dst``; rename it into place only if the block completes.
@@ -144,21 +177,30 @@ def atomic_output(dst: Path, *, folder: bool, force: bool = False) -> Iterator[P
                                path=dst, hint="give a file path, or remove the folder yourself")
     # Folders made for the output are removed again if it fails: the file system is left as it was.
     made = [p for p in (parent, *parent.parents) if not p.exists()]
-    parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{dst.name}.llmconv-tmp-"
     try:
-        if folder:
-            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
-            os.close(fd)
-            tmp = Path(name)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            if folder:
+                tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+            else:
+                fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
+                os.close(fd)
+                tmp = Path(name)
+        except OSError as e:
+            where = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+            why = f"{where} is a file, not a folder" if where is not None else (e.strerror or str(e))
+            raise DestinationError(f"cannot create the output here: {why}", path=dst,
+                                   hint="choose a destination in a folder you can write") from e
         try:
             yield tmp
             set_modes(tmp)
             _replace(tmp, dst)
-        except BaseException:
+        except BaseException as e:
             _remove(tmp)
+            instead = _cannot_write(dst, e)
+            if instead is not None:
+                raise instead from e
             raise
     except BaseException:
         for p in made:  # deepest first; only the empty folders made here

@@ -177,3 +177,26 @@ def test_atomic_output_file_never_replaces_a_folder(tmp_path):
             atomic_output(folder, folder=False, force=True):
         pass
     assert (folder / "weights.bin").read_bytes() == b"keep"
+
+
+def test_a_destination_under_a_file_is_a_destination_error(tmp_path):
+    (tmp_path / "f.bin").write_bytes(b"x")
+    dst = tmp_path / "f.bin" / "sub" / "o.safetensors"
+    with pytest.raises(DestinationError, match=r"cannot create the output here: .*f\.bin is a file, not a folder"), \
+            atomic_output(dst, folder=False):
+        pass
+
+
+def test_a_full_disk_is_a_destination_error_naming_dst(tmp_path):
+    import errno
+
+    from llmconv.io import check_free_space
+
+    dst = tmp_path / "o.safetensors"
+    with pytest.raises(DestinationError, match=r"o\.safetensors: the output needs 1000000.00 TB, and .* free"):
+        check_free_space(dst, 10**18)
+    check_free_space(tmp_path / "new" / "deeper" / "o.bin", 1)  # folders not made yet: their parent is checked
+    with pytest.raises(DestinationError, match=r"o\.safetensors: cannot write the output: No space left on device"), \
+            atomic_output(dst, folder=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
