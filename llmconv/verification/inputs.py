@@ -112,6 +112,27 @@ def empty_past(past: PastSpec | None, batch: int) -> dict[str, Any]:
     return out
 
 
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, never unpickling anything."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError:
+        raise UsageError("not an .npz file of plain arrays (numpy reads it as pickled data, which is refused)",
+                         path=path, hint="save the arrays with numpy.savez(FILE, input_ids=ids, ...)") from None
+    except (OSError, EOFError) as e:
+        raise CorruptInput(f"not a readable .npz file ({e})", path=path,
+                           hint="save the arrays with numpy.savez") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise UsageError("this is a single .npy array; --inputs takes an .npz of named arrays", path=path,
+                         hint="numpy.savez(FILE, input_ids=ids, attention_mask=mask)")
+    try:
+        with loaded as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    except ValueError as e:
+        raise UsageError(f"cannot read the inputs file: {e}", path=path,
+                         hint="save arrays with numpy.savez (object arrays and pickles are refused)") from None
+
+
 def load_inputs(path: Path, plan: InputPlan) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The user's inputs from an ``.npz`` file (name -> array), completed with what the models also need.
 
@@ -131,15 +152,7 @@ def load_inputs(path: Path, plan: InputPlan) -> tuple[list[dict[str, Any]], dict
     path = Path(path)
     if not path.is_file():
         raise InputError("no such inputs file", path=path, hint="--inputs takes an .npz of name -> array")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: np.asarray(z[k]) for k in z.files}
-    except ValueError as e:
-        raise UsageError(f"cannot read the inputs file: {e}", path=path,
-                         hint="save arrays with numpy.savez (object arrays and pickles are refused)") from None
-    except (OSError, EOFError) as e:
-        raise CorruptInput(f"not a readable .npz file ({e})", path=path,
-                           hint="save the arrays with numpy.savez") from None
+    arrays = _read_npz(path)
     if "input_ids" not in plan.wants:
         # A graph that takes no token ids: the arrays are its inputs as they are.
         first = next(iter(arrays.values()), None)
@@ -161,17 +174,37 @@ def load_inputs(path: Path, plan: InputPlan) -> tuple[list[dict[str, Any]], dict
     batch, length = ids.shape
     if plan.max_positions is not None and length > plan.max_positions:
         raise UsageError(f"input_ids has {length} positions but the model has {plan.max_positions}", path=path)
+    known = {"input_ids", "attention_mask", "position_ids", "token_type_ids"} | set(plan.wants)
+    unknown = sorted(k for k in arrays if k not in known)
+    if unknown:
+        raise UsageError(f"the inputs file has arrays the models do not take: {', '.join(unknown)}", path=path,
+                         hint="the models take " + ", ".join(sorted(k for k in plan.wants
+                                                                    if not k.startswith("past_key_values"))))
     feed: dict[str, Any] = dict(arrays)
     feed["input_ids"] = ids.astype(np.int64)
+    for k in ("attention_mask", "position_ids", "token_type_ids"):
+        if k not in feed:
+            continue
+        v = feed[k]
+        if tuple(v.shape) != (batch, length):
+            raise UsageError(f"{k} has shape {list(v.shape)}, input_ids {[batch, length]}", path=path)
+        if not (np.issubdtype(v.dtype, np.integer) or v.dtype == np.bool_):
+            raise UsageError(f"{k} must be an integer array, not {v.dtype}", path=path,
+                             hint="a float mask would be cut to whole numbers; save it as int64")
     mask = feed.get("attention_mask")
     if mask is None:
         mask = np.ones_like(feed["input_ids"])
-    elif tuple(mask.shape) != (batch, length):
-        raise UsageError(f"attention_mask has shape {list(mask.shape)}, input_ids {[batch, length]}", path=path)
+    elif not np.isin(mask, (0, 1)).all():
+        raise UsageError("attention_mask holds values other than 0 and 1", path=path)
+    elif not mask.any(axis=1).all():
+        raise UsageError("attention_mask has a row with no token to attend to", path=path)
     feed["attention_mask"] = np.asarray(mask).astype(np.int64)
-    for k in ("position_ids", "token_type_ids"):
-        if k in feed and tuple(np.shape(feed[k])) != (batch, length):
-            raise UsageError(f"{k} has shape {list(np.shape(feed[k]))}, input_ids {[batch, length]}", path=path)
+    if "position_ids" in feed:
+        pos = feed["position_ids"]
+        top = plan.max_positions
+        if pos.min() < 0 or (top is not None and pos.max() >= top):
+            raise UsageError(f"position_ids holds positions outside [0, {top if top is not None else 'inf'})",
+                             path=path)
     if "position_ids" in plan.wants and "position_ids" not in feed:
         feed["position_ids"] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
     if "token_type_ids" in plan.wants and "token_type_ids" not in feed:

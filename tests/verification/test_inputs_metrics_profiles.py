@@ -63,8 +63,30 @@ def test_load_inputs_completes_and_checks(tmp_path):
     with pytest.raises(UsageError, match=r"attention_mask has shape \[1, 4\], input_ids \[1, 3\]"):
         load_inputs(tmp_path / "mask.npz", PLAN)
     (tmp_path / "not.npz").write_text("hello")
-    with pytest.raises(UsageError, match="cannot read the inputs file"):
+    with pytest.raises(UsageError, match="not.npz: not an .npz file of plain arrays"):
         load_inputs(tmp_path / "not.npz", PLAN)
+
+
+@pytest.mark.parametrize(("arrays", "message"), [
+    ({"input_ids": [[1, 2]], "attention_maks": [[1, 0]]},
+     r"arrays the models do not take: attention_maks \(the models take attention_mask, input_ids, position_ids"),
+    ({"input_ids": [[1, 2]], "attention_mask": [[0.5, 1.0]]}, "attention_mask must be an integer array, not float"),
+    ({"input_ids": [[1, 2]], "attention_mask": [[7, 1]]}, "attention_mask holds values other than 0 and 1"),
+    ({"input_ids": [[1, 2]], "attention_mask": [[0, 0]]}, "attention_mask has a row with no token to attend to"),
+    ({"input_ids": [[1, 2]], "position_ids": [[500, 501]]}, r"position_ids holds positions outside \[0, 64\)"),
+    ({"input_ids": [[1, 2]], "position_ids": [[-1, 0]]}, r"position_ids holds positions outside"),
+])
+def test_load_inputs_refuses_what_would_be_silently_wrong(tmp_path, arrays, message):
+    path = tmp_path / "in.npz"
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+    with pytest.raises(UsageError, match=message):
+        load_inputs(path, PLAN)
+
+
+def test_load_inputs_refuses_a_single_npy_array(tmp_path):
+    np.save(tmp_path / "ids.npy", np.array([[1, 2, 3]]))
+    with pytest.raises(UsageError, match=r"ids.npy: this is a single .npy array; --inputs takes an .npz"):
+        load_inputs(tmp_path / "ids.npy", PLAN)
 
 
 def _cmp(profile, ref, cand, logits=True):
