@@ -118,6 +118,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
     if (to or "") == "onnx" or (to is None and registry.by_extension(dst_path) is registry.get("onnx")):
         from llmconv.export import to_onnx
 
+        if limit:
+            raise UsageError("--shard-size applies to weights destinations; an ONNX graph keeps its weights in "
+                             "one external data file", hint="drop --shard-size (or use --external-data)")
         return to_onnx(src_path, dst_path, src_format=src_fmt, dtype=dtype, verify=verify, force=force,
                        **export_options)
     if export_options.get("config") or export_options.get("task") or export_options.get("opset"):

@@ -73,10 +73,20 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     if inputs is not None:
         feeds, meta = load_inputs(Path(inputs), plan)
     else:
+        from llmconv.verification.inputs import second_length
+
+        longest = max(seq_len, second_length(seq_len))
+        for sig in (ref_sig, cand_sig):
+            if sig.max_positions and longest > sig.max_positions:
+                raise UsageError(f"--seq-len {seq_len} needs {longest} positions but the model has "
+                                 f"{sig.max_positions}", path=sig.path,
+                                 hint=f"use --seq-len {sig.max_positions} or less")
         feeds = synthetic_inputs(plan, batch=batch, seq_len=seq_len, samples=samples, seed=seed)
         meta = {"batch": batch, "seq_len": seq_len, "samples": samples, "seed": seed}
         if samples < 2:
             notes.append("one sample: dynamic shapes were tried at one length only (use --samples 2 or more)")
+        if batch < 2 and samples < 2 and "attention_mask" in plan.wants:
+            notes.append("one row in one sample: no padded row was tried (use --batch 2 or --samples 2)")
 
     ref_outputs = _planned_outputs(ref_sig, ref_task)
     cand_outputs = _planned_outputs(cand_sig, cand_task)

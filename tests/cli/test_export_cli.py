@@ -60,6 +60,7 @@ def test_failed_verification_exit_1_nothing_written(fx, cli, tmp_path):
     (["--dtype", "fp16"], "ONNX export writes float32 graphs"),
     (["--task", "text-generation-with-past"], "optimum exports bert for"),
     (["--opset", "3"], "--opset 3 is outside what the exporter writes"),
+    (["--shard-size", "100KB"], "--shard-size applies to weights destinations"),
 ])
 def test_bad_export_flags_exit_2(fx, cli, tmp_path, args, message):
     r = cli("convert", fx("bert-hf"), tmp_path / "b.onnx", *args)

@@ -89,7 +89,7 @@ def test_user_inputs_file(gpt2, cli, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--seq-len", "500"], "needs 500 positions but the model has 128"),
+    (["--seq-len", "500"], ": --seq-len 500 needs 500 positions but the model has 128 (use --seq-len 128 or less)"),
     (["--profile", "fp64"], "unknown --profile 'fp64'"),
     (["--provider", "tpu"], "unknown --provider 'tpu'"),
 ])
