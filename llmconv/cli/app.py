@@ -12,11 +12,39 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from llmconv.cli import convert_cmd, formats_cmd, inspect_cmd, prune_cmd, quantize_cmd, verify_cmd
 from llmconv.cli.output import emit_error
 
+# click's base error, found through a public subclass: typer vendors click in some versions.
+_ClickError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _Group(TyperGroup):
+    """The root command, with usage errors reported as the contract wants: one line (and the JSON
+    error object with --json), not click's usage box."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, complete_var, False, **extra)
+        except _ClickError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `llmconv convert` alone: its help, as before
+                return super().main(argv, prog_name, complete_var, True, **extra)
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "llmconv"
+            command = ctx.info_name if ctx is not None and ctx.parent is not None else ""
+            emit_error(command, e.exit_code, f"{e.format_message()} (see '{where} --help')", as_json="--json" in argv)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="llmconv",
     help="Move LLM checkpoints between formats and prove the result is still the same model.",
     no_args_is_help=True,

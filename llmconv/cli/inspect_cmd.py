@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,7 +15,8 @@ EPILOG = "Example: [bold]llmconv inspect fixtures/models/gpt2-tiny --json[/]"
 
 
 def command(
-    path: o.Src,
+    path: Annotated[Path, typer.Argument(help="A checkpoint: a file or a folder.", show_default=False,
+                                         metavar="PATH")],
     sparsity: Annotated[bool, typer.Option("--sparsity", help="Also count zeros in weight matrices.")] = False,
     json_output: o.Json = False,
 ) -> None:

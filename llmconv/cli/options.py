@@ -12,8 +12,10 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or t
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing destination.")]
 Verify = Annotated[bool, typer.Option("--verify/--no-verify",
                                       help="Verify the output against the source before putting it in place.")]
-Src = Annotated[Path, typer.Argument(help="Source checkpoint: a file or a folder.", show_default=False)]
-Dst = Annotated[Path, typer.Argument(help="Destination file or folder (written atomically).", show_default=False)]
+Src = Annotated[Path, typer.Argument(help="Source checkpoint: a file or a folder.", show_default=False,
+                                     metavar="SRC")]
+Dst = Annotated[Path, typer.Argument(help="Destination file or folder (written atomically).", show_default=False,
+                                     metavar="DST")]
 Atol = Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (overrides the profile).")]
 Rtol = Annotated[float | None, typer.Option("--rtol", help="Relative tolerance (overrides the profile).")]
 Profile = Annotated[str, typer.Option("--profile", help="Tolerance profile: auto|exact|fp32|fp16|bf16|int8|int4.")]

@@ -56,7 +56,8 @@ def emit_error(command: str, code: int, message: str, *, as_json: bool, report: 
         obj: dict[str, Any] = {}
         if report is not None and hasattr(report, "to_json"):
             obj.update(report.to_json())
-        obj.update({"schema": f"llmconv.{command}/1", "ok": False, "error": {"code": code, "message": message}})
+        schema = f"llmconv.{command}/1" if command else "llmconv/1"
+        obj.update({"schema": schema, "ok": False, "error": {"code": code, "message": message}})
         print_json(obj)
     else:
         if report is not None and hasattr(report, "checks"):

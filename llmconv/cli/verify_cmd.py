@@ -99,8 +99,10 @@ def render_report(report: Any, *, console: Console = out) -> None:
 
 
 def command(
-    reference: Annotated[Path, typer.Argument(help="The model taken as right.", show_default=False)],
-    candidate: Annotated[Path, typer.Argument(help="The model checked.", show_default=False)],
+    reference: Annotated[Path, typer.Argument(help="The model taken as right.", show_default=False,
+                                              metavar="REFERENCE")],
+    candidate: Annotated[Path, typer.Argument(help="The model checked.", show_default=False,
+                                              metavar="CANDIDATE")],
     mode: Annotated[str, typer.Option("--mode", help="auto|weights|outputs.")] = "auto",
     profile: o.Profile = "auto",
     atol: o.Atol = None,

@@ -126,9 +126,19 @@ def test_internal_error_exit_3_with_debug_hint(cli, buggy, tmp_path):
 
 def test_click_usage_errors_exit_2(cli):
     r = cli("convert")
-    assert r.exit_code == 2
+    assert r.exit_code == 2 and "Examples:" in r.output  # no arguments at all: the command's help
     r = cli("convert", "a", "b", "--no-such-flag")
-    assert r.exit_code == 2 and "No such option" in r.stderr
+    assert r.exit_code == 2
+    assert one_error_line(r.stderr) == "error: No such option: --no-such-flag (see 'llmconv convert --help')"
+    r = cli("convert", "a")
+    assert one_error_line(r.stderr) == "error: Missing argument 'DST'. (see 'llmconv convert --help')"
+    r = cli("quantize", "a.onnx", "b.onnx", "--json")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    out = json.loads(r.stdout)
+    assert out["schema"] == "llmconv.quantize/1" and out["ok"] is False and out["error"]["code"] == 2
+    assert "Missing option '--target'" in out["error"]["message"]
+    r = cli("bogus")
+    assert r.exit_code == 2 and one_error_line(r.stderr).startswith("error: No such command 'bogus'.")
 
 
 def test_json_errors_are_one_object_on_stdout(cli, fx, tmp_path):
