@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +56,15 @@ app = typer.Typer(
 )
 
 
+class Terminated(BaseException):
+    """SIGTERM (a CI timeout, ``docker stop``, a killed ``make -j``), raised in the main thread so that
+    an output in progress is removed on the way out, as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def debug_enabled() -> bool:
     return os.environ.get("LLMCONV_DEBUG", "") not in ("", "0", "false", "no")
 
@@ -80,6 +90,9 @@ def guarded(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             emit_error(command, 130, "interrupted; the destination was left as it was", as_json=as_json)
             raise typer.Exit(130) from None
+        except Terminated:
+            emit_error(command, 143, "terminated (SIGTERM); the destination was left as it was", as_json=as_json)
+            raise typer.Exit(143) from None
         except Exception as e:  # a bug of ours: exit 3, never dressed up as the user's mistake
             if debug_enabled():
                 import traceback
@@ -111,6 +124,7 @@ def _root(
 
 def main() -> None:
     """Console entry point (``llmconv`` and ``python -m llmconv``)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
         code = 0
@@ -121,6 +135,9 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("llmconv: interrupted\n")
         code = 130
+    except Terminated:
+        sys.stderr.write("llmconv: terminated\n")
+        code = 143
     _exit(code)
 
 

@@ -202,8 +202,12 @@ def test_console_entry_point_exit_codes_and_complete_output(fx, tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_conversion_leaves_the_destination_as_it_was(tmp_path):
-    """Ctrl-C in the middle of writing: exit 130, the old destination intact, no temporary left."""
+@pytest.mark.parametrize(("sig", "code", "message"), [
+    ("SIGINT", 130, "error: interrupted; the destination was left as it was"),
+    ("SIGTERM", 143, "error: terminated (SIGTERM); the destination was left as it was"),
+])
+def test_interrupted_conversion_leaves_the_destination_as_it_was(tmp_path, sig, code, message):
+    """Ctrl-C or SIGTERM in the middle of writing: the old destination intact, no temporary left."""
     import os
     import signal
     import time
@@ -223,14 +227,14 @@ def test_interrupted_conversion_leaves_the_destination_as_it_was(tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if any(p.name.startswith(".model.bin.llmconv-tmp-") for p in out_dir.iterdir()):
-            os.kill(proc.pid, signal.SIGINT)
+            os.kill(proc.pid, getattr(signal, sig))
             break
         time.sleep(0.002)
     else:
         pytest.fail(f"the conversion ended before it could be interrupted (exit {proc.returncode})")
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert one_error_line(stderr) == "error: interrupted; the destination was left as it was"
+    assert proc.returncode == code, stderr
+    assert one_error_line(stderr) == message
     assert dst.read_bytes() == b"the previous model"
     assert sorted(p.name for p in out_dir.iterdir()) == ["model.bin"]
 
