@@ -93,7 +93,7 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
         if verify:
             from llmconv.verification.outputs import compare_outputs
 
-            verification = compare_outputs(folder, model_path, profile="auto", provider=provider)
+            verification = compare_outputs(folder, model_path, profile="auto", provider=provider, task=plan.task)
             verification.reference, verification.candidate = str(src), str(dst)
             if not verification.passed:
                 raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "

@@ -21,7 +21,7 @@ DEFAULT_PPL_WINDOW = 1024  # tokens per window when neither model says how many 
 def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", atol: float | None = None,
                     rtol: float | None = None, inputs: Path | None = None, text: Path | None = None, batch: int = 2,
                     seq_len: int = 16, samples: int = 2, seed: int = 0, provider: str = "cpu",
-                    max_ppl_increase: float | None = None) -> VerifyReport:
+                    max_ppl_increase: float | None = None, task: str | None = None) -> VerifyReport:
     """Run both models on the same inputs and compare the outputs they share.
 
     Args:
@@ -39,6 +39,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         seed: synthetic inputs: random seed.
         provider: onnxruntime execution provider: ``cpu`` or ``cuda``.
         max_ppl_increase: perplexity budget as a fraction (0.02 = 2 %), overriding the profile's.
+        task: the task both models are for, when the caller knows it (the exporter does); by default
+            it is read from the ONNX graph's outputs and the hf folder's config.
     Returns:
         A VerifyReport in outputs mode: one check per shared output, plus ``perplexity`` with ``text``.
     Raises:
@@ -55,6 +57,10 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
 
     ref_sig, cand_sig = describe(Path(reference)), describe(Path(candidate))
     ref_task, cand_task = settle_task(ref_sig, cand_sig)
+    if task is not None:
+        # A graph's outputs do not say its task (fill-mask and text-generation both give logits).
+        ref_task, cand_task = (task if sig.kind == "torch" else t
+                               for sig, t in ((ref_sig, ref_task), (cand_sig, cand_task)))
     notes: list[str] = []
     if profile == "auto":
         name = auto_profile(float_dtype=cand_sig.float_dtype, quantization=cand_sig.quantization)

@@ -389,8 +389,19 @@ class TorchRunner:
         self.sig = sig
         self.want_cache = task.endswith("-with-past")
         with quiet():
-            self.model = getattr(transformers, cls_name).from_pretrained(
-                str(sig.model_path), dtype=torch.float32, local_files_only=True)
+            self.model, info = getattr(transformers, cls_name).from_pretrained(
+                str(sig.model_path), dtype=torch.float32, local_files_only=True, output_loading_info=True)
+        # Weights the checkpoint lacks are initialised at random, differently on each load: outputs
+        # that depend on them compare noise with noise. A head for another task is the usual cause.
+        missing = [k for k in info.get("missing_keys", []) if k not in getattr(self.model, "_tied_weights_keys", [])
+                   or not getattr(self.model.config, "tie_word_embeddings", False)]
+        if missing:
+            del self.model
+            shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+            raise UsageError(f"the checkpoint has no weights for {len(missing)} tensors that {cls_name} ({task}) "
+                             f"needs ({shown}); they would be random", path=sig.path,
+                             hint="choose the task the checkpoint was trained for (--task), e.g. feature-extraction "
+                                  "for a bare encoder")
         self.model.eval()
         params = inspect.signature(self.model.forward).parameters
         self.accepts = {n for n in KNOWN_INPUTS if n in params and n in sig.inputs}

@@ -223,3 +223,28 @@ def test_sliding_window_model_is_verified_on_the_positions_both_caches_keep(fx, 
     assert v.passed, v.summary()
     assert any(n.startswith("sliding window 8: the PyTorch cache keeps only the last 7 positions") for n in v.notes)
     assert all(c.figures["max_abs"] < 5e-6 for c in v.checks)
+
+
+def test_a_task_whose_head_the_checkpoint_lacks_is_refused_not_compared(fx, tmp_path):
+    """A bare encoder has no masked-LM head: exported for fill-mask, the head would be random on both
+    sides (and different): exit 2 saying so, not a misleading 'outputs differ'."""
+    with pytest.raises(UsageError, match=r"bert-hf: the checkpoint has no weights for \d+ tensors that "
+                                         r"AutoModelForMaskedLM \(fill-mask\) needs \(cls\.predictions"):
+        to_onnx(fx("bert-hf"), tmp_path / "fm", src_format="hf", dtype="keep", verify=True, force=False,
+                task="fill-mask")
+    assert not (tmp_path / "fm").exists()
+
+
+def test_fill_mask_export_of_a_masked_lm_is_verified_with_its_head(fx, tmp_path):
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(fx("bert-hf"))
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "mlm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (fx("bert-hf") / name).exists():
+            (tmp_path / "mlm" / name).write_bytes((fx("bert-hf") / name).read_bytes())
+    report = to_onnx(tmp_path / "mlm", tmp_path / "out", src_format="hf", dtype="keep", verify=True, force=False)
+    assert report.extra["task"] == "fill-mask" and report.verification.passed
+    assert [c.name for c in report.verification.checks] == ["logits"]
