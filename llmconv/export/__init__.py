@@ -99,6 +99,9 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
                 raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "
                                     "nothing was written", report=verification, path=dst)
         if to_file:
+            from llmconv.transforms.graph import referenced_data_files, remove_replaced_data
+
+            replaced = referenced_data_files(dst) if force else []
             data_files = [model_path.parent / d for d in post["external_data"]]
             size = sum(p.stat().st_size for p in [model_path, *data_files])
             listed = [str(dst)] + [str(dst.with_name(p.name)) for p in data_files]
@@ -111,6 +114,8 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
             everything = sorted(p for p in out_dir.rglob("*") if p.is_file())
             listed = [str(dst / p.relative_to(out_dir)) for p in everything]
             size = sum(p.stat().st_size for p in everything)
+    if to_file:
+        remove_replaced_data(replaced, [Path(p) for p in listed])
     if plan.exporter != "optimum":
         notes.append(f"optimum does not know {plan.model_type}: exported with torch.onnx, without past key/values")
     return ConvertReport(

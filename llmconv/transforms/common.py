@@ -91,12 +91,17 @@ def install(out_dir: Path, dst: Path, *, folder: bool, force: bool) -> list[Path
             for name in names:
                 os.replace(out_dir / name, tmp / name)
         return [dst / n for n in names]
+    from llmconv.transforms.graph import referenced_data_files, remove_replaced_data
+
     model = dst.name
     order = [n for n in names if n != model] + [model]
+    old = referenced_data_files(dst) if force else []
     for name in order:
         with atomic_output(dst.parent / name, folder=False, force=force or name != model) as tmp:
             os.replace(out_dir / name, tmp)
-    return [dst.parent / n for n in order]
+    written = [dst.parent / n for n in order]
+    remove_replaced_data(old, written)
+    return written
 
 
 def rename_paths(report: Any, renames: dict[Path, Path]) -> None:

@@ -52,6 +52,30 @@ def onnx_file(path: Path) -> Path:
     raise InputError("no ONNX model here", path=path)
 
 
+def referenced_data_files(model_path: Path) -> list[Path]:
+    """The external data files an existing ONNX file uses; empty if it is not a readable model.
+
+    For replacing a model with ``--force``: its old data files must go too, or they are left behind.
+    """
+    from llmconv.errors import LlmconvError
+
+    if not model_path.is_file():
+        return []
+    try:
+        return external_data_files(load_model(model_path, with_data=False), model_path)
+    except LlmconvError:
+        return []
+
+
+def remove_replaced_data(old: list[Path], written: list[Path]) -> None:
+    """Delete the data files of a replaced model that the new one does not use."""
+    keep = {p.resolve() for p in written}
+    for p in old:
+        if p.resolve() not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
 def external_data_files(model: onnx.ModelProto, model_path: Path) -> list[Path]:
     """The external data files ``model`` refers to, each checked to lie inside the model's folder.
 

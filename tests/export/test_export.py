@@ -248,3 +248,12 @@ def test_fill_mask_export_of_a_masked_lm_is_verified_with_its_head(fx, tmp_path)
     report = to_onnx(tmp_path / "mlm", tmp_path / "out", src_format="hf", dtype="keep", verify=True, force=False)
     assert report.extra["task"] == "fill-mask" and report.verification.passed
     assert [c.name for c in report.verification.checks] == ["logits"]
+
+
+def test_force_over_an_external_data_export_removes_its_old_data_file(fx, tmp_path):
+    dst = tmp_path / "m.onnx"
+    to_onnx(fx("gpt2-hf"), dst, src_format="hf", dtype="keep", verify=False, force=False, external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx_data"]
+    to_onnx(fx("gpt2-hf"), dst, src_format="hf", dtype="keep", verify=False, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    onnx.checker.check_model(str(dst))

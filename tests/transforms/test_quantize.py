@@ -335,6 +335,15 @@ def test_external_data_source_to_a_relative_destination_through_a_link(external_
     _run(tmp_path / "real" / "q.onnx")
 
 
+def test_force_over_an_external_data_model_removes_its_old_data_file(external_fx, onnx_fx, tmp_path):
+    dst = tmp_path / "q.onnx"
+    llmconv.quantize(external_fx("gpt2-hf") / "model.onnx", dst, target="cpu", verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx", "q.onnx.data"]
+    llmconv.quantize(onnx_fx("gpt2-hf"), dst, target="cpu", verify=False, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]  # no data file left from the old model
+    _run(dst)
+
+
 def test_same_flags_give_identical_bytes(onnx_fx, tmp_path):
     src = onnx_fx("gpt2-hf")
     for name in ("a.onnx", "b.onnx"):
