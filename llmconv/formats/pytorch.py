@@ -14,6 +14,7 @@ import mmap
 import pickle
 import re
 import threading
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def _load(path: Path) -> object:
         # torch.load reads any path named *.safetensors as safetensors; the content says PyTorch.
         return _load_legacy(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; what matters is raised
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise _refused(e, path) from None
     except RuntimeError as e:
@@ -53,7 +56,8 @@ def _load(path: Path) -> object:
 def _load_legacy(path: Path) -> object:
     """Read into memory: legacy pickles cannot be mapped (nor can files torch would take for safetensors)."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise _refused(e, path) from None
@@ -64,7 +68,8 @@ def _load_legacy(path: Path) -> object:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\]\s*\.?\s*")
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]*\w)")
+_UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]*\w)")
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 
 
 def _first_line(e: BaseException) -> str:
@@ -86,8 +91,8 @@ def _refused(e: pickle.UnpicklingError, path: Path) -> UnsafeInput:
         why = ", ".join(wanted)
     else:
         # torch's message opens with advice to turn the safe loader off; the reason is on a later line.
-        reasons = [ln.split("WeightsUnpickler error:", 1)[1].strip() for ln in text.splitlines()
-                   if "WeightsUnpickler error:" in ln]
+        after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+        reasons = [ln.strip() for ln in after.splitlines() if ln.strip()]
         why = re.split(r"\.\s+(?=[A-Z])", reasons[0])[0] if reasons else _first_line(e)
     return UnsafeInput(f"pickle needs more than plain tensors to load ({why}); nothing in it was run",
                        path=path, hint="only state dicts of tensors are read; re-save it with "
@@ -95,10 +100,47 @@ def _refused(e: pickle.UnpicklingError, path: Path) -> UnsafeInput:
 
 
 def _unsafe_globals(path: Path) -> list[str]:
+    if not zipfile.is_zipfile(path):
+        return _pickle_globals(path)
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile):
         return []  # a listing failure must not hide the refusal itself
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The globals a plain or legacy pickle names, read off its opcodes (nothing is unpickled).
+
+    Returns:
+        Those torch's safe loader would not allow, in order; empty if the stream cannot be read.
+    """
+    import pickletools
+
+    safe = {f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals()
+            if hasattr(g, "__qualname__")}
+    found: dict[str, None] = {}
+    try:
+        with open(path, "rb") as f:
+            while f.peek(1):  # a legacy checkpoint is several pickles in a row
+                strings: list[str] = []
+                memo: dict[int, str] = {}
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name in _STRING_OPS:
+                        strings.append(str(arg))
+                    elif op.name == "MEMOIZE" and strings:
+                        memo[len(memo)] = strings[-1]
+                    elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+                        strings.append(memo[arg])
+                    elif op.name == "GLOBAL":
+                        found[str(arg).replace(" ", ".")] = None
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found[f"{strings[-2]}.{strings[-1]}"] = None
+                if len(found) > 20:
+                    break
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError):
+        pass  # the stream ends, or is not a pickle: what was found so far is the answer
+    torch_ok = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set")
+    return [g for g in found if g not in safe and not g.startswith(torch_ok)]
 
 
 def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:

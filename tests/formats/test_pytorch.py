@@ -79,6 +79,30 @@ def test_legacy_pickle_is_read_and_its_unsafe_variant_refused(tmp_path, monkeypa
     assert not marker.exists()
 
 
+class _System:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo PWNED",))
+
+
+@pytest.mark.parametrize("kind", ["legacy", "plain-pickle", "zip"])
+def test_refusal_names_what_the_pickle_wanted(tmp_path, kind, capfd):
+    import pickle
+
+    path = tmp_path / f"{kind}.bin"
+    obj = {"a": torch.zeros(2), "evil": _System()}
+    if kind == "plain-pickle":
+        path.write_bytes(pickle.dumps(obj, protocol=4))
+    else:
+        torch.save(obj, path, _use_new_zipfile_serialization=kind == "zip")
+    with pytest.raises(UnsafeInput, match=r"pickle needs more than plain tensors to load \(posix\.system\); "
+                                          r"nothing in it was run"):
+        registry.open_checkpoint(path)
+    captured = capfd.readouterr()
+    assert "PWNED" not in captured.out and captured.err == ""  # nothing ran, and torch's warnings stay quiet
+
+
 def test_training_checkpoint_wrapper_is_unwrapped(tmp_path):
     sd = {"w": torch.ones(2, 3)}
     path = tmp_path / "ckpt.pt"
