@@ -228,19 +228,25 @@ def cast_source(src: TensorSource, target: torch.dtype) -> tuple[TensorSource, l
 
 def cast_tensor(name: str, t: torch.Tensor, target: torch.dtype, *, path: Path | None = None) -> torch.Tensor:
     """Cast one tensor, refusing finite values that would become inf."""
-    # Any narrowing cast can overflow: fp32/bf16 -> fp16, and fp64 -> fp32 too.
-    if t.numel() and t.dtype.is_floating_point and torch.finfo(target).max < torch.finfo(t.dtype).max:
+    out = t.to(target)
+    # Any narrowing cast can overflow: fp32/bf16 -> fp16, and fp64 -> fp32 too. An overflow shows as
+    # an inf in the result, so the cheap test is the result's range (one pass, no temporary); the
+    # source is searched only when the result holds an inf or NaN.
+    if not (out.numel() and t.dtype.is_floating_point and torch.finfo(target).max < torch.finfo(t.dtype).max):
+        return out
+    low, high = torch.aminmax(out)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return out
+    overflow = torch.isinf(out) & torch.isfinite(t)
+    if bool(overflow.any()):
+        biggest = float(t[overflow].abs().max())
         limit = torch.finfo(target).max
-        finite = t[torch.isfinite(t)] if not bool(torch.isfinite(t).all()) else t
-        biggest = float(finite.abs().max()) if finite.numel() else 0.0
-        # Round-to-nearest keeps values up to just under max + half an ulp; anything past max is inf.
-        if biggest > limit and torch.isinf(finite.abs().max().to(target)):
-            raise ConversionError(
-                f"tensor {name!r} has a value of magnitude {biggest:.6g}, past the {dtype_name(target)} "
-                f"maximum {limit:.6g}; casting would turn it into inf", path=path,
-                hint="keep this model in fp32 or bf16 (--dtype bf16)" if target == torch.float16
-                else f"keep it in {dtype_name(t.dtype)} (--dtype keep)")
-    return t.to(target)
+        raise ConversionError(
+            f"tensor {name!r} has a value of magnitude {biggest:.6g}, past the {dtype_name(target)} "
+            f"maximum {limit:.6g}; casting would turn it into inf", path=path,
+            hint="keep this model in fp32 or bf16 (--dtype bf16)" if target == torch.float16
+            else f"keep it in {dtype_name(t.dtype)} (--dtype keep)")
+    return out
 
 
 def read_json(path: Path, *, what: str) -> Any:
