@@ -223,7 +223,7 @@ def cast_source(src: TensorSource, target: torch.dtype) -> tuple[TensorSource, l
     return TensorSource(format=src.format, path=src.path, infos=infos, loader=load, aliases=dict(src.aliases),
                         metadata=dict(src.metadata), config=src.config, weights_format=src.weights_format,
                         files=list(src.files), extra_files=list(src.extra_files), zero_copy=False,
-                        details=dict(src.details)), cast_names
+                        details={**src.details, "cast_to": dtype_name(target)}), cast_names
 
 
 def cast_tensor(name: str, t: torch.Tensor, target: torch.dtype, *, path: Path | None = None) -> torch.Tensor:

@@ -56,6 +56,32 @@ def load_config(folder: Path) -> dict:
     return config
 
 
+_FLOAT_NAMES = {"float32", "float16", "bfloat16", "float64"}
+
+
+def _record_dtype(config_path: Path, src: TensorSource) -> None:
+    """Say in config.json the dtype the weights are now stored in, after a cast (--dtype).
+
+    ``from_pretrained(dtype="auto")`` loads the dtype config.json names: left at float32, a bf16
+    folder would load upcast, at twice the memory. The rest of the file is kept as it was.
+    """
+    import json
+
+    from llmconv.checkpoint import dtype_name
+
+    floats = {dtype_name(i.dtype) for n, i in src.infos.items() if i.dtype.is_floating_point}
+    if len(floats) != 1:
+        return
+    stored = floats.pop()
+    config = read_json(config_path, what="config.json")
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    if all(config.get(k) == stored for k in keys) or any(config.get(k) not in (None, *_FLOAT_NAMES) for k in keys):
+        return
+    for k in keys:
+        config[k] = stored
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 class HfFormat(Format):
     name = "hf"
     description = "Hugging Face model folder: config.json + safetensors or PyTorch weights (+ tokenizer files)"
@@ -95,6 +121,8 @@ class HfFormat(Format):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(extra, target)
             written.append(target)
+            if rel == Path("config.json") and src.details.get("cast_to"):
+                _record_dtype(target, src)
         written += writer.write(src, dst, folder=True, options=options)
         return written
 

@@ -223,3 +223,17 @@ def test_an_hf_folder_cannot_be_made_without_a_config(fx, tmp_path):
         convert(fx("llama.safetensors"), dst, to="hf")
     assert str(info.value).startswith(f"{dst}: an hf folder needs a config.json")
     assert not dst.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_cast_folder_says_its_new_dtype_in_config_json(fx, tmp_path):
+    src = fx("llama-hf")
+    before = json.loads((src / "config.json").read_text())
+    assert before["dtype"] == "float32"
+    convert(src, tmp_path / "bf", to="pytorch", dtype="bf16")
+    after = json.loads((tmp_path / "bf" / "config.json").read_text())
+    assert after == {**before, "dtype": "bfloat16"}  # nothing else changes
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf", dtype="auto").dtype == torch.bfloat16
+    convert(src, tmp_path / "same", to="pytorch")  # no cast: config.json is carried byte for byte
+    assert (tmp_path / "same" / "config.json").read_bytes() == (src / "config.json").read_bytes()
