@@ -43,6 +43,7 @@ class ConvertReport:
     dtype: str
     cast: list[str] = field(default_factory=list)
     dropped_aliases: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     verification: VerifyReport | None = None
     seconds: float = 0.0
@@ -54,7 +55,8 @@ class ConvertReport:
             "source_format": self.source_format, "destination_format": self.destination_format,
             "weights_format": self.weights_format, "tensors": self.tensors, "parameters": self.parameters,
             "bytes_written": self.bytes_written, "files": self.files, "dtype": self.dtype, "cast": self.cast,
-            "dropped_aliases": self.dropped_aliases, "notes": self.notes, "seconds": round(self.seconds, 3),
+            "aliases": self.aliases, "dropped_aliases": self.dropped_aliases, "notes": self.notes,
+            "seconds": round(self.seconds, 3),
             "verified": self.verification is not None,
         }
         if self.verification is not None:
@@ -169,6 +171,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         return ConvertReport(
             source=str(src_path), destination=str(dst_path), source_format=src_fmt.name,
             destination_format=dest.format.name, weights_format=dest.weights_format,
-            tensors=len(view.infos), parameters=view.num_parameters, bytes_written=size, files=rel,
+            tensors=len(view.infos) - len(view.aliases), aliases=dict(view.aliases),
+            parameters=view.num_parameters, bytes_written=size, files=rel,
             dtype=dtype if dtype == "keep" else dtype_name(CAST_TARGETS[dtype]), cast=cast,
             dropped_aliases=dropped, notes=notes, verification=verification, seconds=time.perf_counter() - t0)

@@ -39,7 +39,7 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
             "weights_format": src.weights_format, "tensors": len(src.infos) - len(src.aliases),
             "parameters": src.num_parameters, "bytes": src.total_bytes, "size_on_disk": size_on_disk,
             "dtypes": dict(sorted(hist.items())), "bytes_by_dtype": dict(sorted(bytes_by_dtype.items())),
-            "files": [str(f.relative_to(path)) if path.is_dir() else f.name for f in src.files],
+            "files": sorted(str(f.relative_to(path)) if path.is_dir() else f.name for f in src.files),
             "shards": src.details.get("shards", 1), "metadata": dict(src.metadata),
             "tied": dict(sorted(src.aliases.items())),
         }

@@ -61,7 +61,8 @@ def command(
                                           report.destination_format == "hf" else "")
     out.print(f"[green]converted[/] {escape(report.source)} ({report.source_format}) -> "
               f"{escape(report.destination)} ({target})")
-    out.print(f"  {report.tensors} tensors, {report.parameters:,} parameters, {human_size(report.bytes_written)} "
+    tied = f" (+{len(report.aliases)} tied)" if report.aliases else ""
+    out.print(f"  {report.tensors} tensors{tied}, {report.parameters:,} parameters, {human_size(report.bytes_written)} "
               f"in {len(report.files)} file(s), {report.seconds:.2f} s")
     if report.cast:
         out.print(f"  cast {len(report.cast)} floating-point tensors to {report.dtype}")

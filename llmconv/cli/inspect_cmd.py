@@ -36,12 +36,14 @@ def command(
         if key in info:
             rows.append((key, info[key]))
     rows += [
-        ("tensors", info["tensors"]),
+        ("tensors", f"{info['tensors']}" + (f" (+{len(info['tied'])} tied)" if info.get("tied") else "")),
         ("parameters", f"{info['parameters']:,}"),
         ("bytes", f"{human_size(info['bytes'])} ({info['bytes']:,})"),
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()) or "-"),
         ("shards", info["shards"]),
     ]
+    if info.get("external_data"):
+        rows.append(("external data", ", ".join(info["external_data"])))
     if info.get("metadata"):
         rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in info["metadata"].items())))
     if info.get("tied"):

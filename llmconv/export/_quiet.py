@@ -38,7 +38,7 @@ def quiet() -> Iterator[None]:
     except ImportError:
         tf_logging = None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_cpp_stdout():
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -46,3 +46,36 @@ def quiet() -> Iterator[None]:
             lg.setLevel(level)
         if tf_logging is not None and tf_verbosity is not None:
             tf_logging.set_verbosity(tf_verbosity)
+
+
+@contextlib.contextmanager
+def _no_cpp_stdout() -> Iterator[None]:
+    """Send what C++ code writes to the process's stdout to /dev/null for the block.
+
+    torch's TorchScript exporter turns its ONNX log on for every export and never off again (its
+    ``setup_onnx_logging`` tests a function object for truth), so a failed export dumps the whole
+    IR graph onto stdout: hundreds of lines in front of ``--json``'s one object.
+    """
+    import sys
+
+    try:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests): nothing to guard
+        fd = 1
+    saved = os.dup(fd)
+    sink = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(sink, fd)
+    try:
+        yield
+    finally:
+        _onnx_log_off()
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(sink)
+
+
+def _onnx_log_off() -> None:
+    torch = __import__("sys").modules.get("torch")
+    if torch is not None and hasattr(torch._C, "_jit_set_onnx_log_enabled"):
+        torch._C._jit_set_onnx_log_enabled(False)

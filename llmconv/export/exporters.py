@@ -113,7 +113,14 @@ def _export_optimum(plan: ExportPlan, folder: Path, out_dir: Path) -> None:
                     framework="pt", library_name="transformers", local_files_only=True, do_validation=False)
     except OnnxExporterError as e:
         raise ConversionError(f"torch.onnx cannot export {plan.model_type} at opset {plan.opset}: "
-                              f"{str(e).splitlines()[0]}", path=folder, hint="try another --opset") from e
+                              f"{_gist(e)}", path=folder, hint="try another --opset") from e
+
+
+def _gist(e: BaseException) -> str:
+    """The first line of an exporter error that says something (torch's may open with a blank line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class _Wrapped:
@@ -189,7 +196,7 @@ def _export_torch(plan: ExportPlan, folder: Path, out_dir: Path) -> None:
                               dynamic_axes=axes, opset_version=plan.opset, do_constant_folding=True, dynamo=False)
     except OnnxExporterError as e:
         raise ConversionError(f"torch.onnx cannot export {plan.model_type} at opset {plan.opset}: "
-                              f"{str(e).splitlines()[0]}", path=folder, hint="try another --opset") from e
+                              f"{_gist(e)}", path=folder, hint="try another --opset") from e
     model.config.save_pretrained(out_dir)
     gen_config = getattr(model, "generation_config", None)
     if gen_config is not None and (folder / "generation_config.json").is_file():

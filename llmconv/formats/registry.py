@@ -117,6 +117,8 @@ def detect(path: Path) -> Format:
             return ext
         raise InputError("not a checkpoint llmconv recognises (safetensors, PyTorch zip or pickle, ONNX)",
                          path=path, hint="run `llmconv formats` for what is supported")
+    if not path.is_dir():
+        raise InputError("not a regular file or folder", path=path, hint="give the checkpoint's file or folder")
     raise InputError("folder holds no model llmconv recognises: expected config.json with weights, "
                      "a *.index.json with shards, or one .safetensors/.bin/.onnx file", path=path)
 

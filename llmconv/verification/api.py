@@ -49,11 +49,18 @@ def verify(reference: str | Path, candidate: str | Path, *, mode: str = "auto", 
     if chosen == "weights":
         from llmconv.verification.profiles import weights_tolerance
 
+        for label, value in (("--atol", atol), ("--rtol", rtol)):
+            if value is not None and not value >= 0:
+                raise UsageError(f"{label} must be >= 0, not {value}")
         name, p_atol, p_rtol = weights_tolerance(profile)
+        if name == "exact" and (atol is not None or rtol is not None):
+            name = "custom"  # bit-exact no longer: the report must not say "exact"
         atol = p_atol if atol is None else atol
         rtol = p_rtol if rtol is None and atol is not None else rtol
         with ref_fmt.open(ref_path) as ref, cand_fmt.open(cand_path) as cand:
             report = compare_weights(ref, cand, atol=atol, rtol=rtol, profile=name, progress=progress)
+        if atol is not None or rtol is not None:
+            report.extra["thresholds"] = {"atol": atol or 0.0, "rtol": rtol or 0.0}
         return report
     if chosen == "outputs":
         from llmconv.verification.outputs import compare_outputs

@@ -91,6 +91,10 @@ def compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, *, atol: fl
     return Check(name, False, figs, f"max abs diff {max_abs:.3g} beyond atol {atol or 0.0:g} + rtol {rtol or 0.0:g}")
 
 
+def _worst(max_abs: float | None) -> float:
+    return math.inf if max_abs is None or math.isnan(max_abs) else max_abs
+
+
 def _unmatched(side: TensorSource, other: TensorSource) -> tuple[list[str], list[str]]:
     """Names of ``side`` that ``other`` lacks: (tied heads that ``other`` may leave out, the rest).
 
@@ -141,6 +145,7 @@ def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: f
         del ref_t, cand_t
         if progress:
             progress(reference.infos[n].nbytes)
-    checks.sort(key=lambda c: (c.passed, -(c.figures.get("max_abs") or 0.0) if not c.passed else 0.0))
+    # Failing first, worst first; a failure with no figure (a shape or name mismatch) is the worst.
+    checks.sort(key=lambda c: (c.passed, 0.0 if c.passed else -(_worst(c.figures.get("max_abs")))))
     report.checks = checks
     return report

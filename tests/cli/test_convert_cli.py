@@ -25,7 +25,8 @@ def test_convert_json(cli, fx, tmp_path):
     out = json.loads(r.stdout)
     assert out["schema"] == "llmconv.convert/1" and out["ok"] is True
     assert out["source_format"] == "pytorch" and out["destination_format"] == "safetensors"
-    assert out["tensors"] == 29 and out["parameters"] == 173_824
+    assert out["tensors"] == 28 and out["parameters"] == 173_824
+    assert out["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
     assert out["files"] == [str(dst)] and out["bytes_written"] == dst.stat().st_size
     assert out["dtype"] == "keep" and out["cast"] == []
     assert out["dropped_aliases"] == {"lm_head.weight": "transformer.wte.weight"}
@@ -39,7 +40,7 @@ def test_convert_human_output_and_no_progress_without_a_terminal(cli, fx, tmp_pa
     r = cli("convert", fx("gpt2-hf-bin"), tmp_path / "out", "--to", "safetensors")
     assert r.exit_code == 0, r.stderr
     assert "converted" in r.stdout and "(hf folder, safetensors weights)" in r.stdout
-    assert "29 tensors, 173,824 parameters" in r.stdout
+    assert "28 tensors (+1 tied), 173,824 parameters" in r.stdout
     assert "tied: lm_head.weight is stored once, as transformer.wte.weight" in r.stdout
     assert "verified: all 28 checks passed (weights, exact)" in r.stdout
     assert r.stderr == ""

@@ -78,3 +78,18 @@ def test_onnx_weights_out_and_back_in(fx, fixtures_dir, cli, tmp_path):
     assert out["verification"]["ok"] is True
     r = cli("verify", folder / "model.onnx", tmp_path / "w.safetensors", "--mode", "weights")
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.slow
+def test_a_failed_export_keeps_stdout_to_the_json_object(fx, tmp_path):
+    """torch's exporter dumps its IR graph on stdout when it fails (its ONNX log, left switched on):
+    --json must still print exactly one object there, and stderr one line."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(fx("llama-hf")), str(tmp_path / "o"),
+                        "--to", "onnx", "--opset", "9", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    out = json.loads(r.stdout)
+    assert out["error"]["code"] == 2 and "cannot export llama at opset 9" in out["error"]["message"]
+    assert r.stderr.count("\n") == 1 and "Torch IR graph" not in r.stdout + r.stderr

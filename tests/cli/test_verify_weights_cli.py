@@ -112,6 +112,24 @@ def test_dtype_change_fails_exact_passes_with_profile_or_atol(cli, llama, tmp_pa
     assert cli("verify", llama, half, "--atol", "1e-7").exit_code == 1
 
 
+def test_tolerances_are_checked_and_named_in_the_report(cli, llama, tmp_path):
+    cand = variant(llama, tmp_path, "pert", perturb)
+    r = cli("verify", llama, cand, "--atol", "-1")
+    assert r.exit_code == 2 and "--atol must be >= 0, not -1.0" in r.stderr
+    code, out = verify_json(cli, llama, cand, "--atol", "0.6")
+    assert code == 0 and out["profile"] == "custom" and out["thresholds"] == {"atol": 0.6, "rtol": 0.0}
+
+
+def test_a_shape_mismatch_is_listed_before_value_differences(cli, llama, tmp_path):
+    def both(tensors):
+        perturb(tensors, "model.norm.weight", 1, 0.5)
+        tensors["model.layers.1.input_layernorm.weight"] = tensors["model.layers.1.input_layernorm.weight"][:32]
+
+    code, out = verify_json(cli, llama, variant(llama, tmp_path, "both", both))
+    assert code == 1
+    assert [c["name"] for c in out["checks"][:2]] == ["model.layers.1.input_layernorm.weight", "model.norm.weight"]
+
+
 def test_shape_change_fails(cli, llama, tmp_path):
     cand = variant(llama, tmp_path, "shape", lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"][:32]))
     code, out = verify_json(cli, llama, cand, "--atol", "100")
