@@ -10,6 +10,7 @@ import typer
 from llmconv.cli import options as o
 from llmconv.cli.output import escape, fmt_num, kv_table, out, print_json
 
+_SPARSE_SHOWN = 10
 HELP = "Show what a checkpoint holds: format, tensors, parameters, dtypes, bytes, shards, metadata, ties."
 EPILOG = "Example: [bold]llmconv inspect fixtures/models/gpt2-tiny --json[/]"
 
@@ -61,6 +62,18 @@ def command(
     if info.get("sparsity"):
         rows.append(("sparsity", f"{info['sparsity']['overall']:.2%} of weight-matrix elements are zero"))
     out.print(kv_table(rows))
+    per_tensor = (info.get("sparsity") or {}).get("per_tensor") or {}
+    if any(per_tensor.values()):
+        from rich.table import Table
+
+        sparse = Table(title="sparsest weight matrices", title_justify="left", box=None, pad_edge=False)
+        sparse.add_column("name", overflow="fold")
+        sparse.add_column("zeros", justify="right")
+        for name, share in sorted(per_tensor.items(), key=lambda kv: (-kv[1], kv[0]))[:_SPARSE_SHOWN]:
+            sparse.add_row(escape(name), f"{share:.2%}")
+        out.print(sparse)
+        if len(per_tensor) > _SPARSE_SHOWN:
+            out.print(f"  ... {len(per_tensor) - _SPARSE_SHOWN} more (see --json)")
     if info.get("largest"):
         from rich.table import Table
 

@@ -92,6 +92,19 @@ def test_sparsity(cli, fx):
     assert info["sparsity"]["overall"] == 0.0 and set(info["sparsity"]["per_tensor"]) == {"transposed", "q", "k", "v"}
 
 
+def test_sparsity_per_tensor_for_people(cli, fx, tmp_path):
+    import llmconv
+
+    llmconv.prune(fx("llama.safetensors"), tmp_path / "p.safetensors", sparsity=0.5, pattern="2:4")
+    r = cli("inspect", tmp_path / "p.safetensors", "--sparsity", env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    import re
+
+    assert "sparsest weight matrices" in r.stdout
+    assert re.search(r"model\.layers\.0\.mlp\.down_proj\.weight +50\.00%", r.stdout)
+    assert "... 6 more (see --json)" in r.stdout  # 14 pruned, lm_head and the embedding: 16 matrices
+
+
 def test_inspect_errors(cli, fx, tmp_path):
     r = cli("inspect", tmp_path / "missing.safetensors", "--json")
     assert r.exit_code == 2
