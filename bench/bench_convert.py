@@ -43,9 +43,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from _procmem import PeakSampler  # bench/ is on sys.path: the script's own folder
 
 REPO = Path(__file__).resolve().parents[1]
 RATIO_TARGET = 1.3
@@ -130,64 +131,17 @@ def generate(folder: Path, target_bytes: int, seed: int, *, regen: bool) -> dict
 
 # ---- measuring ------------------------------------------------------------------------------------
 
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            pass
-    return out
-
-
-def _rss_anon_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
-class AnonSampler(threading.Thread):
-    """Samples the summed RssAnon of a process tree every ``interval`` seconds; keeps the peak."""
-
-    def __init__(self, pid: int, interval: float = 0.02):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.peak_kb = 0
-        self.samples = 0
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.is_set():
-            total = sum(_rss_anon_kb(p) for p in _descendants(self.pid))
-            self.peak_kb = max(self.peak_kb, total)
-            self.samples += 1
-            self._done.wait(self.interval)
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
-
-
 def run_measured(cmd: list[str], *, cwd: Path) -> dict:
     """Run ``cmd``; return its wall time, exit code, stdout and peak RssAnon (MB)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    sampler = AnonSampler(proc.pid)
+    sampler = PeakSampler(proc.pid)
     sampler.start()
     out, err = proc.communicate()
     wall = time.perf_counter() - t0
     sampler.stop()
     return {"wall": wall, "rc": proc.returncode, "stdout": out.decode(errors="replace"),
-            "stderr": err.decode(errors="replace"), "peak_anon_mb": sampler.peak_kb * 1024 / MB,
+            "stderr": err.decode(errors="replace"), "peak_anon_mb": sampler.peak_anon / MB,
             "samples": sampler.samples}
 
 

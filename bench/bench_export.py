@@ -36,9 +36,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from _procmem import PeakSampler  # bench/ is on sys.path: the script's own folder
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -59,58 +60,20 @@ def make_model(folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-def _tree(pid: int) -> list[int]:
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    stack.extend(int(c) for c in f.read().split())
-        except OSError:
-            continue
-    return out
-
-
-def _mem(pid: int) -> tuple[int, int]:
-    rss = anon = 0
-    for p in _tree(pid):
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        rss += int(line.split()[1]) * 1024
-                    elif line.startswith("RssAnon:"):
-                        anon += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return rss, anon
-
-
 def timed(cmd: list[str], *, env: dict[str, str] | None = None) -> dict:
     """Run ``cmd``; wall seconds, peak RSS and peak RssAnon of its process tree."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
-    peak = [0, 0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            rss, anon = _mem(proc.pid)
-            peak[0], peak[1] = max(peak[0], rss), max(peak[1], anon)
-            time.sleep(0.02)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    sampler = PeakSampler(proc.pid)
+    sampler.start()
     out, err = proc.communicate()
     wall = time.perf_counter() - t0
-    done.set()
-    th.join()
+    sampler.stop()
     if proc.returncode != 0:
         sys.stderr.write(err.decode(errors="replace")[-3000:])
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    return {"wall_s": wall, "peak_rss_mb": peak[0] / MB, "peak_anon_mb": peak[1] / MB, "stdout": out.decode()}
+    return {"wall_s": wall, "peak_rss_mb": sampler.peak_rss / MB, "peak_anon_mb": sampler.peak_anon / MB,
+            "stdout": out.decode()}
 
 
 _OVERHEAD = r'''
