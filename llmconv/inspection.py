@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llmconv.checkpoint import dtype_name
+from llmconv.checkpoint import dtype_name, ties_on_load
 from llmconv.formats import registry
 
 INSPECT_SCHEMA = "llmconv.inspect/1"
@@ -49,8 +49,7 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
             out["extra_files"] = [str(f.relative_to(path)) for f in src.extra_files]
             if "tie_word_embeddings" in src.config:
                 out["tie_word_embeddings"] = bool(src.config["tie_word_embeddings"])
-            out["tied_by_config"] = ([] if src.config.get("tie_word_embeddings") is False
-                                     else _config_ties(path, out["architecture"], set(src.infos)))
+            out["tied_by_config"] = _config_ties(out["architecture"], src.config, set(src.infos))
         for key, value in src.details.items():
             if key not in ("shards",):
                 out.setdefault(key, value)
@@ -62,21 +61,19 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
     return out
 
 
-def _config_ties(path: Path, architecture: str | None, stored: set[str]) -> list[str]:
+def _config_ties(architecture: str | None, config: dict[str, Any], stored: set[str]) -> list[str]:
     """Weights the model ties to its input embedding that the folder does not store.
 
     transformers saves a tied output head once, as the embedding, and ties it again on load, so a
-    folder's files never show the tie: the config (``tie_word_embeddings``, whose default depends on
-    the config class) and the model class (``_tied_weights_keys``) say it. Empty when transformers
-    is not installed or does not know the architecture.
+    folder's files never show the tie. Whether it ties is the rule conversion and verification use
+    (:func:`llmconv.checkpoint.ties_on_load`); which names, the model class's ``_tied_weights_keys``.
+    Empty when transformers is not installed or does not know the architecture.
     """
+    if not architecture or not ties_on_load(config):
+        return []
     try:
         import transformers
-
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ImportError, OSError, ValueError, KeyError):
-        return []
-    if not getattr(config, "tie_word_embeddings", False) or not architecture:
+    except ImportError:
         return []
     keys = getattr(getattr(transformers, architecture, None), "_tied_weights_keys", None) or []
     return sorted(k for k in keys if not any(n == k or n.endswith("." + k) for n in stored))
