@@ -341,11 +341,12 @@ def in_axes(names: list[str], src: TensorSource) -> tuple[dict[str, int], str | 
         fc = next((n for n in src.infos if _leaf(n) == "c_fc" and len(src.infos[n].shape) == 2), None)
         conv1d = fc is not None and src.infos[fc].shape[0] < src.infos[fc].shape[1]
         if any(_leaf(n) in _CONV1D_LEAVES for n in names):
-            shape = "x".join(map(str, src.infos[fc].shape)) if fc else ""
-            note = (f"no config.json: {fc} is {shape}, [in, out], so c_attn/c_proj/c_fc were read as GPT-2 "
-                    "Conv1D weights" if conv1d else
-                    "no config.json: c_attn/c_proj/c_fc were read as Linear weights [out, in]"
-                    + (f" ({fc} is {shape})" if fc else ""))
+            seen = f"{fc} is {'x'.join(map(str, src.infos[fc].shape))}" if fc else ""
+            if conv1d:
+                note = f"no config.json: {seen}, [in, out], so c_attn/c_proj/c_fc were read as GPT-2 Conv1D weights"
+            else:
+                note = "no config.json: c_attn/c_proj/c_fc were read as Linear weights [out, in]"
+                note += f" ({seen})" if seen else ""
     return {n: 0 if conv1d and _leaf(n) in _CONV1D_LEAVES else 1 for n in names}, note
 
 

@@ -59,8 +59,10 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     ref_task, cand_task = settle_task(ref_sig, cand_sig)
     if task is not None:
         # A graph's outputs do not say its task (fill-mask and text-generation both give logits).
-        ref_task, cand_task = (task if sig.kind == "torch" else t
-                               for sig, t in ((ref_sig, ref_task), (cand_sig, cand_task)))
+        if ref_sig.kind == "torch":
+            ref_task = task
+        if cand_sig.kind == "torch":
+            cand_task = task
     notes: list[str] = []
     if profile == "auto":
         name = auto_profile(float_dtype=cand_sig.float_dtype, quantization=cand_sig.quantization)
