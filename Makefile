@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 LLMCONV := $(BIN)/llmconv
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install demo test test-fast lint bench bench-convert bench-export bench-quantize fixtures batch batch-check batch-models batch-summary clean
+.PHONY: install demo test test-fast lint bench bench-convert bench-export bench-quantize fixtures fuzz batch batch-check batch-models batch-summary clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,15 @@ lint: install
 
 fixtures: install
 	$(BIN)/python fixtures/make_fixtures.py out/fixtures
+
+# The long fuzzing campaign over every reader (the default suite runs a short seeded budget of the
+# same cases, tests/fuzz): prints outcomes by reader and class, writes out/fuzz/summary.json and
+# out/fuzz/findings/, and fails if anything was found. ~25 ms a case on 2 cores: 30000 take ~15 min.
+FUZZ_CASES ?= 30000
+FUZZ_SEED ?= 0
+FUZZ_TIMEOUT ?= 30
+fuzz: install
+	$(BIN)/python scripts/fuzz_campaign.py --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) --timeout $(FUZZ_TIMEOUT) --out out/fuzz
 
 bench: bench-convert bench-export bench-quantize
 bench-convert: install
@@ -94,14 +103,16 @@ batch-models: $(STAMPS)
 
 $(STATUS)/%.json: $(MODELS_DIR)/%
 	@mkdir -p $(STATUS)
-	@rm -f "$@.failed"
+	@# One status per model: a stale report of the other kind would list it twice (ok and FAILED), and
+	@# without "$@" make reruns it next time, also after an interrupted run.
+	@rm -f "$@" "$@.failed"
 	@echo "converting $* -> $(call dest,$*)"
 	@$(LLMCONV) convert "$<" "$(call dest,$*)" --to $(TO) --force --json $(CONVERT_FLAGS) > "$@.part"; \
 	rc=$$?; if [ $$rc -eq 0 ]; then mv "$@.part" "$@"; else mv "$@.part" "$@.failed"; \
 	echo "FAILED: $* (exit $$rc): see $@.failed" >&2; exit $$rc; fi
 
 batch-summary:
-	@$(BIN)/python scripts/batch_summary.py $(STATUS)
+	@$(BIN)/python scripts/batch_summary.py $(STATUS) $(MODELS_DIR)
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,15 +250,102 @@ def cast_tensor(name: str, t: torch.Tensor, target: torch.dtype, *, path: Path |
     return out
 
 
+# Deeper than any real config or index (they nest 2-4 levels); deeper values crash the recursive code
+# that reads them later (transformers' config classes, json.dumps) with RecursionError.
+MAX_JSON_DEPTH = 100
+
+# The config.json values llmconv reads itself, with the JSON types they must have; null stands for "not
+# set". Integers are sizes and counts, never negative. (Other keys are transformers' business.)
+_CONFIG_STR = ("model_type", "torch_dtype", "dtype", "tokenizer_class")
+_CONFIG_BOOL = ("tie_word_embeddings", "is_decoder", "use_sliding_window")
+_CONFIG_INT = ("vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_layers",
+               "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "type_vocab_size")
+_CONFIG_DICT = ("text_config",)
+
+
 def read_json(path: Path, *, what: str) -> Any:
-    """Read a JSON file, raising CorruptInput that names it."""
+    """Read a JSON file, raising InputError/CorruptInput that names it.
+
+    Args:
+        path: the file.
+        what: what it is, for messages ("index file", "config.json"). For ``"config.json"`` the values
+            llmconv reads are type-checked too (:func:`check_config`), so every reader of a config gets them.
+    Returns:
+        The parsed value.
+    Raises:
+        InputError: the file cannot be read.
+        CorruptInput: not JSON, nested deeper than ``MAX_JSON_DEPTH``, an integer of more digits than Python
+            converts (4300 by default), or a config value of the wrong type.
+    """
     from llmconv.errors import CorruptInput, InputError
 
     try:
         text = path.read_bytes()  # decoded by json.loads, so bad UTF-8 is reported as corrupt JSON below
     except OSError as e:
         raise InputError(f"cannot read {what}: {e.strerror or e}", path=path) from e
+    except ValueError as e:  # a NUL byte in a path taken from another file
+        raise InputError(f"cannot read {what}: the path holds a NUL byte", path=path) from e
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptInput(f"{what} is not valid JSON ({e})", path=path) from e
+    except ValueError as e:  # int("9" * 5000): Python's guard against quadratic-time conversion
+        raise CorruptInput(f"{what} holds an integer of more than {sys.get_int_max_str_digits()} digits, "
+                           "too long to read", path=path, hint="no model needs such a number") from e
+    except RecursionError as e:
+        raise CorruptInput(f"{what} is nested too deeply to read (more than {MAX_JSON_DEPTH} levels)",
+                           path=path) from e
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise CorruptInput(f"{what} is nested too deeply to read (more than {MAX_JSON_DEPTH} levels)", path=path)
+    if what == "config.json" and isinstance(value, dict):
+        check_config(value, path=path)
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deep ``value`` nests (a scalar is 1), counted level by level without recursion."""
+    depth, level = 0, [value]
+    while level and depth <= MAX_JSON_DEPTH:
+        depth += 1
+        level = [c for v in level if isinstance(v, (dict, list)) for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+def check_config(config: dict[str, Any], *, path: Path, _prefix: str = "") -> None:
+    """Check the types of the config.json values llmconv reads (``"torch_dtype": {}`` and the like).
+
+    Args:
+        config: the parsed config.json.
+        path: the file, for the message.
+    Raises:
+        CorruptInput: naming the key, the type it has and the type it must have.
+    Example:
+        >>> check_config({"model_type": "gpt2", "vocab_size": 50257}, path=Path("config.json"))
+    """
+    from llmconv.errors import CorruptInput
+
+    def bad(key: str, want: str) -> CorruptInput:
+        shown = json.dumps(config[key], ensure_ascii=True)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return CorruptInput(f"{_prefix + key!r} must be {want}, not {shown}", path=path,
+                            hint="fix the value or remove the key")
+
+    for key in _CONFIG_STR:
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise bad(key, "a string")
+    for key in _CONFIG_BOOL:
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise bad(key, "true or false")
+    for key in _CONFIG_INT:
+        v = config.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise bad(key, "a non-negative integer")
+    arch = config.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise bad("architectures", "a list of class names")
+    for key in _CONFIG_DICT:
+        sub = config.get(key)
+        if sub is not None and not isinstance(sub, dict):
+            raise bad(key, "an object")
+        if isinstance(sub, dict):
+            check_config(sub, path=path, _prefix=f"{_prefix}{key}.")

@@ -13,7 +13,7 @@ from llmconv.formats import registry
 from llmconv.formats.registry import Format, ProgressFn, WriteOptions
 from llmconv.io import atomic_output, check_destination, check_free_space, human_size, parse_size
 from llmconv.verification.report import VerifyReport
-from llmconv.verification.weights import compare_weights
+from llmconv.verification.weights import compare_weights, require_tensors
 
 CONVERT_SCHEMA = "llmconv.convert/1"
 
@@ -112,7 +112,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
     t0 = time.perf_counter()
     src_path, dst_path = Path(src), Path(dst)
     src_fmt = registry.detect(src_path)
-    check_destination(src_path, dst_path, force=force)
+    check_destination(src_path, dst_path, force=force, reads=[export_options.get("config")])
     if dtype != "keep" and dtype not in CAST_TARGETS:
         raise UsageError(f"unknown --dtype {dtype!r}", hint="use keep, fp32, fp16 or bf16")
     limit = parse_size(shard_size) if shard_size else None
@@ -129,6 +129,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         raise UsageError("--task, --opset and --config apply to ONNX destinations only")
 
     with src_fmt.open(src_path) as source:
+        require_tensors(source, what="convert")
         dest = resolve_destination(src_fmt, source, dst_path, to)
         if not dest.format.writable:
             raise UsageError(f"llmconv does not write {dest.format.name} from {src_fmt.name}")
@@ -136,7 +137,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             raise UsageError(f"an hf folder needs a config.json, and {src_path} has none", path=dst_path,
                              hint="write a weights folder instead (--to safetensors or --to pytorch)")
         view, cast = (source, []) if dtype == "keep" else cast_source(source, CAST_TARGETS[dtype])
-        notes = []
+        # The hf reader's notes say which folder files it leaves out (links that leave the folder, ...).
+        notes = list(source.details.get("notes", [])) if dest.format.name == "hf" else []
         if dest.format.name != "hf" and source.config is not None:
             notes.append("config.json and other folder files are not carried into a single weights file")
         if source.metadata and (dest.weights_format or dest.format.name) == "pytorch":

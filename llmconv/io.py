@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
+import signal
+import socket
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from llmconv.errors import DestinationError, UnsafeInput, UsageError
+from llmconv.errors import CorruptInput, DestinationError, UnsafeInput, UsageError
 
 # Outputs are meant to be shared: mkstemp and safetensors give 0600 otherwise.
 FILE_MODE = 0o644
@@ -62,6 +66,11 @@ def human_size(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
+# Folders of links that llmconv made itself (llmconv.formats.hf.linked_view): resolved folder -> the resolved
+# files its links may reach. Kept in this process only, so that no file in a model can claim this trust.
+LINKED_VIEWS: dict[Path, frozenset[Path]] = {}
+
+
 def safe_child(root: Path, relative: str, *, what: str, source: Path) -> Path:
     """Resolve ``relative`` under ``root`` and refuse anything that leaves it.
 
@@ -80,11 +89,20 @@ def safe_child(root: Path, relative: str, *, what: str, source: Path) -> Path:
     if ".." in parts:
         raise UnsafeInput(f"{what} path {relative!r} leaves the model's folder",
                           path=source, hint="refusing to read outside the model")
-    resolved = (root / relative).resolve()
+    try:
+        resolved = (root / relative).resolve()
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # a missing shard: the caller says so
+            os.stat(resolved)  # a name too long passes resolve() and fails every later use
+    except (ValueError, OSError, RuntimeError) as e:  # NUL byte, name too long, a link loop (RuntimeError < 3.13)
+        why = ("holds a NUL byte" if isinstance(e, ValueError) else "has a name too long for the filesystem"
+               if getattr(e, "errno", None) == errno.ENAMETOOLONG else "runs into symbolic links that loop"
+               if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP
+               else f"cannot be resolved ({getattr(e, 'strerror', None) or e})")
+        raise CorruptInput(f"{what} path {relative!r} {why}", path=source, hint="fix the reference") from e
     root_resolved = root.resolve()
     blobs = _hf_cache_blobs(root_resolved)
     if resolved != root_resolved and root_resolved not in resolved.parents and (
-            blobs is None or blobs not in resolved.parents):
+            blobs is None or blobs not in resolved.parents) and resolved not in LINKED_VIEWS.get(root_resolved, ()):
         raise UnsafeInput(f"{what} path {relative!r} resolves outside the model's folder (through a link?)",
                           path=source, hint="refusing to read outside the model")
     return resolved
@@ -98,8 +116,16 @@ def _hf_cache_blobs(root: Path) -> Path | None:
     return None
 
 
-def check_destination(src: Path, dst: Path, *, force: bool) -> None:
-    """Refuse a destination that exists (unless ``force``), equals the source, or lies inside it."""
+def check_destination(src: Path, dst: Path, *, force: bool, reads: Iterable[Path | str | None] = ()) -> None:
+    """Refuse a destination that exists (unless ``force``), equals the source, lies inside it, or is (or
+    would write) a file the source reads.
+
+    Args:
+        src: the model read.
+        dst: the destination; for a ``.onnx`` file, the external data files beside it count too.
+        force: an existing destination may be replaced.
+        reads: other files the command reads (a config, calibration data): never replaced either.
+    """
     s, d = src.resolve(), dst.resolve()
     if d == s:
         raise DestinationError("destination is the source itself", path=dst, hint="choose another path")
@@ -109,8 +135,125 @@ def check_destination(src: Path, dst: Path, *, force: bool) -> None:
     if d.is_dir() and d in s.parents:
         raise DestinationError(f"destination is a folder that contains the source {src}; --force would delete it",
                                path=dst, hint="choose another path")
+    inputs = input_files(src)
+    for extra in reads:
+        if extra is not None:
+            inputs += input_files(Path(extra))
+    clash = find_input([dst, *data_files_beside(dst)], inputs)
+    if clash is not None:
+        out, how, hit = clash
+        what = "destination" if out == dst else f"the output's external data file {out.name}"
+        raise DestinationError(f"{what} {how} {hit}, which the source reads; writing there would destroy it",
+                               path=out, hint="choose another path")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise DestinationError("destination exists", path=dst, hint="pass --force to replace it")
+
+
+def data_files_beside(dst: Path) -> list[Path]:
+    """The external data files an ONNX output at ``dst`` may write beside it (both names llmconv uses)."""
+    dst = Path(dst)
+    if dst.suffix.lower() != ".onnx":
+        return []
+    return [dst.with_name(f"{dst.name}.data"), dst.with_name(f"{dst.name}_data")]
+
+
+def input_files(path: Path) -> list[Path]:
+    """Every file that reading the model at ``path`` may open, as given (not resolved).
+
+    The file itself; for an ONNX model also every external data file it names (even one that reading it
+    would refuse); for a folder every file under it. Best effort: what cannot be read adds nothing.
+
+    Args:
+        path: a model file or folder (or any file a command reads).
+    Returns:
+        The paths, without duplicates.
+    """
+    path = Path(path)
+    found: dict[Path, None] = {}
+    if path.is_dir():
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                p = Path(root) / name
+                found[p] = None
+                if name.lower().endswith(".onnx"):
+                    found.update(dict.fromkeys(_onnx_named_files(p)))
+    elif path.exists():
+        found[path] = None
+        found.update(dict.fromkeys(_onnx_named_files(path)))
+    return list(found)
+
+
+def _onnx_named_files(model: Path) -> list[Path]:
+    """The external data files an ONNX file names, wherever they are; [] when it is not a readable ONNX file."""
+    from llmconv.errors import LlmconvError
+
+    try:
+        from llmconv.formats import registry
+
+        if registry.detect(model).name != "onnx":
+            return []
+        from llmconv.formats.onnx import iter_graphs, load_graph
+
+        view = load_graph(model)
+    except (LlmconvError, ImportError):
+        return []
+    try:
+        named: dict[Path, None] = {}
+        for g in iter_graphs(view.model.graph):
+            tensors = list(g.initializer)
+            for node in g.node:
+                for attr in node.attribute:
+                    tensors.extend([attr.t] if attr.type == 4 else list(attr.tensors) if attr.type == 9 else [])
+            for t in tensors:
+                for e in t.external_data:
+                    if e.key == "location" and e.value:
+                        named[model.parent / e.value] = None  # an absolute location replaces the parent
+        return list(named)
+    finally:
+        view.close()
+
+
+def _identity(p: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(p)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def find_input(outputs: Iterable[Path], inputs: Iterable[Path]) -> tuple[Path, str, Path] | None:
+    """The first output path that is an input file: the same path once resolved, a hard link to one (same
+    device and inode), or a folder that holds one.
+
+    Args:
+        outputs: the paths a command would write or replace.
+        inputs: the files it reads (see :func:`input_files`).
+    Returns:
+        ``(output, how, input)`` with ``how`` one of "is", "is a hard link to", "is a folder that holds";
+        None when they are apart.
+    """
+    by_path: dict[Path, Path] = {}
+    by_id: dict[tuple[int, int], Path] = {}
+    for p in inputs:
+        try:
+            by_path.setdefault(p.resolve(), p)
+        except RuntimeError:  # a link loop (Python < 3.13): nothing can be written through it
+            continue
+        ident = _identity(p)
+        if ident is not None:
+            by_id.setdefault(ident, p)
+    for out in map(Path, outputs):
+        r = out.resolve()
+        if r in by_path:
+            return out, "is", by_path[r]
+        ident = _identity(out)
+        if ident is not None and ident in by_id:
+            return out, "is a hard link to", by_id[ident]
+        if r.is_dir():
+            hit = next((p for q, p in by_path.items() if r in q.parents), None)
+            if hit is not None:
+                return out, "is a folder that holds", hit
+    return None
 
 
 def set_modes(path: Path) -> None:
@@ -132,6 +275,8 @@ _NEARLY_FULL = 1 << 20
 
 def _cannot_write(dst: Path, e: BaseException) -> DestinationError | None:
     """The error to raise instead of ``e`` when ``e`` came from the destination's file system."""
+    if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+        e = e.__context__  # torch's zip writer reports the OSError of our write() as "unexpected pos"
     if isinstance(e, OSError) and e.errno in _DEST_ERRNOS:
         return DestinationError(f"cannot write the output: {e.strerror}", path=dst,
                                 hint="free some space or choose another destination")
@@ -155,13 +300,129 @@ def check_free_space(dst: Path, needed: int) -> None:
                                path=dst, hint="free some space or choose another destination")
 
 
+# Temporary names carry the owner's pid and a tag of its host, so that a later run on the same destination
+# can tell a leftover of a dead process (SIGKILL, a crash, a power cut) from the output of a live one.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_KINDS = ("tmp", "old", "scratch")
+# Outputs renamed into place by this process since the CLI's command began: (destination, old copy left).
+_COMMITTED: list[tuple[Path, Path | None]] = []
+
+
+def _temp_prefix(dst: Path, kind: str) -> str:
+    return f".{dst.name}.llmconv-{kind}-{os.getpid()}-{_HOST}-"
+
+
+def _leftover_re(name: str) -> re.Pattern[str]:
+    # `.NAME.llmconv-KIND-PID-HOST-RANDOM`, and a scratch folder made beside one of those (`..NAME.llmconv-tmp-
+    # PID-HOST-RANDOM.llmconv-scratch-PID-HOST-RANDOM`, a spill file's folder): nothing else is ever removed.
+    part = rf"llmconv-(?:{'|'.join(_KINDS)})-(\d+)-{_HOST}-\w+"
+    return re.compile(rf"^\.\.?{re.escape(name)}\.{part}(?:\.llmconv-scratch-\d+-{_HOST}-\w+)?$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process: not ours to judge
+    return True
+
+
+def remove_leftovers(dst: Path) -> list[Path]:
+    """Remove the temporary files and folders that dead llmconv processes left beside ``dst``.
+
+    Only names of the exact form llmconv gives them for this destination, made on this host, whose
+    process no longer runs.
+
+    Returns:
+        What was removed.
+    """
+    dst = Path(dst)
+    parent = dst.parent if str(dst.parent) else Path(".")
+    pattern = _leftover_re(dst.name)
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):  # not ours to fail on: the run goes on without cleaning it
+            _remove(Path(entry.path))
+            removed.append(Path(entry.path))
+    return removed
+
+
+def check_replaceable(dst: Path, *, folder: bool, force: bool) -> None:
+    """Refuse to replace an existing ``dst`` without ``force``, and a folder by a file."""
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise DestinationError("destination exists", path=dst, hint="pass --force to replace it")
+    if not folder and dst.is_dir() and not dst.is_symlink():
+        raise DestinationError("destination is a folder, and the output is a file; refusing to delete the folder",
+                               path=dst, hint="give a file path, or remove the folder yourself")
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers the program had.
+
+    Around the renames that put an output in place: an interrupt lands before or after them, never
+    between, so what the CLI then says about the destination is true. Only the main thread receives
+    Python signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    saved: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: set outside Python, and it could not be put back
+            saved[sig] = handler
+            signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(held):
+            signal.raise_signal(sig)
+
+
+def forget_commits() -> None:
+    """Start a new command: no output of it is in place yet (see :func:`interrupt_outcome`)."""
+    _COMMITTED.clear()
+
+
+def interrupt_outcome() -> str:
+    """What an interrupt left behind, for the CLI's message: the destination as it was, or the new output."""
+    if not _COMMITTED:
+        return "the destination was left as it was"
+    done = ", ".join(str(d) for d, _ in _COMMITTED)
+    left = [str(old) for _, old in _COMMITTED if old is not None]
+    old = (f"; the old copy is left at {', '.join(left)} (the next llmconv run on it removes it)" if left
+           else "")
+    return f"the new output was already in place at {done}{old}"
+
+
+def _note_commit(dst: Path, old_left: Path | None) -> None:
+    # Outputs built inside our own scratch or temporary folders are steps, not the user's destination.
+    if not any(".llmconv-scratch-" in part or ".llmconv-tmp-" in part for part in dst.parts):
+        _COMMITTED.append((dst, old_left))
+
+
 @contextlib.contextmanager
 def atomic_output(dst: Path, *, folder: bool, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``dst``; rename it into place only if the block completes.
 
     On any exception (a failed verification included) the temporary output is removed and
     ``dst`` is left as it was. With ``force`` an existing ``dst`` is replaced, after the new
-    output is complete.
+    output is complete; an old folder is moved aside and removed with SIGINT/SIGTERM held, so an
+    interrupt leaves either the old destination or the new one, never a mix. Leftovers of dead
+    llmconv processes beside ``dst`` are removed first.
 
     Args:
         dst: the final destination.
@@ -170,61 +431,74 @@ def atomic_output(dst: Path, *, folder: bool, force: bool = False) -> Iterator[P
     """
     dst = Path(dst)
     parent = dst.parent if str(dst.parent) else Path(".")
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise DestinationError("destination exists", path=dst, hint="pass --force to replace it")
-    if not folder and dst.is_dir() and not dst.is_symlink():
-        raise DestinationError("destination is a folder, and the output is a file; refusing to delete the folder",
-                               path=dst, hint="give a file path, or remove the folder yourself")
+    check_replaceable(dst, folder=folder, force=force)
     # Folders made for the output are removed again if it fails: the file system is left as it was.
     made = [p for p in (parent, *parent.parents) if not p.exists()]
-    prefix = f".{dst.name}.llmconv-tmp-"
+    committed = False
+    tmp: Path | None = None
     try:
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            if folder:
-                tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-            else:
-                fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
-                os.close(fd)
-                tmp = Path(name)
-        except OSError as e:
-            where = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
-            why = f"{where} is a file, not a folder" if where is not None else (e.strerror or str(e))
-            raise DestinationError(f"cannot create the output here: {why}", path=dst,
-                                   hint="choose a destination in a folder you can write") from e
-        try:
+            remove_leftovers(dst)
+            # Signals held while the temporary name is made: an interrupt then always finds it to remove.
+            with held_signals():
+                tmp = _make_temp(dst, parent, folder=folder)
             yield tmp
             set_modes(tmp)
-            _replace(tmp, dst)
+            with held_signals():
+                old = _replace(tmp, dst)
+                committed = True
+                if old is not None:
+                    _remove(old)
+                _note_commit(dst, old if old is not None and (old.exists() or old.is_symlink()) else None)
         except BaseException as e:
-            _remove(tmp)
+            if committed:
+                raise  # an interrupt held during the swap: the new output is in place
+            if tmp is not None:
+                _remove(tmp)
             instead = _cannot_write(dst, e)
             if instead is not None:
                 raise instead from e
             raise
     except BaseException:
-        for p in made:  # deepest first; only the empty folders made here
-            with contextlib.suppress(OSError):
-                p.rmdir()
+        if not committed:
+            for p in made:  # deepest first; only the empty folders made here
+                with contextlib.suppress(OSError):
+                    p.rmdir()
         raise
 
 
-def _replace(tmp: Path, dst: Path) -> None:
+def _make_temp(dst: Path, parent: Path, *, folder: bool) -> Path:
+    prefix = _temp_prefix(dst, "tmp")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
+        os.close(fd)
+        return Path(name)
+    except OSError as e:
+        where = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{where} is a file, not a folder" if where is not None else (e.strerror or str(e))
+        raise DestinationError(f"cannot create the output here: {why}", path=dst,
+                               hint="choose a destination in a folder you can write") from e
+
+
+def _replace(tmp: Path, dst: Path) -> Path | None:
+    """Rename ``tmp`` to ``dst``; returns the old folder moved aside, for the caller to remove."""
     if dst.is_dir() and not dst.is_symlink():
-        # A folder cannot be renamed over a folder: move the old one aside first, then drop it.
-        old = dst.with_name(f".{dst.name}.llmconv-old-{os.getpid()}")
+        # A folder cannot be renamed over a folder: move the old one aside first.
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst, "old"), dir=dst.parent))
         os.replace(dst, old)
         try:
             os.replace(tmp, dst)
         except BaseException:
             os.replace(old, dst)
             raise
-        _remove(old)
-    elif tmp.is_dir() and (dst.exists() or dst.is_symlink()):
+        return old
+    if tmp.is_dir() and (dst.exists() or dst.is_symlink()):
         dst.unlink()
-        os.replace(tmp, dst)
-    else:
-        os.replace(tmp, dst)
+    os.replace(tmp, dst)
+    return None
 
 
 def _remove(path: Path) -> None:
@@ -235,10 +509,18 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def scratch_dir(near: Path) -> tempfile.TemporaryDirectory:
-    """A temporary folder on the same filesystem as ``near`` (for spill files)."""
+@contextlib.contextmanager
+def scratch_dir(near: Path) -> Iterator[str]:
+    """A temporary folder on the same filesystem as ``near`` (for spill files), removed on the way out.
+
+    Named after ``near`` and this process, like atomic_output's temporary names; leftovers of dead
+    processes for ``near`` are removed first.
+    """
+    near = Path(near)
     parent = near.parent if near.parent.exists() else Path(".")
-    return tempfile.TemporaryDirectory(prefix=f".{near.name}.llmconv-scratch-", dir=parent)
+    remove_leftovers(parent / near.name)
+    with tempfile.TemporaryDirectory(prefix=_temp_prefix(near, "scratch"), dir=parent) as name:
+        yield name
 
 
 def open_output(path: Path) -> BinaryIO:

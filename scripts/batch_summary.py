@@ -1,4 +1,7 @@
-"""Summary table of a batch conversion: one row per model from OUT_DIR/.status/*.json(.failed)."""
+"""Summary table of a batch conversion: one row per model from OUT_DIR/.status/*.json(.failed).
+
+Usage: batch_summary.py STATUS_DIR [MODELS_DIR]. With MODELS_DIR, models no longer in it are not listed.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +15,17 @@ from rich.table import Table
 
 def main(argv: list[str]) -> int:
     status = Path(argv[1]) if len(argv) > 1 else Path("converted/.status")
-    rows = []
-    for path in sorted(status.glob("*.json")) + sorted(status.glob("*.json.failed")):
+    models = Path(argv[2]) if len(argv) > 2 else None
+    # One report per model, the latest when a run left both kinds; none for models since removed.
+    latest: dict[str, Path] = {}
+    for path in list(status.glob("*.json")) + list(status.glob("*.json.failed")):
         name = path.name.removesuffix(".failed").removesuffix(".json")
+        if models is not None and not (models / name).exists() and not (models / name).is_symlink():
+            continue
+        if name not in latest or path.stat().st_mtime > latest[name].stat().st_mtime:
+            latest[name] = path
+    rows = []
+    for name, path in sorted(latest.items()):
         try:
             report = json.loads(path.read_text() or "{}")
         except json.JSONDecodeError:

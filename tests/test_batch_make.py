@@ -4,6 +4,7 @@ of what make cannot do safely."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -55,3 +56,40 @@ def test_batch_refuses_colliding_outputs_spaces_and_a_missing_folder(fx, tmp_pat
     r = make("batch-check", f"MODELS_DIR={tmp_path / 'nope'}")
     assert r.returncode != 0 and "no such folder" in r.stderr
     assert not out.exists()
+
+
+def _rows(summary: str, name: str) -> list[str]:
+    """The summary table's rows for model ``name`` (its first cell)."""
+    return [line for line in summary.splitlines() if line.startswith(f"│ {name} ")]
+
+
+@pytest.mark.slow
+def test_batch_summary_lists_each_existing_model_once_with_its_latest_status(fx, tmp_path):
+    models, out = tmp_path / "models", tmp_path / "converted"
+    models.mkdir()
+    for name in ("a.bin", "b.bin", "c.bin"):
+        shutil.copy(fx("gpt2-state-dict.bin"), models / name)
+    args = [f"MODELS_DIR={models}", f"OUT_DIR={out}", "TO=safetensors"]
+    assert make("-j2", "batch-check", "batch-models", *args).returncode == 0
+    assert "3 converted, 0 failed" in make("batch-summary", *args).stdout
+
+    # b.bin breaks (newer than its report, so make converts it again); c.bin is deleted.
+    shutil.copy(fx("truncated.bin"), models / "b.bin")
+    later = (out / ".status" / "b.bin.json").stat().st_mtime + 10
+    os.utime(models / "b.bin", (later, later))
+    (models / "c.bin").unlink()
+    r = make("-k", "batch-models", *args)
+    assert r.returncode != 0 and "FAILED: b.bin (exit 2)" in r.stderr
+    assert not (out / ".status" / "b.bin.json").exists() and (out / ".status" / "b.bin.json.failed").exists()
+    summary = make("batch-summary", *args).stdout
+    assert "1 converted, 1 failed" in summary
+    assert len(_rows(summary, "a.bin")) == 1 and "ok" in _rows(summary, "a.bin")[0]
+    assert len(_rows(summary, "b.bin")) == 1 and "FAILED" in _rows(summary, "b.bin")[0]
+    assert _rows(summary, "c.bin") == []
+
+    # Without its .json, the failed model is tried again; fixed, it is listed as ok only.
+    shutil.copy(fx("gpt2-state-dict.bin"), models / "b.bin")
+    assert make("batch-models", *args).returncode == 0
+    assert not (out / ".status" / "b.bin.json.failed").exists()
+    summary = make("batch-summary", *args).stdout
+    assert "2 converted, 0 failed" in summary and len(_rows(summary, "b.bin")) == 1

@@ -200,3 +200,40 @@ def test_a_full_disk_is_a_destination_error_naming_dst(tmp_path):
             atomic_output(dst, folder=False):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_held_signals_delivers_an_interrupt_after_the_block(tmp_path):
+    """SIGINT inside the block waits until it ends: the renames it guards are never cut in half."""
+    import signal
+
+    from llmconv.io import held_signals
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), held_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        (tmp_path / "a").write_text("a")
+        done.append("after the signal")
+    assert done == ["after the signal"] and (tmp_path / "a").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_leftovers_of_dead_processes_only_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from llmconv.io import atomic_output
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    dst = tmp_path / "out.bin"
+    with atomic_output(dst, folder=False) as tmp:
+        prefix = tmp.name.rsplit("-", 1)[0]  # .out.bin.llmconv-tmp-PID-HOST
+        assert prefix.startswith(f".out.bin.llmconv-tmp-{os.getpid()}-")
+        tmp.write_bytes(b"x")
+    stale = tmp_path / prefix.replace(f"-{os.getpid()}-", f"-{dead}-")
+    live = tmp_path / f"{prefix}-live"
+    for p in (stale.with_name(stale.name + "-abc"), live):
+        p.write_bytes(b"left")
+    with atomic_output(dst, folder=False, force=True) as tmp:
+        tmp.write_bytes(b"y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.bin", live.name])

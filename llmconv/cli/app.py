@@ -5,18 +5,60 @@ Exit codes (../CONTRACT): 0 done/equivalent, 1 not equivalent, 2 bad usage or in
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
-from collections.abc import Callable
-from typing import Any
 
-import typer
-from typer.core import TyperGroup
 
-from llmconv.cli import convert_cmd, formats_cmd, inspect_cmd, prune_cmd, quantize_cmd, verify_cmd
-from llmconv.cli.output import emit_error
+def _leave_now(signum: int, frame: Any) -> None:
+    """Ctrl-C or SIGTERM while the program starts or after it is done: nothing is being written, so
+    leave at once with the contract's one line and code, not with a traceback from inside an import."""
+    os.write(2, b"llmconv: interrupted\n" if signum == signal.SIGINT else b"llmconv: terminated\n")
+    os._exit(128 + signum)
+
+
+def _started_as_program() -> bool:
+    """Whether this process is the llmconv program (``llmconv`` or ``python -m llmconv``), not a host
+    (pytest, a notebook) that imports the app and keeps its own signal handling."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name in ("llmconv", "llmconv.__main__"):
+        return True
+    name = os.path.basename(getattr(main, "__file__", None) or "")
+    return name in ("llmconv", "llmconv-script.py", "llmconv.exe")
+
+
+# Signals ignored when the program started (``nohup``, a background job of a script) stay ignored.
+_IGNORED: set[int] = set()
+
+
+def _set_handlers(handler: Callable[[int, Any], None]) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                _IGNORED.add(sig)
+            if sig not in _IGNORED:
+                signal.signal(sig, handler)
+        except ValueError:  # not the main thread: signals are not ours to handle there
+            return
+
+
+# Installed first, before even the standard modules below: a Ctrl-C while typer, rich and the command
+# modules are imported (~0.1 s) used to print a 20-line traceback from the middle of an import.
+if _started_as_program():
+    _set_handlers(_leave_now)
+
+import errno  # noqa: E402
+import functools  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
+
+from llmconv.cli import convert_cmd, formats_cmd, inspect_cmd, prune_cmd, quantize_cmd, verify_cmd  # noqa: E402
+from llmconv.cli.output import emit_error  # noqa: E402
 
 # click's base error, found through a public subclass: typer vendors click in some versions.
 _ClickError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -61,12 +103,88 @@ class Terminated(BaseException):
     an output in progress is removed on the way out, as on Ctrl-C."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
+# The interrupt raised and not yet reported by the CLI (KeyboardInterrupt or Terminated), if any.
+_pending: list[type[BaseException]] = []
+# How often a raised interrupt is checked on until the CLI reports it.
+_RECHECK_S = 0.25
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT and SIGTERM while a command runs: raise, so that the output in progress is removed on the way
+    out. A library may swallow the exception (mpmath tries its optional backends in a bare ``except:``,
+    transformers probes devices in one), so until the CLI has reported it, it is raised again every
+    ``_RECHECK_S`` seconds (SIGALRM) whenever it is no longer on its way out."""
+    kind = KeyboardInterrupt if signum == signal.SIGINT else Terminated
+    if not _pending:
+        _pending.append(kind)
+        if hasattr(signal, "setitimer"):
+            signal.signal(signal.SIGALRM, _recheck)
+            signal.setitimer(signal.ITIMER_REAL, _RECHECK_S, _RECHECK_S)
+    elif _unwinding():
+        return  # the first one is on its way out, running cleanups: let them finish
+    raise _pending[0]()
+
+
+def _recheck(signum: int, frame: Any) -> None:
+    # Not while io.held_signals() holds interrupts around a rename: it delivers them itself afterwards.
+    if _pending and not _unwinding() and signal.getsignal(signal.SIGTERM) is _on_signal:
+        raise _pending[0]()
+
+
+def _unwinding() -> bool:
+    """Whether an interrupt is being handled right now (an ``except``/``finally`` cleaning up after it)."""
+    e = sys.exc_info()[1]
+    seen = 0
+    while e is not None and seen < 100:
+        if isinstance(e, (KeyboardInterrupt, Terminated)):
+            return True
+        e, seen = e.__context__, seen + 1
+    return False
+
+
+def _unraisable(info: Any) -> None:
+    """``sys.unraisablehook``: an interrupt raised while a finalizer (``__del__``, a weakref callback) ran is
+    lost there; Python would print "Exception ignored in ..." and a traceback. It is raised again by
+    ``_recheck`` where it can propagate, so nothing is printed for it."""
+    if isinstance(info.exc_value, (KeyboardInterrupt, Terminated)):
+        return
+    sys.__unraisablehook__(info)
+
+
+def _reported() -> None:
+    """The interrupt reached the CLI and was reported: stop raising it again."""
+    _pending.clear()
+    if hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def debug_enabled() -> bool:
     return os.environ.get("LLMCONV_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def _check_path_args(kwargs: dict[str, Any]) -> None:
+    """Refuse a path argument that no file operation can use, before a command touches it: one with a
+    name longer than the filesystem allows, or with symbolic links that loop. Whether it exists is each
+    command's business (a destination usually does not)."""
+    from llmconv.errors import InputError
+
+    for value in kwargs.values():
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(path, Path):
+                continue
+            try:
+                os.stat(path)
+            except ValueError as e:  # a NUL byte: click refuses it in argv, a caller may not
+                raise InputError("the path holds a NUL byte, which no file name can", path=path) from e
+            except OSError as e:
+                if e.errno == errno.ENAMETOOLONG:
+                    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+                    raise InputError(f"the path is too long for the filesystem (its longest name is {longest} "
+                                     f"bytes, the whole {len(os.fsencode(path))})", path=path,
+                                     hint="file and folder names may have at most 255 bytes") from e
+                if e.errno == errno.ELOOP:
+                    raise InputError("symbolic links in this path loop (a link leads back to itself)", path=path,
+                                     hint="fix or remove the link") from e
 
 
 def guarded(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -75,9 +193,21 @@ def guarded(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from llmconv.io import forget_commits, interrupt_outcome
+
         as_json = bool(kwargs.get("json_output"))
+        forget_commits()
         try:
-            return fn(*args, **kwargs)
+            try:
+                _check_path_args(kwargs)
+                return fn(*args, **kwargs)
+            except Exception as e:
+                # After an interrupt a library swallowed, what fails next is its consequence (a module left
+                # half-imported: numpy's "cannot load module more than once per process"): the user asked
+                # to stop, and that is what is reported.
+                if _pending:
+                    raise _pending[0]() from e
+                raise
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except LlmconvError as e:
@@ -88,10 +218,12 @@ def guarded(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             emit_error(command, e.exit_code, str(e), as_json=as_json, report=getattr(e, "report", None))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            emit_error(command, 130, "interrupted; the destination was left as it was", as_json=as_json)
+            _reported()
+            emit_error(command, 130, f"interrupted; {interrupt_outcome()}", as_json=as_json)
             raise typer.Exit(130) from None
         except Terminated:
-            emit_error(command, 143, "terminated (SIGTERM); the destination was left as it was", as_json=as_json)
+            _reported()
+            emit_error(command, 143, f"terminated (SIGTERM); {interrupt_outcome()}", as_json=as_json)
             raise typer.Exit(143) from None
         except Exception as e:  # a bug of ours: exit 3, never dressed up as the user's mistake
             if debug_enabled():
@@ -124,7 +256,9 @@ def _root(
 
 def main() -> None:
     """Console entry point (``llmconv`` and ``python -m llmconv``)."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _set_handlers(_on_signal)
+    sys.unraisablehook = _unraisable
+    unreported: type[BaseException] | None = None
     try:
         app()
         code = 0
@@ -132,12 +266,17 @@ def main() -> None:
         if isinstance(e.code, str):
             sys.stderr.write(e.code + "\n")
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except KeyboardInterrupt:
-        sys.stderr.write("llmconv: interrupted\n")
-        code = 130
-    except Terminated:
-        sys.stderr.write("llmconv: terminated\n")
-        code = 143
+    except (KeyboardInterrupt, Terminated) as e:
+        unreported = type(e)
+    # An interrupt outside a command (while typer reads the flags; typer turns Ctrl-C there into a silent
+    # exit 130) was reported by nobody: say it here.
+    unreported = unreported or (_pending[0] if _pending else None)
+    if unreported is not None:
+        ctrl_c = issubclass(unreported, KeyboardInterrupt)
+        sys.stderr.write("llmconv: interrupted\n" if ctrl_c else "llmconv: terminated\n")
+        code = 130 if ctrl_c else 143
+        _reported()
+    _set_handlers(_leave_now)  # done: a late signal ends the process without a traceback from the teardown
     _exit(code)
 
 
@@ -148,7 +287,10 @@ def _exit(code: int) -> None:
     every command that loaded them (and on every target of a batch Makefile). By now each output
     is complete, closed and renamed into place; only the standard streams may hold buffered text.
     """
-    if "torch" not in sys.modules:
+    # After an interrupt, always the hard way: CPython 3.11 marks the interpreter when a KeyboardInterrupt
+    # goes through eval() (typer evaluates the commands' string annotations with it), and a marked
+    # interpreter leaving through sys.exit kills itself with SIGINT instead of exiting 130.
+    if "torch" not in sys.modules and code not in (130, 143):
         sys.exit(code)
     import logging
 

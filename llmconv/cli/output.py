@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -67,10 +68,26 @@ def emit_error(command: str, code: int, message: str, *, as_json: bool, report: 
     err.print(f"[bold red]error:[/] {escape(message)}")
 
 
+# What a terminal would act on instead of showing: C0 controls (ESC starts colour, cursor and title
+# sequences; CR and LF would forge or hide lines), DEL, C1 controls (0x9b is a one-byte ESC [), and the
+# bidirectional overrides that display text in another order than it is stored.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character written as its escape (``\\x1b``, ``\\n``, ``\\u202e``).
+
+    For human output of names and paths taken from files (tensor names, metadata, error lines): a tensor
+    called ``"\\x1b[2J"`` must not clear the user's screen. ``--json`` keeps the exact names.
+    """
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def escape(text: str) -> str:
+    """``text`` for rich: control characters made visible (:func:`printable`), markup escaped."""
     from rich.markup import escape as _escape
 
-    return _escape(text)
+    return _escape(printable(text))
 
 
 @contextlib.contextmanager
@@ -83,7 +100,7 @@ def byte_progress(total: int, description: str, *, enabled: bool) -> Iterator[An
 
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
-        task = bar.add_task(description, total=total)
+        task = bar.add_task(escape(description), total=total)  # a file name: plain text, shown escaped
 
         def advance(n: int) -> None:
             bar.update(task, advance=n)

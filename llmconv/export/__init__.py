@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmconv.errors import DestinationError, InputError, NotEquivalent, Unsupported, UsageError
-from llmconv.io import atomic_output, scratch_dir
+from llmconv.io import atomic_output, check_replaceable
 
 if TYPE_CHECKING:
     from llmconv.conversion import ConvertReport
@@ -59,6 +58,8 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
     from llmconv.export.exporters import plan_export, run_export
     from llmconv.export.onnx_post import finalize, rename_model
     from llmconv.formats.hf import load_config
+    from llmconv.transforms.common import install, scratch_near
+    from llmconv.transforms.graph import record_data_files
 
     t0 = time.perf_counter()
     src, dst = Path(src_path), Path(dst_path)
@@ -71,13 +72,17 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
     if to_file and not force and (data_dst.exists() or data_dst.is_symlink()):
         raise DestinationError("the destination's external data file exists", path=data_dst,
                                hint="pass --force to replace it")
+    if to_file:
+        check_replaceable(dst, folder=False, force=force)
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
-        folder = _model_folder(src, fmt_name, config, stack)
+        folder = _model_folder(src, fmt_name, config, stack, notes)
         plan = plan_export(load_config(folder), task=task, opset=opset, path=src)
-        # Unwound last-in first-out: the scratch folder goes, then the temporary output is renamed.
-        tmp_out = Path(stack.enter_context(atomic_output(dst, folder=not to_file, force=force)))
-        out_dir = Path(stack.enter_context(scratch_dir(dst))) / "onnx" if to_file else tmp_out
+        if to_file:  # built in a scratch folder, then installed: the data files first, the model last
+            scratch = Path(stack.enter_context(scratch_near(dst)))
+            out_dir = scratch / "onnx"
+        else:
+            out_dir = Path(stack.enter_context(atomic_output(dst, folder=True, force=force)))
         run_export(plan, folder, out_dir)
         produced = out_dir / "model.onnx"
         if not produced.is_file():
@@ -98,24 +103,21 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
             if not verification.passed:
                 raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "
                                     "nothing was written", report=verification, path=dst)
+        record_data_files(model_path)  # what a later --force onto this model may remove
         if to_file:
-            from llmconv.transforms.graph import referenced_data_files, remove_replaced_data
-
-            replaced = referenced_data_files(dst) if force else []
             data_files = [model_path.parent / d for d in post["external_data"]]
             size = sum(p.stat().st_size for p in [model_path, *data_files])
             listed = [str(dst)] + [str(dst.with_name(p.name)) for p in data_files]
-            for p in data_files:  # data first: the model never appears without its data
-                with atomic_output(dst.with_name(p.name), folder=False, force=force) as tmp_data:
-                    os.replace(p, tmp_data)
-            os.replace(model_path, tmp_out)
+            final = scratch / "final"
+            final.mkdir()
+            for p in [model_path, *data_files]:
+                os.replace(p, final / p.name)
+            install(final, dst, folder=False, force=force, notes=notes)
             notes.append("config and tokenizer files are written only with a folder destination")
         else:
             everything = sorted(p for p in out_dir.rglob("*") if p.is_file())
             listed = [str(dst / p.relative_to(out_dir)) for p in everything]
             size = sum(p.stat().st_size for p in everything)
-    if to_file:
-        remove_replaced_data(replaced, [Path(p) for p in listed])
     if plan.exporter != "optimum":
         notes.append(f"optimum does not know {plan.model_type}: exported with torch.onnx, without past key/values")
     return ConvertReport(
@@ -127,12 +129,18 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
                "external_data": bool(post["external_data"])})
 
 
-def _model_folder(src: Path, fmt_name: str, config: str | Path | None, stack: contextlib.ExitStack) -> Path:
-    """The hf folder to export: ``src`` itself, or a scratch folder pairing a bare weights file with ``config``."""
+def _model_folder(src: Path, fmt_name: str, config: str | Path | None, stack: contextlib.ExitStack,
+                  notes: list[str]) -> Path:
+    """The hf folder to export: ``src`` itself, or a folder of links pairing a bare weights file with ``config``.
+
+    Files that a link takes out of the model's folder are left out of what the exporter reads (noted in ``notes``).
+    """
+    from llmconv.formats.hf import linked_view, outside_reason, readable_folder, skipped_note
+
     if fmt_name == "hf":
         if config is not None:
             raise UsageError("--config is for a bare weights file; this folder has its own config.json", path=src)
-        return src
+        return readable_folder(src, stack, notes)
     if fmt_name == "onnx":
         raise UsageError("the source is already ONNX", path=src,
                          hint="to get its weights out, convert it to a .safetensors or .bin file")
@@ -152,13 +160,20 @@ def _model_folder(src: Path, fmt_name: str, config: str | Path | None, stack: co
     parsed = read_json(cfg_path, what="config.json")
     if not isinstance(parsed, dict) or "model_type" not in parsed:
         raise UsageError("--config is not a transformers config.json (no model_type)", path=cfg_path)
-    # Links and a copied config only: the system's temporary folder will do.
-    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmconv-export-")))
-    (work / "config.json").write_bytes(cfg_path.read_bytes())
+    files = {"config.json": cfg_path}
     if src.is_dir():
-        for p in src.iterdir():
-            if p.is_file():
-                os.symlink(p.resolve(), work / p.name)
+        skipped = []
+        for p in sorted(src.iterdir()):
+            if p.name == "config.json" or (p.is_dir() and not p.is_symlink()):
+                continue
+            reason = outside_reason(src, p)
+            if reason is None:
+                files[p.name] = p
+            else:
+                skipped.append(reason)
+        if skipped:
+            notes.append(skipped_note(skipped))
     else:
-        os.symlink(src.resolve(), work / _WEIGHT_NAMES[fmt_name])
-    return work
+        files[_WEIGHT_NAMES[fmt_name]] = src
+    # Links only: the system's temporary folder will do.
+    return stack.enter_context(linked_view(files))

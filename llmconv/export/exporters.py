@@ -18,7 +18,14 @@ from typing import Any
 
 from llmconv.errors import ConversionError, MissingDependency, Unsupported, UsageError
 from llmconv.export._quiet import quiet
-from llmconv.export.tasks import TASK_CLASSES, base_task, check_task, task_from_config
+from llmconv.export.tasks import (
+    TASK_CLASSES,
+    base_task,
+    check_task,
+    refuse_model_code,
+    remote_code_refused,
+    task_from_config,
+)
 
 MIN_OPSET = 7
 _INSTALL = "pip install 'llmconv[onnx]' (or: pip install optimum-onnx onnx onnxruntime)"
@@ -72,6 +79,7 @@ def plan_export(config: dict[str, Any], *, task: str | None, opset: int | None, 
     auto = task in (None, "", "auto")
     wanted = task_from_config(config) if auto else tm.map_from_synonym(task)
     check_task(wanted)
+    refuse_model_code(config, path=path, auto_class=TASK_CLASSES[base_task(wanted)][0])
     hi = max_opset()
     if opset is not None and not MIN_OPSET <= opset <= hi:
         raise UsageError(f"--opset {opset} is outside what the exporter writes ({MIN_OPSET}..{hi})")
@@ -109,8 +117,10 @@ def _export_optimum(plan: ExportPlan, folder: Path, out_dir: Path) -> None:
 
     try:
         # Validation is ours (verify in outputs mode): optimum's only warns when outputs differ.
-        main_export(str(folder), output=str(out_dir), task=plan.task, opset=plan.opset, device="cpu", dtype="fp32",
-                    framework="pt", library_name="transformers", local_files_only=True, do_validation=False)
+        with remote_code_refused(folder):
+            main_export(str(folder), output=str(out_dir), task=plan.task, opset=plan.opset, device="cpu",
+                        dtype="fp32", framework="pt", library_name="transformers", local_files_only=True,
+                        do_validation=False, trust_remote_code=False)
     except OnnxExporterError as e:
         raise ConversionError(f"torch.onnx cannot export {plan.model_type} at opset {plan.opset}: "
                               f"{_gist(e)}", path=folder, hint="try another --opset") from e
@@ -176,7 +186,9 @@ def _export_torch(plan: ExportPlan, folder: Path, out_dir: Path) -> None:
     from torch.onnx.errors import OnnxExporterError
 
     cls_name, output = TASK_CLASSES[base_task(plan.task)]
-    model = getattr(transformers, cls_name).from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    with remote_code_refused(folder):
+        model = getattr(transformers, cls_name).from_pretrained(str(folder), dtype=torch.float32,
+                                                                local_files_only=True, trust_remote_code=False)
     model.eval()
     wrapped = _Wrapped.make(model, output, base_task(plan.task) == "text-generation")
     vocab = int(getattr(model.config, "vocab_size", 100) or 100)

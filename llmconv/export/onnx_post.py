@@ -149,8 +149,8 @@ def _structure(path: Path) -> tuple[Any, int]:
 
 def _save_external(onnx: Any, model: Any, path: Path, data_name: str, *, threshold: int) -> None:
     target = path.parent / data_name
-    if target.exists():
-        os.unlink(target)  # onnx appends to an existing data file
+    if target.exists() or target.is_symlink():
+        os.unlink(target)  # onnx appends to an existing data file (or to what a link points at)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=threshold, convert_attribute=False)
 

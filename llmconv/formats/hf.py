@@ -6,13 +6,20 @@ written the way ``save_pretrained`` writes them, so ``from_pretrained`` loads ou
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from llmconv.checkpoint import TensorSource, read_json
-from llmconv.errors import CorruptInput, InputError
+from llmconv.errors import CorruptInput, InputError, UnsafeInput
 from llmconv.formats import pytorch, safetensors, sharding
 from llmconv.formats.registry import Format, WriteOptions, register
+from llmconv.io import LINKED_VIEWS, _hf_cache_blobs
 
 # Weight files in the order transformers looks for them.
 _WEIGHT_CANDIDATES = (
@@ -31,22 +38,137 @@ def weight_files(folder: Path) -> tuple[Path, str] | None:
     return None
 
 
+def outside_reason(folder: Path, p: Path) -> str | None:
+    """Why ``p``, a file of the model folder ``folder``, must not be read as part of the model; None if it may.
+
+    The rule of index and external-data paths (``llmconv.io.safe_child``), for links: ``p`` must resolve
+    inside ``folder`` (or, in a Hugging Face cache snapshot, into its ``blobs``) and be a regular file. A link
+    to ``../secret.txt`` or ``/proc/self/environ`` would copy an outside file into the output; one to a FIFO
+    or a device would hang the copy; a loop never resolves.
+    """
+    rel = p.relative_to(folder) if p.is_relative_to(folder) else Path(p.name)
+    try:
+        resolved = p.resolve(strict=True)
+        mode = os.stat(resolved).st_mode
+    except RuntimeError:  # how Python < 3.13 reports a loop
+        return f"{rel} is a link that loops"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{rel} is a link that loops"
+        return f"{rel} is a link to nothing" if p.is_symlink() else f"{rel} cannot be read ({e.strerror})"
+    root = folder.resolve()
+    blobs = _hf_cache_blobs(root)
+    if not (root in resolved.parents or (blobs is not None and blobs in resolved.parents)
+            or resolved in LINKED_VIEWS.get(root, ())):
+        shown = os.readlink(p) if p.is_symlink() else resolved
+        return f"{rel} links to {shown}, outside the model's folder"
+    if stat.S_ISDIR(mode):
+        return f"{rel} is a link to a folder, which is not followed"
+    if not stat.S_ISREG(mode):
+        return f"{rel} is not a regular file (a FIFO, socket or device)"
+    return None
+
+
+@contextlib.contextmanager
+def linked_view(files: dict[str, Path]) -> Iterator[Path]:
+    """A temporary folder of links, ``name -> files[name]``, whose links count as inside it for ``outside_reason``.
+
+    For folders llmconv assembles itself (an hf folder without its unsafe files, a bare weights file paired
+    with a config): the targets are files the user named or that passed ``outside_reason`` already.
+    """
+    with tempfile.TemporaryDirectory(prefix="llmconv-view-") as name:
+        view = Path(name)
+        for rel, target in files.items():
+            (view / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target.resolve(), view / rel)
+        key = view.resolve()
+        LINKED_VIEWS[key] = frozenset(t.resolve() for t in files.values())
+        try:
+            yield view
+        finally:
+            LINKED_VIEWS.pop(key, None)
+
+
+def skipped_note(reasons: list[str]) -> str:
+    """One note for the files of a folder left out of an output, each with its reason."""
+    return "not copied into the output: " + "; ".join(reasons)
+
+
+def readable_folder(folder: Path, stack: contextlib.ExitStack, notes: list[str]) -> Path:
+    """``folder`` for tools that read a model folder whole (transformers, optimum), without what it must not read.
+
+    Returns ``folder`` itself when every file in it passes ``outside_reason``; else a ``linked_view`` (closed
+    with ``stack``) of the files that do, and a note in ``notes`` naming the others.
+
+    Raises:
+        UnsafeInput: the config or the weights are themselves a link out of the folder.
+    """
+    check_inside(folder, folder / "config.json", what="the config")
+    found = weight_files(folder)
+    if found is not None:
+        check_inside(folder, found[0], what="the weights")
+    keep: dict[str, Path] = {}
+    skipped: list[str] = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts[:-1]) or (p.is_dir() and not p.is_symlink()):
+            continue
+        reason = outside_reason(folder, p)
+        if reason is None:
+            keep[str(rel)] = p
+        else:
+            skipped.append(reason)
+    if not skipped:
+        return folder
+    notes.append(skipped_note(skipped))
+    return stack.enter_context(linked_view(keep))
+
+
 def _is_weight_file(p: Path) -> bool:
     n = p.name
     return (n.endswith((".safetensors", ".bin", ".pt", ".pth")) or n in (sharding.SAFETENSORS_INDEX,
                                                                         sharding.PYTORCH_INDEX))
 
 
-def carried_files(folder: Path) -> list[Path]:
-    """Files of an hf folder that are not weights: they travel unchanged with a conversion."""
+def carried_files(folder: Path, *, skipped: list[str] | None = None) -> list[Path]:
+    """Files of an hf folder that are not weights: they travel unchanged with a conversion.
+
+    Args:
+        folder: the hf folder.
+        skipped: receives, for each file left out because ``outside_reason`` refuses it (a link that leaves
+            the folder, loops, or reaches a FIFO or device), that reason.
+    Returns:
+        The files to carry, each inside ``folder`` and regular.
+    """
     out = []
     for p in sorted(folder.rglob("*")):
         # Hidden folders (.git of a cloned repo holds every weight again, .cache holds download state) stay.
         if any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]):
             continue
-        if p.is_file() and not (p.parent == folder and _is_weight_file(p)) and not p.name.startswith(".llmconv"):
-            out.append(p)
+        if (p.parent == folder and _is_weight_file(p)) or p.name.startswith(".llmconv"):
+            continue
+        if p.is_symlink() or p.is_file():
+            reason = outside_reason(folder, p)
+            if reason is None:
+                out.append(p)
+            elif skipped is not None:
+                skipped.append(reason)
+        elif not p.is_dir() and skipped is not None:
+            skipped.append(f"{p.relative_to(folder)} is not a regular file (a FIFO, socket or device)")
     return out
+
+
+def check_inside(folder: Path, p: Path, *, what: str) -> None:
+    """Refuse a file the model is made of (config, weights, index) that a link takes outside ``folder``.
+
+    Shards named by an index are held to the same rule (``safe_child``); a weights file outside the
+    folder can still be converted by naming it directly.
+    """
+    reason = outside_reason(folder, p)
+    if reason is not None:
+        raise UnsafeInput(f"{what}: {reason}", path=folder,
+                          hint="refusing to read outside the model; copy the file into the folder, or give "
+                               "the file itself")
 
 
 def load_config(folder: Path) -> dict:
@@ -94,19 +216,24 @@ class HfFormat(Format):
 
     def open(self, path: Path) -> TensorSource:
         path = Path(path)
+        check_inside(path, path / "config.json", what="the config")
         config = load_config(path)
         found = weight_files(path)
         if found is None:
             raise InputError("config.json but no weights (model.safetensors, pytorch_model.bin or an index)",
                              path=path)
         weights, fmt = found
+        check_inside(path, weights, what="the weights")
         reader = safetensors.FORMAT if fmt == "safetensors" else pytorch.FORMAT
         src = reader.open(path if weights.name.endswith(".index.json") else weights)
         src.format = "hf"
         src.path = path
         src.config = config
         src.weights_format = fmt
-        src.extra_files = carried_files(path)
+        skipped: list[str] = []
+        src.extra_files = carried_files(path, skipped=skipped)
+        if skipped:
+            src.details["notes"] = [skipped_note(skipped)]
         src.details.setdefault("shards", len([f for f in src.files if not f.name.endswith(".json")]))
         return src
 

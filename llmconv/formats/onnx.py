@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmconv.errors import CorruptInput, InputError, MissingDependency, UsageError
+from llmconv.errors import CorruptInput, InputError, MissingDependency, Unsupported, UsageError
 from llmconv.formats.registry import Format, register
 from llmconv.io import safe_child
 
@@ -229,7 +229,24 @@ def load_graph(path: Path) -> GraphView:
     if len(model.graph.initializer) != len(spans):
         buf.close()
         raise CorruptInput("initializers could not be located in the file", path=path)
+    try:
+        _check_unique_initializers(model, path)
+    except BaseException:
+        buf.close()
+        raise
     return GraphView(model, spans, buf)
+
+
+def _check_unique_initializers(model: Any, path: Path) -> None:
+    """Refuse a graph that defines one initializer name twice: which one a runtime uses is unspecified."""
+    for g in iter_graphs(model.graph):
+        seen: set[str] = set()
+        for t in (*g.initializer, *(s.values for s in g.sparse_initializer)):
+            if t.name in seen:
+                where = f" of subgraph {g.name!r}" if g is not model.graph else ""
+                raise CorruptInput(f"initializer {t.name!r} is defined twice in the graph{where}", path=path,
+                                   hint="the model is damaged; export it again")
+            seen.add(t.name)
 
 
 def iter_graphs(graph: Any) -> Iterator[Any]:
@@ -337,6 +354,25 @@ class _ExternalFiles:
         self._maps.clear()
 
 
+_INT32_AS = {6: "<i4", 5: "<i2", 3: "i1", 2: "u1", 9: "u1", 4: "<u2", 10: "<u2", 16: "<u2", 17: "u1", 19: "u1"}
+# Typed fields of other types: (field, bytes per entry), as _inline_bytes lays them out.
+_TYPED_FIELDS = {1: ("float_data", 4), 14: ("float_data", 4), 11: ("double_data", 8), 15: ("double_data", 8),
+                 7: ("int64_data", 8), 12: ("uint64_data", 4), 13: ("uint64_data", 8)}
+
+
+def _inline_nbytes(t: Any) -> int:
+    """How many bytes :func:`_inline_bytes` gives for ``t``, from the field lengths alone (nothing decoded)."""
+    if t.HasField("raw_data") or t.raw_data:
+        return len(t.raw_data)
+    dt = t.data_type
+    if dt in _TYPED_FIELDS:
+        field, size = _TYPED_FIELDS[dt]
+        return len(getattr(t, field)) * size
+    if dt in _INT32_AS:
+        return len(t.int32_data) * int(_INT32_AS[dt][-1])
+    return len(t.int32_data)  # packed 4-bit types: one byte per entry
+
+
 def _inline_bytes(t: Any, name: str, model: Path) -> tuple[bytes, str]:
     """The little-endian bytes of an inline tensor, and how they were stored."""
     import numpy as np
@@ -357,10 +393,9 @@ def _inline_bytes(t: Any, name: str, model: Path) -> tuple[bytes, str]:
         return np.asarray(t.float_data, dtype="<f4").tobytes(), "float_data"
     if dt == 15:
         return np.asarray(t.double_data, dtype="<f8").tobytes(), "double_data"
-    int32_as = {6: "<i4", 5: "<i2", 3: "i1", 2: "u1", 9: "u1", 4: "<u2", 10: "<u2", 16: "<u2", 17: "u1", 19: "u1"}
-    if dt in int32_as:
+    if dt in _INT32_AS:
         # int32_data holds one value (or one bit pattern, for 16- and 8-bit floats) per element.
-        return np.asarray(t.int32_data, dtype="<i8").astype(int32_as[dt]).tobytes(), "int32_data"
+        return np.asarray(t.int32_data, dtype="<i8").astype(_INT32_AS[dt]).tobytes(), "int32_data"
     if dt in _PACKED_TYPES:
         return np.asarray(t.int32_data, dtype="<i8").astype("u1").tobytes(), "int32_data"
     raise CorruptInput(f"initializer {name!r} has data type {onnx_type_name(dt)} that llmconv cannot read",
@@ -412,6 +447,11 @@ def _open_view(given: Path, mfile: Path, view: GraphView, ext: _ExternalFiles) -
     seen_files: set[Path] = set()
     main = model.graph
     for g in iter_graphs(main):
+        if g.sparse_initializer:
+            name = g.sparse_initializer[0].values.name
+            raise Unsupported(f"initializer {name!r} is a sparse_initializer, which llmconv does not read as a "
+                              "named tensor", path=mfile,
+                              hint="store it as a dense initializer, or compare outputs with --mode outputs")
         for index, t in enumerate(g.initializer):
             name = t.name
             if name in infos:
@@ -457,8 +497,9 @@ def _open_view(given: Path, mfile: Path, view: GraphView, ext: _ExternalFiles) -
                     data_files.append(p)
             else:
                 span = view.spans[index] if g is main else None
-                if span is not None and span[1] != info.nbytes:
-                    raise CorruptInput(f"initializer {name!r} holds {span[1]} bytes but shape {list(shape)} of "
+                held = span[1] if span is not None else _inline_nbytes(t)
+                if held != info.nbytes:
+                    raise CorruptInput(f"initializer {name!r} holds {held} bytes but shape {list(shape)} of "
                                        f"{onnx_type_name(t.data_type)} needs {info.nbytes}", path=mfile)
                 entries[name] = (t, span[0] if span else -1, info.nbytes, None)
             infos[name] = info

@@ -51,9 +51,19 @@ def _read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CorruptInput(f"header is not valid JSON ({e})", path=path) from e
+        except ValueError as e:  # an integer of more digits than Python converts
+            raise CorruptInput(f"header holds a number too long to read ({str(e).split(':')[0]})", path=path) from None
+        except RecursionError:
+            raise CorruptInput("header nests JSON too deeply to read", path=path) from None
     if not isinstance(header, dict):
         raise CorruptInput("header is not a JSON object", path=path)
     return header, 8 + n
+
+
+def _gist(value: object, limit: int = 60) -> str:
+    """A header value for a one-line message, cut short: headers are written by whoever made the file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _validate(path: Path, header: dict, data_start: int) -> tuple[dict[str, TensorInfo], dict[str, int], dict]:
@@ -71,20 +81,28 @@ def _validate(path: Path, header: dict, data_start: int) -> tuple[dict[str, Tens
             continue
         if not isinstance(entry, dict):
             raise CorruptInput(f"header entry for tensor {name!r} is not an object", path=path)
-        dt = ST_DTYPES.get(entry.get("dtype"))
+        dtype = entry.get("dtype")
+        dt = ST_DTYPES.get(dtype) if isinstance(dtype, str) else None
         if dt is None:
-            raise CorruptInput(f"tensor {name!r} has unknown dtype {entry.get('dtype')!r}", path=path,
+            raise CorruptInput(f"tensor {name!r} has unknown dtype {_gist(dtype)}", path=path,
                                hint="llmconv reads " + ", ".join(ST_DTYPES))
         shape = entry.get("shape")
         offs = entry.get("data_offsets")
         if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
                 or not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)):
             raise CorruptInput(f"tensor {name!r} has a malformed shape or data_offsets", path=path)
+        if 0 not in shape:
+            numel = 1
+            for d in shape:  # stops early: the product of absurd dims would take long to compute
+                numel *= d
+                if numel > size:  # every dtype read here takes at least a byte per element
+                    raise CorruptInput(f"tensor {name!r} has shape {_gist(shape)}: more elements than the "
+                                       f"{size}-byte file holds", path=path)
         info = TensorInfo(name, dt, tuple(shape))
         begin, end = offs
         if end - begin != info.nbytes or begin < 0:
-            raise CorruptInput(f"tensor {name!r} claims bytes {begin}..{end} but shape {shape} of "
-                               f"{dtype_name(dt)} needs {info.nbytes}", path=path)
+            raise CorruptInput(f"tensor {name!r} claims bytes {_gist(begin, 24)}..{_gist(end, 24)} but shape "
+                               f"{_gist(shape)} of {dtype_name(dt)} needs {_gist(info.nbytes, 24)}", path=path)
         if data_start + end > size:
             raise CorruptInput(f"tensor {name!r} runs past the end of the file (truncated?)", path=path)
         infos[name] = info

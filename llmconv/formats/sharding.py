@@ -48,7 +48,8 @@ def open_sharded(index_path: Path, *, fmt: str, open_shard: Callable[[Path], Ten
     """Open a sharded checkpoint through its index, checking every shard path and name.
 
     Raises:
-        CorruptInput: the index is malformed, names a missing shard, or lists a tensor its shard lacks.
+        CorruptInput: the index is malformed, names a missing shard, lists a tensor its shard lacks, or
+            leaves out a tensor a shard holds.
         UnsafeInput: a shard path is absolute or leaves the folder.
     """
     index = read_json(index_path, what="index file")
@@ -74,6 +75,14 @@ def open_sharded(index_path: Path, *, fmt: str, open_shard: Callable[[Path], Ten
                                path=index_path, hint="regenerate the index")
         infos[name] = shard.infos[name]
         owner[name] = shard
+    for rel, shard in shards.items():
+        # transformers loads only what the index lists: a tensor left out would vanish without a word.
+        unlisted = [n for n in shard.infos if weight_map.get(n) != rel]
+        if unlisted:
+            more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
+            raise CorruptInput(f"shard {rel!r} holds tensor {unlisted[0]!r}{more}, which the index does not map "
+                               "to it", path=index_path,
+                               hint="regenerate the index, or remove the tensor from the shard")
     aliases: dict[str, str] = {}
     metadata: dict[str, str] = {}
     for shard in shards.values():

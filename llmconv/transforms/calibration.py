@@ -186,8 +186,12 @@ def load_tokenizer(folder: Path) -> Any:
     if not any(folder.glob("tokenizer*")) and not (folder / "vocab.json").is_file():
         raise UsageError("no tokenizer files beside the model (tokenizer.json, tokenizer_config.json, ...)",
                          path=folder, hint="put the model's tokenizer files next to it, or calibrate with an .npz")
+    from llmconv.export.tasks import refuse_tokenizer_code, remote_code_refused
+
+    refuse_tokenizer_code(folder)
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        with remote_code_refused(folder):
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot load the tokenizer: {e}", path=folder) from e
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llmconv.errors import DestinationError
-from llmconv.io import atomic_output, scratch_dir
+from llmconv.io import atomic_output, check_replaceable, held_signals, scratch_dir
 
 # Files that travel with an ONNX model folder (what a verifier or a runtime needs besides the graph).
 COMPANION_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
@@ -61,26 +61,42 @@ def read_config(folder: Path) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def copy_companions(folder: Path, out_dir: Path) -> list[Path]:
-    """Copy config and tokenizer files from ``folder`` into ``out_dir`` (those not there already)."""
+def copy_companions(folder: Path, out_dir: Path, *, notes: list[str] | None = None) -> list[Path]:
+    """Copy config and tokenizer files from ``folder`` into ``out_dir`` (those not there already).
+
+    A file that a link takes out of ``folder`` (or that is no regular file) is not copied; ``notes`` says so.
+    """
+    from llmconv.formats.hf import outside_reason, skipped_note
+
     copied: list[Path] = []
     if not folder.is_dir():
         return copied
+    skipped: dict[str, None] = {}
     for pattern in COMPANION_PATTERNS:
         for p in sorted(folder.glob(pattern)):
             target = out_dir / p.name
-            if p.is_file() and not target.exists() and not p.name.endswith((".onnx", ".onnx.data")):
-                shutil.copyfile(p, target)
-                copied.append(target)
+            if target.exists() or p.name.endswith((".onnx", ".onnx.data")) or (p.is_dir() and not p.is_symlink()):
+                continue
+            reason = outside_reason(folder, p)
+            if reason is not None:
+                skipped[reason] = None
+                continue
+            shutil.copyfile(p, target)
+            copied.append(target)
+    if skipped and notes is not None:
+        notes.append(skipped_note(list(skipped)))
     return copied
 
 
-def install(out_dir: Path, dst: Path, *, folder: bool, force: bool) -> list[Path]:
+def install(out_dir: Path, dst: Path, *, folder: bool, force: bool, notes: list[str] | None = None) -> list[Path]:
     """Move a finished (and verified) output from ``out_dir`` into place.
 
     A folder destination is renamed into place at once. A file destination is the ``.onnx`` file
     (named ``dst.name`` in ``out_dir``) and its external data files: the data files go first, each
-    renamed atomically, and the model that refers to them last.
+    renamed atomically, and the model that refers to them last, all with SIGINT/SIGTERM held, so an
+    interrupt never leaves the old model beside new data. With ``force``, the replaced model's data
+    files go too, but only those its own record says llmconv wrote for it (``notes`` names the others,
+    which stay).
 
     Returns:
         The paths written.
@@ -91,16 +107,23 @@ def install(out_dir: Path, dst: Path, *, folder: bool, force: bool) -> list[Path
             for name in names:
                 os.replace(out_dir / name, tmp / name)
         return [dst / n for n in names]
-    from llmconv.transforms.graph import referenced_data_files, remove_replaced_data
+    from llmconv.transforms.graph import remove_replaced_data, replaced_data_files
 
     model = dst.name
     order = [n for n in names if n != model] + [model]
-    old = referenced_data_files(dst) if force else []
-    for name in order:
-        with atomic_output(dst.parent / name, folder=False, force=force or name != model) as tmp:
-            os.replace(out_dir / name, tmp)
+    check_replaceable(dst, folder=False, force=force)  # before any data file is replaced
+    old, left = replaced_data_files(dst) if force else ([], [])
     written = [dst.parent / n for n in order]
-    remove_replaced_data(old, written)
+    with held_signals():
+        for name in order:
+            with atomic_output(dst.parent / name, folder=False, force=force or name != model) as tmp:
+                os.replace(out_dir / name, tmp)
+        remove_replaced_data(old, written)
+    kept = {p.resolve() for p in written}
+    left = [p for p in left if p not in kept]
+    if left and notes is not None:
+        notes.append(f"the replaced {dst.name} used data files that llmconv did not record writing for it "
+                     f"({', '.join(p.name for p in left)}); they were left in place")
     return written
 
 

@@ -52,28 +52,101 @@ def onnx_file(path: Path) -> Path:
     raise InputError("no ONNX model here", path=path)
 
 
-def referenced_data_files(model_path: Path) -> list[Path]:
-    """The external data files an existing ONNX file uses; empty if it is not a readable model.
+# The metadata entry in which an ONNX output lists the external data files llmconv wrote for it (JSON list of
+# names beside the model). With --force only those files of the replaced model are removed: a data file that
+# another model shares, or that the model merely names, is never llmconv's to delete.
+DATA_FILES_KEY = "llmconv.data_files"
 
-    For replacing a model with ``--force``: its old data files must go too, or they are left behind.
+
+def replaced_data_files(model_path: Path) -> tuple[list[Path], list[Path]]:
+    """The data files of an existing ONNX destination that replacing it with ``--force`` may remove.
+
+    Only files that the model uses, that its own ``llmconv.data_files`` record lists, and that bear a
+    name llmconv gives the data of this destination (``<name>.data``, ``<name>_data``), as plain files
+    (not links) beside it.
+
+    Returns:
+        ``(removable, left)``: the paths to remove once the new output is in place, and the other data
+        files the model uses, which stay.
     """
     from llmconv.errors import LlmconvError
 
     if not model_path.is_file():
-        return []
+        return [], []
     try:
-        return external_data_files(load_model(model_path, with_data=False), model_path)
+        model = load_model(model_path, with_data=False)
+        used = external_data_files(model, model_path)
     except LlmconvError:
-        return []
+        return [], []
+    recorded = set(_recorded_names(model))
+    ours = {f"{model_path.name}.data", f"{model_path.name}_data"} & recorded
+    removable = []
+    for name in sorted(ours):
+        p = model_path.parent / name
+        if not p.is_symlink() and p.is_file() and p.resolve() in used:
+            removable.append(p)
+    kept = {p.resolve() for p in removable}
+    return removable, [p for p in used if p not in kept]
 
 
 def remove_replaced_data(old: list[Path], written: list[Path]) -> None:
-    """Delete the data files of a replaced model that the new one does not use."""
+    """Delete the data files of a replaced model (from :func:`replaced_data_files`) the new one does not use."""
     keep = {p.resolve() for p in written}
     for p in old:
         if p.resolve() not in keep:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+
+def _recorded_names(model: onnx.ModelProto) -> list[str]:
+    import json
+
+    for entry in model.metadata_props:
+        if entry.key == DATA_FILES_KEY:
+            try:
+                names = json.loads(entry.value)
+            except ValueError:
+                return []
+            return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    return []
+
+
+def set_data_record(model: onnx.ModelProto, names: list[str]) -> bool:
+    """Set (or, with no names, drop) the model's ``llmconv.data_files`` entry; whether it changed."""
+    import json
+
+    value = json.dumps(sorted(set(names)))
+    entries = [e for e in model.metadata_props if e.key == DATA_FILES_KEY]
+    if (not names and not entries) or (names and len(entries) == 1 and entries[0].value == value):
+        return False
+    keep = [(e.key, e.value) for e in model.metadata_props if e.key != DATA_FILES_KEY]
+    del model.metadata_props[:]
+    for k, v in keep + ([(DATA_FILES_KEY, value)] if names else []):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    return True
+
+
+def record_data_files(model_path: Path) -> None:
+    """Record in the ONNX file at ``model_path`` (which llmconv just wrote) the external data files it uses.
+
+    Rewrites only the graph (the weights stay where they are), and only when the record changes.
+    """
+    import onnx
+
+    from llmconv.export.onnx_post import external_locations
+    from llmconv.formats.onnx import load_graph
+
+    view = load_graph(model_path)  # the structure only: an inline 1.8 GB model costs no parse of its weights
+    try:
+        names = sorted(external_locations(view.model))
+        if not set_data_record(view.model, names):
+            return
+    finally:
+        view.close()
+    model = onnx.load(str(model_path), load_external_data=False)
+    set_data_record(model, names)
+    onnx.save_model(model, str(model_path))
 
 
 def external_data_files(model: onnx.ModelProto, model_path: Path) -> list[Path]:
@@ -157,11 +230,14 @@ def save_model(model: onnx.ModelProto, path: Path, *, external_data: bool) -> li
     if external_data:
         location = path.name + ".data"
         data = path.parent / location
-        if data.exists():
-            data.unlink()
+        if data.exists() or data.is_symlink():
+            data.unlink()  # onnx appends to an existing data file (or to what a link points at)
+        set_data_record(model, [])  # the source's record, if it had one, is not this model's
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=location, size_threshold=1024, convert_attribute=False)
-        return [path, data]
+        record_data_files(path)  # none when every tensor was under the threshold
+        return [path, data] if data.exists() else [path]
+    set_data_record(model, [])
     onnx.save_model(model, str(path))
     return [path]
 

@@ -282,7 +282,7 @@ def prune(src: str | Path, dst: str | Path, *, sparsity: float | None = None, pa
             raise UsageError(f"{label} {value} is out of range", hint="give a fraction, e.g. 0.9 or 0.05")
     src_path, dst_path = Path(src), Path(dst)
     fmt = registry.detect(src_path)
-    check_destination(src_path, dst_path, force=force)
+    check_destination(src_path, dst_path, force=force, reads=[text, inputs])
     thresholds = {"min_top1": DEFAULT_MIN_TOP1 if min_top1 is None else min_top1,
                   "max_ppl_increase": DEFAULT_MAX_PPL_INCREASE if max_ppl_increase is None else max_ppl_increase}
     selection = {"include": list(include or []), "exclude": list(exclude or [])}
@@ -291,6 +291,13 @@ def prune(src: str | Path, dst: str | Path, *, sparsity: float | None = None, pa
         raise UsageError(f"--text/--inputs run the model, and a bare {fmt.name} weights file cannot run",
                          path=src_path,
                          hint="prune the hf model folder or an ONNX model to check quality on text")
+    if text is not None:
+        from llmconv.export.tasks import refuse_tokenizer_code
+        from llmconv.formats.onnx import model_file
+
+        # The text is tokenized with the source's own tokenizer files: refuse one that needs the folder's code
+        # before any pruning is done.
+        refuse_tokenizer_code(src_path if fmt.name == "hf" else model_file(src_path).parent)
     if fmt.name == "onnx":
         report = _prune_onnx(src_path, dst_path, sparsity=sparsity, pattern=pattern, selection=selection,
                              checks=checks, thresholds=thresholds, provider=provider, verify=verify, force=force)
@@ -398,6 +405,8 @@ def _prune_weights(src_path: Path, dst_path: Path, *, fmt: Any, sparsity: float,
         axes, axis_note = in_axes(chosen, source)
         if axis_note and pattern != "unstructured":
             notes.append(axis_note)
+        if dest.format.name == "hf":  # the folder files the hf reader leaves out, and why
+            notes.extend(source.details.get("notes", []))
         pruned_names = set(chosen)
         by_alias = {a: c for a, c in source.aliases.items() if c in pruned_names}
         measured: dict[str, PrunedTensor] = {}
@@ -581,7 +590,7 @@ def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str
         g.save_model(model, out_file, external_data=external)
         del model
         if folder_out:
-            copy_companions(ref_file.parent, out_dir)
+            copy_companions(ref_file.parent, out_dir, notes=notes)
         verification = quality = None
         if verify:
             from llmconv.formats.onnx import open_model
@@ -610,7 +619,7 @@ def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str
         else:
             g.check_loads(out_file)
         size = sum(p.stat().st_size for p in out_dir.iterdir() if p.name.startswith(out_file.name))
-        written = install(out_dir, dst_path, folder=folder_out, force=force)
+        written = install(out_dir, dst_path, folder=folder_out, force=force, notes=notes)
     return PruneReport(source=str(src_path), destination=str(dst_path), source_format="onnx", pattern=pattern,
                        sparsity=sparsity, tensors=tensors, files=[str(p) for p in written], bytes_written=size,
                        parameters=parameters, skipped=skipped, verification=verification, quality=quality,

@@ -203,7 +203,7 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
     t0 = time.perf_counter()
     src_path, dst_path = Path(src), Path(dst)
     fmt = registry.detect(src_path)
-    check_destination(src_path, dst_path, force=force)
+    check_destination(src_path, dst_path, force=force, reads=[calibration, text, inputs])
     onnx_dst = dst_path.suffix.lower() == ".onnx"
     if not verify:
         for flag, given in (("--text", text), ("--inputs", inputs), ("--atol", atol), ("--rtol", rtol),
@@ -297,6 +297,11 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
     if not folder_out:
         check_sidecar(dst_path, force=force)
     notes: list[str] = []
+    if (text is not None and verify) or (calibration is not None and calibration.suffix.lower() != ".npz"):
+        from llmconv.export.tasks import refuse_tokenizer_code
+
+        # Text is tokenized with the source's tokenizer files: refuse one that needs the folder's code up front.
+        refuse_tokenizer_code(src_path if fmt.name == "hf" else model_file(src_path).parent)
     with scratch_near(dst_path) as scratch_name:
         scratch = Path(scratch_name)
         companions_from: Path
@@ -330,6 +335,7 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
                                 external=external, notes=notes)
             else:
                 options = _fp16(ref_file, out_file, external=external)
+        g.record_data_files(out_file)  # what a later --force onto this output may remove
         out_model = g.load_model(out_file, with_data=False)
         out_files = [out_file, *g.external_data_files(out_model, out_file)]
         # external_data_files() resolves its paths, out_dir may be relative or under a link: compare resolved.
@@ -339,7 +345,7 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             p.unlink()
         counts = _count_ops(source_model, out_model)
         if folder_out:
-            copy_companions(companions_from, out_dir)
+            copy_companions(companions_from, out_dir, notes=notes)
         verification = None
         if verify:
             verification = _verify_outputs(ref_file, out_file, profile=PROFILES[method], atol=atol, rtol=rtol,
@@ -357,7 +363,7 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         else:
             g.check_loads(out_file)
         size_after = g.files_size(out_files)
-        written = install(out_dir, dst_path, folder=folder_out, force=force)
+        written = install(out_dir, dst_path, folder=folder_out, force=force, notes=notes)
     if method == "fp16" and target == "cpu":
         notes.append("fp16 halves the size but is meant for GPUs: on onnxruntime's CPU kernels it is no faster "
                      "than fp32")
@@ -603,6 +609,8 @@ def _cast_weights(src_path: Path, dst_path: Path, *, fmt: Any, target: str, meth
         view, cast = cast_source(source, CAST_TARGETS[short])
         if not cast:
             notes.append(f"every floating-point tensor is already {short}; written unchanged")
+        if dest.format.name == "hf":  # the folder files the hf reader leaves out, and why
+            notes.extend(source.details.get("notes", []))
         size_before = _weights_bytes(source.files)
         options = WriteOptions(progress=progress, weights_format=dest.weights_format)
         with atomic_output(dst_path, folder=dest.folder, force=force) as tmp:

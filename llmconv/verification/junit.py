@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from llmconv.errors import DestinationError
-from llmconv.io import atomic_output
+from llmconv.io import atomic_output, find_input, input_files
 from llmconv.verification.report import VerifyReport
 
 
@@ -14,9 +14,13 @@ def _figures(figs: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in figs.items())
 
 
-def check_report_path(path: str | Path, *, models: list[str | Path]) -> Path:
-    """Refuse a report path that would replace a folder or one of the models being compared.
+def check_report_path(path: str | Path, *, models: list[str | Path | None]) -> Path:
+    """Refuse a report path that would replace a folder or any file that the compared models read.
 
+    Args:
+        path: the ``--junit`` path.
+        models: the compared models (their files: shards, index, config, external data) and any other
+            file the command reads (``--inputs``, ``--text``); None entries are skipped.
     Returns:
         The path.
     """
@@ -24,10 +28,12 @@ def check_report_path(path: str | Path, *, models: list[str | Path]) -> Path:
     if path.is_dir() and not path.is_symlink():
         raise DestinationError("--junit names a folder; it takes the path of an XML file", path=path,
                                hint="e.g. --junit reports/verify.xml")
-    for model in map(Path, models):
-        if path.exists() and model.exists() and path.resolve() == model.resolve():
-            raise DestinationError("--junit names one of the models being compared; the report would replace it",
-                                   path=path, hint="give the report a path of its own")
+    inputs = [f for model in models if model is not None for f in input_files(Path(model))]
+    clash = find_input([path], inputs)
+    if clash is not None:
+        _, how, hit = clash
+        raise DestinationError(f"--junit names one of the models being compared: it {how} {hit}; the report "
+                               "would replace it", path=path, hint="give the report a path of its own")
     return path
 
 

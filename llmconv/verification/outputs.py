@@ -274,7 +274,9 @@ def _encode(folder: Path, text: str) -> list[int]:
     from transformers import AutoTokenizer
 
     from llmconv.export._quiet import quiet
+    from llmconv.export.tasks import refuse_tokenizer_code, remote_code_refused
 
-    with quiet():
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    refuse_tokenizer_code(folder)
+    with quiet(), remote_code_refused(folder):
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         return list(tok(text)["input_ids"])

@@ -12,7 +12,9 @@ Both runners name outputs the way optimum's ONNX export does (``logits``, ``last
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import os
 import re
 from collections import Counter
@@ -23,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from llmconv.errors import InputError, MissingDependency, Unsupported, UsageError
-from llmconv.export.tasks import TASK_CLASSES, base_task, is_causal, task_from_config
+from llmconv.export.tasks import (
+    TASK_CLASSES,
+    base_task,
+    is_causal,
+    refuse_model_code,
+    remote_code_refused,
+    task_from_config,
+)
 from llmconv.verification.inputs import KNOWN_INPUTS, PastSpec
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -129,6 +138,7 @@ def _describe_hf(path: Path) -> Signature:
 
     with HF.open(path) as src:
         config = src.config or {}
+        refuse_model_code(config, path=path)  # before anything is loaded, so that nothing of either side runs
         by_dtype: Counter[str] = Counter()
         for n, info in src.infos.items():
             if info.dtype.is_floating_point and n not in src.aliases:
@@ -328,11 +338,13 @@ class OrtRunner:
             options.inter_op_num_threads = 1
         self.sig = sig
         try:
-            self.session = ort.InferenceSession(str(sig.model_path), options, providers=providers)
+            # On a ValueError onnxruntime prints an "EP Error" banner to stdout and retries on the same CPU
+            # provider: that would land in front of --json's one object.
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.session = ort.InferenceSession(str(sig.model_path), options, providers=providers)
         except (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.InvalidProtobuf,
-                ort_state.NoSuchFile, ort_state.NotImplemented) as e:
-            raise Unsupported(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}",
-                              path=sig.model_path) from None
+                ort_state.NoSuchFile, ort_state.NotImplemented, UnicodeDecodeError) as e:
+            raise Unsupported(f"onnxruntime cannot load the model: {_ort_message(e)}", path=sig.model_path) from None
         self._types = {i.name: _ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self._ort_state = ort_state
@@ -347,13 +359,31 @@ class OrtRunner:
         s = self._ort_state
         try:
             values = self.session.run(names, feeds)
-        except (s.Fail, s.InvalidArgument, s.RuntimeException) as e:
-            raise Unsupported(f"onnxruntime failed to run the model: {str(e).splitlines()[0][:300]}",
+        except (s.Fail, s.InvalidArgument, s.RuntimeException, UnicodeDecodeError) as e:
+            raise Unsupported(f"onnxruntime failed to run the model: {_ort_message(e)}",
                               path=self.sig.model_path) from None
         return dict(zip(names, values, strict=True))
 
     def close(self) -> None:
         del self.session  # reference counting frees it; gc.collect() would cost ~0.3 s for nothing
+
+
+def _ort_message(e: Exception) -> str:
+    """The first line of an onnxruntime error, at most 300 characters.
+
+    onnxruntime quotes names and op types from the graph in its messages; when those are not UTF-8,
+    its binding cannot make a str of the message and raises UnicodeDecodeError instead, holding the
+    message's bytes: we show them with the bad bytes escaped.
+    """
+    note = ""
+    if isinstance(e, UnicodeDecodeError):
+        text = bytes(e.object).decode("utf-8", "backslashreplace")
+        note = " (the graph holds names or op types that are not UTF-8, which ONNX does not allow)"
+    else:
+        text = str(e)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else type(e).__name__
+    return (first if len(first) <= 300 else first[:297] + "...") + note
 
 
 def _providers(ort: Any, provider: str) -> list[str]:
@@ -388,9 +418,11 @@ class TorchRunner:
         cls_name, self.main_output = TASK_CLASSES[base]
         self.sig = sig
         self.want_cache = task.endswith("-with-past")
-        with quiet():
+        refuse_model_code(sig.config or {}, path=sig.path, auto_class=cls_name)
+        with quiet(), remote_code_refused(sig.path):
             self.model, info = getattr(transformers, cls_name).from_pretrained(
-                str(sig.model_path), dtype=torch.float32, local_files_only=True, output_loading_info=True)
+                str(sig.model_path), dtype=torch.float32, local_files_only=True, output_loading_info=True,
+                trust_remote_code=False)
         # Weights the checkpoint lacks are initialised at random, differently on each load: outputs
         # that depend on them compare noise with noise. A head for another task is the usual cause.
         missing = [k for k in info.get("missing_keys", []) if k not in getattr(self.model, "_tied_weights_keys", [])

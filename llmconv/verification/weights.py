@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from llmconv.checkpoint import TensorSource, dtype_name, left_out_when_tied
+from llmconv.errors import InputError
 from llmconv.verification.report import Check, VerifyReport
 
 _CHUNK = 1 << 23  # elements compared at once: bounded memory whatever the tensor size
@@ -111,6 +112,22 @@ def _unmatched(side: TensorSource, other: TensorSource) -> tuple[list[str], list
     return tied, absent
 
 
+def require_tensors(src: TensorSource, *, what: str) -> None:
+    """Refuse a checkpoint that holds no tensors: converting it would write an empty model, and comparing
+    it would call two models equivalent on no evidence at all.
+
+    Args:
+        src: the opened checkpoint.
+        what: the action refused, for the message ("convert", "compare", ...).
+    Raises:
+        InputError: ``src`` holds no tensors.
+    """
+    if not src.infos:
+        raise InputError(f"holds no tensors; nothing to {what}", path=src.path,
+                         hint="give the model's weights: an empty state dict or a safetensors header without tensors "
+                              "holds none")
+
+
 def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: float | None = None,
                     rtol: float | None = None, profile: str = "exact", progress=None) -> VerifyReport:
     """Compare two checkpoints tensor by tensor.
@@ -127,9 +144,13 @@ def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: f
         progress: called with the bytes of each reference tensor compared.
     Returns:
         A VerifyReport in weights mode, failing tensors first sorted by max_abs.
+    Raises:
+        InputError: either side holds no tensors.
     Example:
         >>> compare_weights(open_checkpoint(a), open_checkpoint(b)).passed
     """
+    require_tensors(reference, what="compare")
+    require_tensors(candidate, what="compare")
     report = VerifyReport(mode="weights", profile=profile, reference=str(reference.path),
                           candidate=str(candidate.path))
     cand_names = set(candidate.infos)

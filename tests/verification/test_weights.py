@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmconv.checkpoint import TensorInfo, TensorSource
-from llmconv.errors import UsageError
+from llmconv.errors import InputError, UsageError
 from llmconv.verification.api import choose_mode, verify
 from llmconv.verification.junit import write_junit
 from llmconv.verification.report import VERIFY_SCHEMA
@@ -136,9 +136,11 @@ def test_a_tied_head_counts_as_present_only_where_it_is_tied_again_on_load():
     assert report.tied == ["lm_head.weight"] and report.missing == ["other"]  # nothing re-ties "other"
 
 
-def test_nothing_to_compare_is_not_a_pass():
-    report = compare_weights(source({}), source({}))
-    assert not report.passed and report.summary() == "nothing to compare"
+def test_nothing_to_compare_is_refused_not_passed():
+    with pytest.raises(InputError, match="holds no tensors; nothing to compare"):
+        compare_weights(source({}), source({}))
+    with pytest.raises(InputError, match="holds no tensors"):
+        compare_weights(source({"a": torch.zeros(1)}), source({}))
 
 
 def test_junit_has_one_testcase_per_check_and_figures_in_failures(tmp_path):

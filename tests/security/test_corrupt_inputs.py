@@ -1,0 +1,264 @@
+"""Issue 7: corrupt inputs are refused (exit 2, one line naming the file and the tensor), never read
+as weights, never blamed on the disk, never an internal error; and the .bin writer reports a full
+disk, a file-size limit and Ctrl-C as such. Fixtures: fixtures/hostile_corrupt.py."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def refused(cli, path: Path, *texts: str, command: str = "inspect") -> str:
+    """Run inspect (or convert into an empty folder): exit 2, one line naming ``path`` and each text."""
+    if command == "convert":
+        out = path.parent.parent / f"out-{path.name}"
+        r = cli("convert", path, out / "model.safetensors")
+        assert not out.exists()
+    else:
+        r = cli(command, path)
+    assert r.exit_code == 2, r.stderr
+    line = one_error_line(r.stderr)
+    assert str(path) in line, line
+    for text in texts:
+        assert text in line, line
+    assert "internal error" not in line and "Traceback" not in r.stderr
+    return line
+
+
+# ---- torch zip checkpoints: storages, records and views ---------------------------------------
+
+def test_short_storage_record_is_refused_not_read_past(cli, fx, fx_copy, tmp_path):
+    bad = fx("short-record.bin")
+    line = refused(cli, bad, "tensor 'w' needs 256 bytes of storage but its record 'data/0' holds 32")
+    refused(cli, fx_copy("short-record.bin"), "tensor 'w'", command="convert")
+    # Compared with the healthy original: a corrupt file, exit 2, not "not equivalent" (exit 1).
+    good = tmp_path / "good.bin"
+    torch.save({"w": torch.arange(64, dtype=torch.float32), "b": torch.ones(4)}, good)
+    r = cli("verify", good, bad)
+    assert r.exit_code == 2 and one_error_line(r.stderr) == line
+
+
+def test_stride0_view_is_refused_before_it_expands(cli, fx, fx_copy):
+    refused(cli, fx("stride0.bin"), "tensor 'w' maps 1000 elements onto 1 stored ones", "strides [0]")
+    refused(cli, fx_copy("stride0.bin"), "tensor 'w' maps 1000 elements", command="convert")
+
+
+def test_views_and_shared_storage_of_real_state_dicts_still_load(cli, tmp_path):
+    """Slices, transposes and tied tensors are views a real state dict has: they stay readable."""
+    base = torch.arange(24, dtype=torch.float32)
+    sd = {"a": base, "slice": base[4:10], "t": base.view(4, 6).t(), "tied": base, "empty": torch.zeros(0, 3)}
+    src = tmp_path / "views.bin"
+    torch.save(sd, src)
+    dst = tmp_path / "views.safetensors"
+    r = cli("convert", src, dst, "--no-verify")
+    assert r.exit_code == 0, r.stderr
+    from safetensors.torch import load_file
+
+    out = load_file(dst)
+    assert torch.equal(out["slice"], base[4:10]) and torch.equal(out["t"], base.view(4, 6).t())
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("listing-crash.bin", "(Can only append to lists, but got <class 'dict'>)"),
+    ("bad-opcode.bin", "(Unsupported operand 254)"),
+    ("legacy-huge-length.pt", "(Unsupported operand 142)"),
+])
+def test_corrupt_pickle_is_corrupt_not_unsafe(cli, fx, name, reason):
+    line = refused(cli, fx(name), "not a valid pickle of tensors " + reason, "the file is truncated")
+    assert "needs more than plain tensors" not in line and "nothing in it was run" not in line
+
+
+def test_unsafe_pickle_is_still_called_unsafe(cli, fx):
+    refused(cli, fx("unsafe.bin"), "pickle needs more than plain tensors to load (", "nothing in it was run")
+
+
+# ---- legacy (non-zip) pickles -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, text", [
+    # The key replaced is the storage's address, so its length varies from run to run.
+    ("legacy-bad-key.pt", "torch.load cannot read it: AssertionError: storage key '9999999"),
+    ("legacy-truncated.pt", "torch.load cannot read it: struct.error: unpack requires a buffer of 4 bytes"),
+])
+def test_broken_legacy_pickle_is_exit_2(cli, fx, name, text):
+    refused(cli, fx(name), text)
+
+
+def test_small_legacy_pickle_still_converts(cli, fx, tmp_path):
+    dst = tmp_path / "legacy.safetensors"
+    r = cli("convert", fx("legacy.pt"), dst)
+    assert r.exit_code == 0, r.stderr
+    from safetensors.torch import load_file
+
+    out = load_file(dst)
+    assert torch.equal(out["w"], torch.arange(8, dtype=torch.float32)) and torch.equal(out["b"], torch.ones(2))
+
+
+def test_large_legacy_pickle_is_refused_before_reading(cli, fx):
+    from llmconv.formats.pytorch import LEGACY_MAX_BYTES
+
+    path = fx("legacy-large.pt")
+    assert path.stat().st_size == LEGACY_MAX_BYTES + 1
+    refused(cli, path, "legacy (non-zip) PyTorch pickle of 256.00 MB, over the 256.00 MB llmconv reads",
+            "re-save it with torch.save(state_dict, path) from torch >= 1.6 (zip format) or as safetensors")
+
+
+# ---- ONNX ---------------------------------------------------------------------------------------
+
+def test_onnx_duplicate_initializer_is_refused(cli, fx):
+    mfile = fx("onnx-duplicate-initializer") / "model.onnx"
+    refused(cli, mfile, "initializer 'W' is defined twice in the graph")
+    r = cli("verify", mfile, mfile, "--mode", "weights")
+    assert r.exit_code == 2 and "initializer 'W' is defined twice" in one_error_line(r.stderr)
+
+
+def test_onnx_sparse_initializer_is_refused_not_skipped(cli, fx, tmp_path):
+    mfile = fx("onnx-sparse-initializer") / "model.onnx"
+    refused(cli, mfile, "initializer 'B' is a sparse_initializer", "--mode outputs")
+    r = cli("convert", mfile, tmp_path / "w.safetensors")
+    assert r.exit_code == 2 and "'B' is a sparse_initializer" in one_error_line(r.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_absurd_dims_are_corrupt_not_a_full_disk(cli, fx, tmp_path):
+    mfile = fx("onnx-absurd-dims") / "model.onnx"
+    refused(cli, mfile, "initializer 'B' holds 0 bytes but shape [4096, 4096, 4096, 288] of float32 needs ")
+    r = cli("convert", mfile, tmp_path / "w.safetensors")
+    line = one_error_line(r.stderr)
+    assert r.exit_code == 2 and "initializer 'B'" in line and "free" not in line
+
+
+# ---- safetensors headers ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, text", [
+    ("st-dtype-object.safetensors", "tensor 'w' has unknown dtype {}"),
+    ("st-dtype-list.safetensors", "tensor 'w' has unknown dtype []"),
+    ("st-long-int.safetensors", "header holds a number too long to read (Exceeds the limit (4300 digits)"),
+    ("st-deep-json.safetensors", "header nests JSON too deeply to read"),
+    ("st-absurd-dims.safetensors", "tensor 'w' has shape [4096, 4096, 4096, 4096, 4096, 4096, 4096, 4096]: "
+                                   "more elements than the "),
+])
+def test_corrupt_safetensors_header_is_exit_2_naming_it(cli, fx, fx_copy, name, text):
+    refused(cli, fx(name), text)
+    line = refused(cli, fx_copy(name), text, command="convert")
+    assert "needs" not in line.split(text)[0]  # not "the output needs 73.8 TB"
+
+
+# ---- shards -------------------------------------------------------------------------------------
+
+def test_tensor_missing_from_the_index_is_refused_not_dropped(cli, fx, tmp_path):
+    folder = fx("shard-unlisted-tensor")
+    r = cli("inspect", folder)
+    assert r.exit_code == 2
+    line = one_error_line(r.stderr)
+    assert line == (f"error: {folder / 'model.safetensors.index.json'}: shard 'model-00002-of-00002.safetensors' "
+                    "holds tensor 'extra', which the index does not map to it (regenerate the index, or remove "
+                    "the tensor from the shard)")
+    r = cli("convert", folder, tmp_path / "out.safetensors")
+    assert r.exit_code == 2 and not (tmp_path / "out.safetensors").exists()
+
+
+# ---- the .bin writer ------------------------------------------------------------------------------
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("ext", [".bin", ".safetensors"])
+def test_file_size_limit_is_exit_2_naming_dst(tmp_path, ext):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src.safetensors"
+    save_file({"w": torch.zeros(200_000)}, str(src))  # 800 KB
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / f"model{ext}"
+    r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(src), str(dst)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size(300_000))
+    assert r.returncode == 2, r.stderr
+    assert one_error_line(r.stderr) == (f"error: {dst}: cannot write the output: File too large (free some space "
+                                        "or choose another destination)")
+    assert list(out.iterdir()) == []
+
+
+def test_full_disk_while_writing_bin_is_exit_2(fx, tmp_path):
+    """On a real tmpfs (needs the right to mount one, else skipped): room for the tensor's bytes, not
+    for the zip headers around them; torch's zip writer fails in the middle of the file."""
+    import os
+
+    from safetensors.torch import save_file
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        page = os.statvfs(small).f_frsize
+        src = tmp_path / "exact.safetensors"
+        save_file({"w": torch.zeros(100 * page // 4)}, str(src))
+        (small / "filler").write_bytes(b"\0" * ((os.statvfs(small).f_bavail - 100) * page))
+        assert os.statvfs(small).f_bavail == 100
+        dst = small / "model.bin"
+        r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(src), str(dst)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert one_error_line(r.stderr).startswith(f"error: {dst}: cannot write the output: No space left on device")
+        assert sorted(p.name for p in small.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_ctrl_c_inside_torch_save_is_a_keyboard_interrupt(tmp_path):
+    """A SIGINT that lands in one of torch.save's write() calls is re-raised as KeyboardInterrupt (exit
+    130 in the CLI), not torch's "RuntimeError: unexpected pos" (exit 3)."""
+    from safetensors.torch import save_file
+
+    from llmconv.formats import pytorch as pt_format
+    from llmconv.formats import registry
+
+    src = tmp_path / "src.safetensors"
+    save_file({"w": torch.zeros(4_000_000)}, str(src))  # 16 MB: 32 write() calls of 512 KiB
+    inside = 0
+    previous = signal.getsignal(signal.SIGALRM)
+    signal.signal(signal.SIGALRM, signal.default_int_handler)  # raises KeyboardInterrupt, as SIGINT does
+    try:
+        with registry.open_checkpoint(src) as s:
+            for attempt in range(20):
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, 0.001 + attempt * 0.002)
+                    pt_format.write_file(s, s.names(), tmp_path / f"out{attempt}.bin")
+                    signal.setitimer(signal.ITIMER_REAL, 0)  # finished before the alarm
+                except KeyboardInterrupt as e:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    inside += "write" in [code.co_name for code in _frames(e.__traceback__)]
+                if inside >= 2:
+                    break
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert inside, "no alarm landed inside torch.save's writes"
+
+
+def _frames(tb):
+    while tb is not None:
+        yield tb.tb_frame.f_code
+        tb = tb.tb_next
