@@ -237,13 +237,16 @@ def find_input(outputs: Iterable[Path], inputs: Iterable[Path]) -> tuple[Path, s
     for p in inputs:
         try:
             by_path.setdefault(p.resolve(), p)
-        except RuntimeError:  # a link loop (Python < 3.13): nothing can be written through it
-            continue
+        except (RuntimeError, ValueError, OSError):  # a link loop, a NUL byte, a name too long: nothing
+            continue                                # can be written through such a path either
         ident = _identity(p)
         if ident is not None:
             by_id.setdefault(ident, p)
     for out in map(Path, outputs):
-        r = out.resolve()
+        try:
+            r = out.resolve()
+        except (RuntimeError, ValueError, OSError):  # the writer refuses such a path itself, naming it
+            continue
         if r in by_path:
             return out, "is", by_path[r]
         ident = _identity(out)

@@ -9,14 +9,18 @@ stays near one tensor.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import io
 import mmap
+import os
 import pickle
 import re
 import struct
 import threading
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +42,7 @@ LEGACY_MAX_BYTES = 256 * 10**6
 _CORRUPT_ERRORS = (EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, AttributeError, TypeError,
                    IndexError, struct.error, AssertionError, RecursionError)
 _CORRUPT_HINT = "the file is truncated or not a PyTorch checkpoint"
+_RECORD_HINT = "torch.load refuses it too unless it maps the file; get the file again or re-save it with torch.save"
 
 
 def _load(path: Path) -> tuple[object, bool]:
@@ -74,14 +79,21 @@ def _load_legacy(path: Path) -> object:
         size = path.stat().st_size
     except OSError as e:
         raise InputError(f"cannot read: {e.strerror or e}", path=path) from None
-    if size > LEGACY_MAX_BYTES and not _is_zip(path):
+    zipped = _is_zip(path)
+    if size > LEGACY_MAX_BYTES and not zipped:
         raise Unsupported(f"legacy (non-zip) PyTorch pickle of {human_size(size)}, over the "
                           f"{human_size(LEGACY_MAX_BYTES)} llmconv reads: torch loads these whole into memory",
                           path=path,
                           hint="re-save it with torch.save(state_dict, path) from torch >= 1.6 (zip format) "
                                "or as safetensors, which are read a tensor at a time")
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
+        with _Capped(path) as f, warnings.catch_warnings():
+            if not zipped:
+                problem = _legacy_problem(f, path)
+                if problem is not None:
+                    wanted = _pickle_globals(path)
+                    raise _unsafe(wanted, path) if wanted else problem
+                f.seek(0)
             warnings.simplefilter("ignore")
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -114,14 +126,18 @@ def _refused(e: pickle.UnpicklingError, path: Path) -> InputError:
     text = _ANSI.sub("", str(e))
     wanted = wanted or list(dict.fromkeys(_UNSUPPORTED_GLOBAL.findall(text)))
     if wanted:
-        return UnsafeInput(f"pickle needs more than plain tensors to load ({', '.join(wanted)}); nothing in it was run",
-                           path=path, hint="only state dicts of tensors are read; re-save it with "
-                                           "torch.save(model.state_dict()) or as safetensors")
+        return _unsafe(wanted, path)
     # torch's message opens with advice to turn the safe loader off; the reason is on a later line.
     after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
     reasons = [ln.strip() for ln in after.splitlines() if ln.strip()]
     why = re.split(r"\.\s+(?=[A-Z])", reasons[0])[0] if reasons else _first_line(e)
     return CorruptInput(f"not a valid pickle of tensors ({why})", path=path, hint=_CORRUPT_HINT)
+
+
+def _unsafe(wanted: list[str], path: Path) -> UnsafeInput:
+    return UnsafeInput(f"pickle needs more than plain tensors to load ({', '.join(wanted)}); nothing in it was run",
+                       path=path, hint="only state dicts of tensors are read; re-save it with "
+                                       "torch.save(model.state_dict()) or as safetensors")
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -145,9 +161,7 @@ def _pickle_globals(path: Path) -> list[str]:
             if hasattr(g, "__qualname__")}
     found: dict[str, None] = {}
     try:
-        with open(path, "rb") as raw:
-            f = _Capped(raw, raw.seek(0, 2))
-            raw.seek(0)
+        with _Capped(path) as f:
             while f.peek(1):  # a legacy checkpoint is several pickles in a row
                 strings: list[str] = []
                 memo: dict[int, str] = {}
@@ -170,41 +184,47 @@ def _pickle_globals(path: Path) -> list[str]:
     return [g for g in found if g not in safe and not g.startswith(torch_ok)]
 
 
-class _Capped:
-    """A file whose reads stop at its end: a length field of a corrupt pickle must not make
-    pickletools allocate what it claims."""
+class _Capped(io.BufferedReader):
+    """A file whose reads stop at its end.
 
-    def __init__(self, f, size: int) -> None:
-        self._f, self._size = f, size
+    ``BufferedReader.read(n)`` allocates ``n`` bytes before reading: a length field of a corrupt
+    pickle must not make torch's unpickler (or pickletools) allocate what it claims.
+    """
 
-    def read(self, n: int = -1) -> bytes:
-        left = max(0, self._size - self._f.tell())
-        return self._f.read(left if n is None or n < 0 else min(n, left))
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self.size = os.fstat(self.fileno()).st_size
 
-    def readline(self) -> bytes:
-        return self._f.readline()
+    def read(self, n: int | None = -1) -> bytes:
+        if n is not None and n > 0:
+            n = min(n, max(0, self.size - self.tell()))
+        return super().read(n)
 
-    def peek(self, n: int) -> bytes:
-        return self._f.peek(n)
 
-    def tell(self) -> int:
-        return self._f.tell()
+def _find_state_dict(obj: object, is_tensor) -> dict | None:
+    """The state dict in a loaded checkpoint: the object itself, or the first wrapper entry that is one."""
+    if not isinstance(obj, dict):
+        return None
+    if all(is_tensor(v) for v in obj.values()):
+        return obj
+    for key in _WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, dict) and inner and all(is_tensor(v) for v in inner.values()):
+            return inner
+    return None
 
 
 def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in _WRAPPER_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
+    sd = _find_state_dict(obj, lambda v: isinstance(v, torch.Tensor))
+    if sd is None and isinstance(obj, dict):
         bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:3]
         raise Unsupported(f"not a state dict: entries {bad} are not tensors", path=path,
                           hint="save model.state_dict(), or a dict with a 'state_dict' entry")
-    if not isinstance(obj, dict):
+    if sd is None:
         raise Unsupported(f"holds a {type(obj).__name__}, not a state dict of tensors", path=path)
-    if not all(isinstance(k, str) for k in obj):
+    if not all(isinstance(k, str) for k in sd):
         raise Unsupported("state dict keys must be strings", path=path)
-    return obj
+    return sd
 
 
 def _check_view(name: str, t: torch.Tensor, path: Path) -> None:
@@ -229,45 +249,274 @@ def _check_view(name: str, t: torch.Tensor, path: Path) -> None:
                            "element once", path=path, hint="save a contiguous copy: tensor.contiguous()")
 
 
-def _check_records(sd: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse storages that need more bytes than their zip record holds (or records stored compressed).
+# ---- what a checkpoint's pickle declares, read without building a tensor or calling anything ----
 
-    torch.load(mmap=True) maps each storage at its record's offset for the size the pickle claims,
-    without comparing it to the record: a short record would read the next zip header as weights.
+@dataclass(eq=False)
+class _Storage:
+    """A storage as the pickle declares it: its record key, element type and element count."""
+
+    key: object
+    dtype: torch.dtype
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def __setstate__(self, state: object) -> None:
+        raise _Unmodelled("BUILD on a storage")  # a pickle must not re-declare what it declared
+
+
+@dataclass(eq=False)
+class _View:
+    """A tensor as the pickle declares it: the arguments torch's ``_rebuild_tensor_v2`` would get."""
+
+    storage: object
+    offset: object
+    size: object
+    stride: object
+
+    def __setstate__(self, state: object) -> None:
+        raise _Unmodelled("BUILD on a tensor")
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype
+
+
+class _Opaque:
+    """Stands for any other global the pickle names: nothing real is looked up or called (whether it
+    is allowed at all is torch's safe loader's decision, made on the same bytes)."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Opaque:
+        return super().__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+class _Unmodelled(Exception):
+    """The pickle uses something the structural reader does not model: it gives no verdict."""
+
+
+class _Storages:
+    """The storages one checkpoint's pickles declare, in order, and which one each key stands for."""
+
+    def __init__(self, *, legacy: bool) -> None:
+        self.legacy = legacy
+        self.declared: list[_Storage] = []
+        self.by_key: dict[object, _Storage] = {}
+
+    def declare(self, key: object, dtype: torch.dtype, numel: int) -> _Storage:
+        # As torch.load: a zip checkpoint re-reads a key until it has loaded a storage with data (its
+        # data pointer is null while it is empty); a legacy one keeps the first declaration of a key.
+        if key in self.by_key:
+            return self.by_key[key]
+        st = _Storage(key, dtype, numel)
+        self.declared.append(st)
+        if self.legacy or st.nbytes > 0:
+            self.by_key[key] = st
+        return st
+
+
+def _view(storage: object, offset: object, size: object, stride: object, *rest: object) -> _View:
+    return _View(storage, offset, size, stride)
+
+
+def _parameter(data: object, *rest: object) -> object:
+    return data
+
+
+_MODELLED = {("torch._utils", "_rebuild_tensor_v2"): _view, ("torch._utils", "_rebuild_tensor"): _view,
+             ("torch._utils", "_rebuild_parameter"): _parameter,
+             ("torch._utils", "_rebuild_parameter_with_state"): _parameter,
+             ("collections", "OrderedDict"): collections.OrderedDict}
+# What reading a damaged pickle can raise (pickle's pure-Python reader, over a capped file).
+_PARSE_ERRORS = (pickle.UnpicklingError, _Unmodelled, OverflowError, *_CORRUPT_ERRORS)
+
+
+class _StructureReader(pickle._Unpickler):
+    """Reads the storages and tensor views a torch pickle declares.
+
+    The pure-Python unpickler: its reads go through ``read(n)`` of a capped file or a BytesIO, so a
+    lying length field cannot make it allocate (the C one allocates the length first).
     """
-    with zipfile.ZipFile(path) as z:
-        for info in z.infolist():
-            rel = info.filename.split("/", 1)[-1]
-            if rel.startswith("data/") and info.compress_type != zipfile.ZIP_STORED:
-                raise CorruptInput(f"record {rel!r} is compressed; torch maps tensor data stored as is",
-                                   path=path, hint="re-save it with torch.save")
-    reader = torch._C.PyTorchFileReader(str(path))
-    records = {}
-    for rel in reader.get_all_records():
-        if rel.startswith("data/"):
-            records[reader.get_record_offset(rel)] = (rel, reader.get_record_size(rel))
-    storages: dict[int, tuple[int, str]] = {}  # data pointer -> (bytes, first tensor that uses it)
-    for name, t in sd.items():
-        s = t.untyped_storage()
-        if s.data_ptr():
-            storages.setdefault(s.data_ptr(), (s.nbytes(), name))
-    if not storages:
-        return
-    # The mapping's base address: the one that puts every storage at the start of a record (unique
-    # when every record is used, as torch.save writes them; otherwise each candidate must hold).
-    low = min(storages)
-    bases = [low - off for off in sorted(records)
-             if all(ptr - (low - off) in records for ptr in storages)]
-    if not bases:
-        name = storages[low][1]
-        raise CorruptInput(f"the storage of tensor {name!r} does not start at a data record", path=path,
-                           hint=_CORRUPT_HINT)
-    for base in bases:
-        for ptr, (nbytes, name) in storages.items():
-            rel, size = records[ptr - base]
-            if nbytes > size:
-                raise CorruptInput(f"tensor {name!r} needs {nbytes} bytes of storage but its record {rel!r} "
-                                   f"holds {size}", path=path, hint=_CORRUPT_HINT)
+
+    def __init__(self, f: io.IOBase, table: _Storages) -> None:
+        super().__init__(f, encoding="utf-8")  # torch.load's default
+        self.table = table
+
+    def find_class(self, module: str, name: str) -> object:
+        if module == "torch" and name == "UntypedStorage":
+            return _StorageType(torch.uint8)
+        if module == "torch" and name.endswith("Storage"):
+            try:
+                return _StorageType(torch.serialization.StorageType(name).dtype)
+            except KeyError:
+                return _Opaque
+        return _MODELLED.get((module, name), _Opaque)
+
+    def persistent_load(self, pid: object) -> _Storage:
+        # zip: ('storage', type, key, location, numel); legacy adds a view of another storage (or None)
+        if not (isinstance(pid, tuple) and len(pid) == (6 if self.table.legacy else 5)):
+            raise _Unmodelled("persistent id")
+        kind, stype, key, _location, numel = pid[:5]
+        if kind not in ("storage", b"storage") or (self.table.legacy and pid[5] is not None):
+            raise _Unmodelled("persistent id")
+        if not isinstance(stype, _StorageType) or type(numel) is not int or not isinstance(key, str | int | bytes):
+            raise _Unmodelled("storage")
+        return self.table.declare(key, stype.dtype, numel)
+
+
+def _declared_views(obj: object) -> dict[str, _View]:
+    """The tensors of the state dict the pickle declares (the one ``_state_dict`` picks), by name."""
+    sd = _find_state_dict(obj, lambda v: isinstance(v, _View | _Opaque))
+    return {k: v for k, v in (sd or {}).items() if isinstance(k, str) and isinstance(v, _View)}
+
+
+def _first_users(views: dict[str, _View]) -> dict[int, str]:
+    users: dict[int, str] = {}
+    for name, v in views.items():
+        users.setdefault(id(v.storage), name)
+    return users
+
+
+def _label(st: _Storage, users: dict[int, str]) -> str:
+    name = users.get(id(st))
+    return f"tensor {name!r}" if name is not None else f"storage {str(st.key)!r}"
+
+
+def _check_declared_views(views: dict[str, _View], path: Path) -> None:
+    """Refuse views as declared that are negative (torch quietly re-strides an empty tensor) or reach past
+    their storage (torch grows a legacy storage to fit a view before it reads the storage's bytes)."""
+    for name, v in views.items():
+        if not (isinstance(v.size, tuple | list) and isinstance(v.stride, tuple | list)
+                and all(isinstance(x, int) for x in (v.offset, *v.size, *v.stride))):
+            continue  # not what torch.save writes; torch's own rebuild decides
+        st = v.storage
+        if min((v.offset, *v.size, *v.stride)) < 0 or (isinstance(st, _Storage) and st.numel < 0):
+            numel = f", storage of {st.numel} elements" if isinstance(st, _Storage) and st.numel < 0 else ""
+            raise CorruptInput(f"tensor {name!r} has a negative size, stride or offset (size {list(v.size)}, "
+                               f"stride {list(v.stride)}, offset {v.offset}{numel})", path=path, hint=_CORRUPT_HINT)
+        last = v.offset + sum((n - 1) * s for n, s in zip(v.size, v.stride, strict=False))
+        if isinstance(st, _Storage) and 0 not in v.size and last >= st.numel:
+            raise CorruptInput(f"tensor {name!r} reaches element {last} of a storage that holds {st.numel}",
+                               path=path, hint=_CORRUPT_HINT)
+
+
+def _legacy_problem(f: _Capped, path: Path) -> CorruptInput | None:
+    """What is provably wrong with a legacy checkpoint, found before torch allocates its storages.
+
+    The layout: pickles of the magic number, protocol and system info, the state dict, the list of
+    storage keys; then per key its element count (8 bytes) and its bytes. torch allocates each
+    storage at its declared size while unpickling, and takes a count that differs as the size.
+    """
+    size = f.size
+    table = _Storages(legacy=True)
+    obj = keys = None
+    with contextlib.suppress(*_PARSE_ERRORS):  # a pickle that cannot be read: torch.load says why
+        for _ in range(3):
+            _StructureReader(f, table).load()
+        obj = _StructureReader(f, table).load()
+        keys = _StructureReader(f, table).load()
+    views = _declared_views(obj)
+    users = _first_users(views)
+    total = 0
+    for st in table.declared:
+        total += max(0, st.nbytes)
+        if st.nbytes > size:
+            return CorruptInput(f"{_label(st, users)}: its storage declares {st.nbytes} bytes, more than the whole "
+                                f"file holds ({size})", path=path, hint=_CORRUPT_HINT)
+        if total > size:
+            return CorruptInput(f"{_label(st, users)}: with its storage the pickle declares {total} bytes, more "
+                                f"than the whole file holds ({size})", path=path, hint=_CORRUPT_HINT)
+    try:
+        _check_declared_views(views, path)
+    except CorruptInput as e:
+        return e
+    if not isinstance(keys, list):
+        return None
+    for key in keys:
+        st = table.by_key.get(key) if isinstance(key, str | int | bytes) else None
+        if st is None:
+            return None  # torch names the key no storage has
+        label = _label(st, users)
+        raw = f.read(8)
+        if len(raw) < 8:
+            return CorruptInput(f"{label}: the file ends before storage {str(key)!r}'s element count", path=path,
+                                hint=_CORRUPT_HINT)
+        (count,) = struct.unpack("<q", raw)
+        if count != st.numel:
+            return CorruptInput(f"{label}: storage {str(key)!r} counts {count} elements, the pickle says "
+                                f"{st.numel}", path=path, hint=_CORRUPT_HINT)
+        end = f.tell() + st.nbytes
+        if end > size:
+            return CorruptInput(f"{label}: storage {str(key)!r} ({st.nbytes} bytes) runs past the end of the file",
+                                path=path, hint=_CORRUPT_HINT)
+        f.seek(end)
+    return None
+
+
+def _check_zip(path: Path) -> None:
+    """Refuse a zip checkpoint whose records are not exactly the storages its pickle declares.
+
+    torch.load(mmap=True) maps each storage at its record's offset for the size the pickle declares,
+    without comparing it to the record: a short record would read the next zip header as weights. The
+    rule is torch's own when it reads without mmap: each declared storage's record ``data/<key>``
+    exists, is stored as is, and holds exactly numel * itemsize bytes. Two members of one name are
+    refused: which of them a reader takes is not defined.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            if not infos:
+                raise CorruptInput("the zip archive is empty", path=path, hint=_CORRUPT_HINT)
+            # torch's reader takes the folder of the archive's first member as the checkpoint's
+            prefix = infos[0].filename.split("/", 1)[0] + "/"
+            twice = sorted(n for n, c in collections.Counter(i.filename for i in infos).items() if c > 1)
+            for name in twice:
+                if not name.startswith(prefix + "data/"):
+                    raise _twice(name, None, path)
+            pkl = z.read(prefix + "data.pkl")
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, *_CORRUPT_ERRORS) as e:
+        raise CorruptInput(f"not a readable zip archive ({_describe(e)})", path=path, hint=_CORRUPT_HINT) from None
+    table = _Storages(legacy=False)
+    try:
+        obj = _StructureReader(io.BytesIO(pkl), table).load()
+    except _PARSE_ERRORS as e:
+        raise Unsupported(f"llmconv cannot list the storages data.pkl declares ({_describe(e)}), so it cannot "
+                          "check them against their records", path=path,
+                          hint="re-save it with torch.save(model.state_dict()) or as safetensors") from None
+    views = _declared_views(obj)
+    _check_declared_views(views, path)
+    users = _first_users(views)
+    members = {i.filename: i for i in infos}
+    for st in table.declared:
+        rel = f"data/{st.key}"
+        info = members.get(prefix + rel)
+        if prefix + rel in twice:
+            raise _twice(rel, _label(st, users), path)
+        if info is None:
+            raise CorruptInput(f"{_label(st, users)}: its storage record {rel!r} is missing", path=path,
+                               hint=_RECORD_HINT)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CorruptInput(f"{_label(st, users)}: record {rel!r} is compressed; torch maps tensor data stored "
+                               "as is", path=path, hint="re-save it with torch.save")
+        if info.file_size != st.nbytes:
+            raise CorruptInput(f"{_label(st, users)} needs {st.nbytes} bytes of storage but its record {rel!r} "
+                               f"holds {info.file_size}", path=path, hint=_RECORD_HINT)
+    if twice:
+        raise _twice(twice[0], None, path)
+
+
+def _twice(name: str, who: str | None, path: Path) -> CorruptInput:
+    what = f"{who}: its record {name!r} is" if who else f"record {name!r} is"
+    return CorruptInput(f"{what} in the archive twice; which copy a reader takes is not defined", path=path,
+                        hint="re-save it with torch.save")
 
 
 def open_file(path: Path) -> TensorSource:
@@ -284,7 +533,7 @@ def open_file(path: Path) -> TensorSource:
         _check_view(n, t, path)
         infos[n] = TensorInfo(n, t.dtype, tuple(t.shape))
     if mapped:
-        _check_records(sd, path)
+        _check_zip(path)
     aliases = find_aliases(sd.items())
 
     def load(name: str) -> torch.Tensor:

@@ -262,3 +262,128 @@ def _frames(tb):
     while tb is not None:
         yield tb.tb_frame.f_code
         tb = tb.tb_next
+
+
+# ---- ONNX, from the fuzz campaign ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name, text", [
+    ("onnx-op-type-not-utf8", "model.graph.node[0].op_type holds b'\\xffatMul', which is not valid UTF-8"),
+    ("onnx-initializer-name-not-utf8", "initializer name b'B\\x80' is not valid UTF-8"),
+    ("onnx-external-nul-location", "initializer 'W': external data file path 'a\\x00b' holds a NUL byte"),
+    ("onnx-external-no-length-short", "initializer 'W' reads bytes 0..48 of 'weights.bin', which holds 40"),
+])
+def test_onnx_broken_text_and_short_data_are_corrupt(cli, fx, name, text):
+    """Strings that are not UTF-8 (upb hands them out as bytes), a NUL byte in an external path and data
+    too short for the shape: exit 2 for inspect, convert and verify, never an internal error."""
+    mfile = fx(name) / "model.onnx"
+    refused(cli, mfile, text)
+    refused(cli, mfile, text, command="convert")
+    r = cli("verify", mfile, mfile, "--mode", "weights")
+    assert r.exit_code == 2 and text in one_error_line(r.stderr), r.stderr
+
+
+def test_onnx_external_data_without_length_reads_the_shapes_bytes(cli, fx, tmp_path):
+    """No 'length' entry and bytes after the tensor: read numel * itemsize bytes from the offset, as
+    onnxruntime does (not to the end of the file, as onnx.numpy_helper does)."""
+    import numpy as np
+    import onnxruntime as ort
+    from safetensors.numpy import load_file
+
+    folder = fx("onnx-external-no-length")
+    data = (folder / "weights.bin").read_bytes()
+    assert len(data) == 64
+    w = np.frombuffer(data[:48], dtype="<f4").reshape(4, 3)
+    r = cli("convert", folder / "model.onnx", tmp_path / "w.safetensors")
+    assert r.exit_code == 0, r.stderr
+    assert load_file(str(tmp_path / "w.safetensors"))["W"].tobytes() == w.tobytes()
+    x = np.eye(4, dtype=np.float32)
+    y = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    np.testing.assert_array_equal(y, w + np.arange(3, dtype=np.float32))
+
+
+# ---- PyTorch readers: cases the fuzz campaign found (tests/fuzz) ---------------------------------
+
+@pytest.mark.parametrize("name, text", [
+    ("zip-eocd-shifted.bin", "not a readable zip archive (BadZipFile: Bad magic number for central directory)"),
+    ("zip-multi-disk.bin", "not a readable zip archive (BadZipFile: zipfiles that span multiple disks are not "
+                           "supported)"),
+])
+def test_zip_that_torch_reads_but_zipfile_refuses_is_exit_2(cli, fx, fx_copy, name, text):
+    torch.load(fx(name), weights_only=True)  # miniz reads past the damage; its records cannot be checked
+    refused(cli, fx(name), text)
+    refused(cli, fx_copy(name), text, command="convert")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("long-record.bin", "tensor 'w' needs 256 bytes of storage but its record 'data/0' holds 300 (torch.load "
+                        "refuses it too unless it maps the file"),
+    ("empty-record-1-byte.bin", "tensor 'empty' needs 0 bytes of storage but its record 'data/1' holds 1"),
+])
+def test_zip_record_must_hold_exactly_its_storage(cli, fx, fx_copy, name, text):
+    """The rule of torch.load without mmap: a record holds numel * itemsize bytes, no more and no fewer."""
+    with pytest.raises(RuntimeError, match="does not match expected size"):
+        torch.load(fx(name), weights_only=True)
+    refused(cli, fx(name), text)
+    refused(cli, fx_copy(name), text, command="convert")
+
+
+def test_zip_record_twice_is_refused(cli, fx, fx_copy):
+    refused(cli, fx("duplicate-record.bin"), "tensor 'b': its record 'data/1' is in the archive twice; which "
+                                             "copy a reader takes is not defined")
+    refused(cli, fx_copy("duplicate-record.bin"), "tensor 'b': its record 'data/1'", command="convert")
+
+
+@pytest.mark.parametrize("name", ["negative-stride-empty.bin", "legacy-negative-stride-empty.pt"])
+def test_negative_stride_of_an_empty_tensor_is_refused(cli, fx, fx_copy, name):
+    """torch re-strides an empty tensor quietly; the pickle's own (0, 2) with strides (-1, 1) is corrupt."""
+    assert torch.load(fx(name), weights_only=True)["empty"].stride() == (2, 1)
+    text = "tensor 'empty' has a negative size, stride or offset (size [0, 2], stride [-1, 1], offset 0)"
+    refused(cli, fx(name), text)
+    refused(cli, fx_copy(name), text, command="convert")
+
+
+@pytest.mark.parametrize("name, text", [
+    # the storage key is the fixture's fixed digits (see fixtures/hostile_corrupt.py::_legacy)
+    ("legacy-count-mismatch.pt", "tensor 'w': storage '00000000000001' counts 7 elements, the pickle says 8"),
+    ("legacy-storage-grown.pt", "tensor 'w' reaches element 7 of a storage that holds 7"),
+])
+def test_legacy_storage_that_disagrees_with_its_pickle_is_refused(cli, fx, fx_copy, name, text):
+    refused(cli, fx(name), text)
+    refused(cli, fx_copy(name), text, command="convert")
+
+
+def _address_space_cap(extra: int):
+    """Limit this process's address space to what it maps now plus ``extra`` bytes (as the fuzz oracle
+    does), so an allocation of gigabytes fails at once instead of succeeding lazily."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cap():
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        if hard != resource.RLIM_INFINITY and vm + extra > hard:
+            pytest.skip("the address-space limit is already lower")
+        resource.setrlimit(resource.RLIMIT_AS, (vm + extra, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+    return cap()
+
+
+@pytest.mark.parametrize("name, text", [
+    # declared 4 GiB: refused from the pickle, before torch allocates the storage
+    ("legacy-huge-storage.pt", "tensor 'w': its storage declares 4294967296 bytes, more than the whole file "
+                               "holds (494)"),
+    # a 3 GiB string length: the reads stop at the end of the file (MemoryError, exit 3, before)
+    ("legacy-long-string.pt", "torch.load cannot read it: UnicodeDecodeError: 'utf-8' codec can't decode"),
+])
+def test_legacy_sizes_larger_than_the_file_are_exit_2_under_a_memory_limit(cli, fx, name, text):
+    path = fx(name)
+    with _address_space_cap(1 << 30):
+        r = cli("inspect", path)
+    assert r.exit_code == 2, r.stderr
+    line = one_error_line(r.stderr)
+    assert str(path) in line and text in line, line
