@@ -253,9 +253,11 @@ def cast_tensor(name: str, t: torch.Tensor, target: torch.dtype, *, path: Path |
 # Deeper than any real config or index (they nest 2-4 levels); deeper values crash the recursive code
 # that reads them later (transformers' config classes, json.dumps) with RecursionError.
 MAX_JSON_DEPTH = 100
+MAX_CONFIG_INT = 2**31
 
 # The config.json values llmconv reads itself, with the JSON types they must have; null stands for "not
-# set". Integers are sizes and counts, never negative. (Other keys are transformers' business.)
+# set". Integers are sizes and counts, never negative, and below 2**31 (torch takes sizes as 64-bit
+# integers, and no model has two billion of anything per layer). (Other keys are transformers' business.)
 _CONFIG_STR = ("model_type", "torch_dtype", "dtype", "tokenizer_class")
 _CONFIG_BOOL = ("tie_word_embeddings", "is_decoder", "use_sliding_window")
 _CONFIG_INT = ("vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_layers",
@@ -285,8 +287,12 @@ def read_json(path: Path, *, what: str) -> Any:
         raise InputError(f"cannot read {what}: {e.strerror or e}", path=path) from e
     except ValueError as e:  # a NUL byte in a path taken from another file
         raise InputError(f"cannot read {what}: the path holds a NUL byte", path=path) from e
+    if text.startswith(b"\xef\xbb\xbf"):
+        # json.loads(bytes) skips a BOM, transformers' json.load of the opened file does not: one rule for both.
+        raise CorruptInput(f"{what} starts with a UTF-8 byte-order mark, which transformers cannot read", path=path,
+                           hint="save the file as UTF-8 without the BOM")
     try:
-        value = json.loads(text)
+        value = json.loads(text.decode("utf-8"))  # UTF-8 only, as transformers reads it (not UTF-16/32)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptInput(f"{what} is not valid JSON ({e})", path=path) from e
     except ValueError as e:  # int("9" * 5000): Python's guard against quadratic-time conversion
@@ -333,13 +339,15 @@ def check_config(config: dict[str, Any], *, path: Path, _prefix: str = "") -> No
     for key in _CONFIG_STR:
         if config.get(key) is not None and not isinstance(config[key], str):
             raise bad(key, "a string")
+    if "model_type" in config and config["model_type"] is None:
+        raise bad("model_type", "a string")  # transformers takes an explicit null for a model type named None
     for key in _CONFIG_BOOL:
         if config.get(key) is not None and not isinstance(config[key], bool):
             raise bad(key, "true or false")
     for key in _CONFIG_INT:
         v = config.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise bad(key, "a non-negative integer")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAX_CONFIG_INT):
+            raise bad(key, f"a non-negative integer below 2**{MAX_CONFIG_INT.bit_length() - 1}")
     arch = config.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
         raise bad("architectures", "a list of class names")

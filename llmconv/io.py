@@ -12,7 +12,7 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -176,14 +176,14 @@ def input_files(path: Path) -> list[Path]:
                 p = Path(root) / name
                 found[p] = None
                 if name.lower().endswith(".onnx"):
-                    found.update(dict.fromkeys(_onnx_named_files(p)))
+                    found.update(dict.fromkeys(onnx_named_files(p)))
     elif path.exists():
         found[path] = None
-        found.update(dict.fromkeys(_onnx_named_files(path)))
+        found.update(dict.fromkeys(onnx_named_files(path)))
     return list(found)
 
 
-def _onnx_named_files(model: Path) -> list[Path]:
+def onnx_named_files(model: Path) -> list[Path]:
     """The external data files an ONNX file names, wherever they are; [] when it is not a readable ONNX file."""
     from llmconv.errors import LlmconvError
 
@@ -291,6 +291,65 @@ def _cannot_write(dst: Path, e: BaseException) -> DestinationError | None:
     return None
 
 
+def file_size_limit() -> int | None:
+    """The soft limit on the size of a file this process writes (``ulimit -f``), in bytes; None when unlimited."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def build_failure(dst: Path, e: BaseException, *, scratch: Path, needed: int) -> DestinationError | None:
+    """The error to raise instead of ``e``, a failure while an output for ``dst`` was built in ``scratch``, when
+    the destination's file system (or the file-size limit) caused it; None when nothing shows that (a bug stays
+    a bug, a corrupt input stays one).
+
+    A write that failed says so by its errno. A tool that wrote a file and then read it back (onnxruntime's
+    quantizers do, in the system's temporary folder too) only sees a short file: that is put down to the
+    destination only when a file in ``scratch`` stopped at the file-size limit, the limit is below ``needed``
+    (the tools write whole copies of the model), or the file system of ``scratch`` or of the temporary
+    folder is (nearly) full.
+
+    Args:
+        dst: the user's destination, named in the error.
+        e: what was raised.
+        scratch: the folder the output was built in.
+        needed: the size of the model being written (the source's files).
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:  # onnxruntime and torch wrap the OSError of a write
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in _DEST_ERRNOS:
+            return DestinationError(f"cannot write the output: {cause.strerror}", path=dst,
+                                    hint="free some space or choose another destination")
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(e, OSError):
+        return None  # an OSError with another errno is not the destination's doing
+    limit = file_size_limit()
+    if limit is not None:
+        at_limit = False
+        for root, _dirs, files in os.walk(scratch):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    at_limit = at_limit or os.lstat(os.path.join(root, name)).st_size >= limit
+        if at_limit or limit < needed:
+            return DestinationError(f"cannot write the output: a file written for it was cut short at the "
+                                    f"file-size limit of {human_size(limit)} (ulimit -f)", path=dst,
+                                    hint="raise the limit, or write a smaller model")
+    for folder, what in ((scratch, "the destination's file system"),
+                         (Path(tempfile.gettempdir()), f"the temporary folder {tempfile.gettempdir()}")):
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(folder).free
+            if free < _NEARLY_FULL:
+                return DestinationError(f"cannot write the output: {what} has {human_size(free)} free, and a file "
+                                        "written for it came back cut short", path=dst,
+                                        hint="free some space or choose another destination")
+    return None
+
+
 def check_free_space(dst: Path, needed: int) -> None:
     """Refuse to start an output of ``needed`` bytes that the destination's file system cannot hold."""
     parent = next((p for p in (dst.parent, *dst.parent.parents) if p.exists()), Path("."))
@@ -379,6 +438,7 @@ def held_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _HOLDING.append(None)
     held: list[int] = []
     saved: dict[int, Any] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -389,10 +449,30 @@ def held_signals() -> Iterator[None]:
     try:
         yield
     finally:
+        _HOLDING.pop()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
         for sig in dict.fromkeys(held):
             signal.raise_signal(sig)
+
+
+# One entry per held_signals() block being run.
+_HOLDING: list[None] = []
+# The program's check for an interrupt that came and has not stopped the run yet (the CLI defers one that
+# lands inside an import, and a library may swallow one): it raises it. Called right before an output is
+# renamed into place, so that such an interrupt stops the run while the destination is still as it was.
+_INTERRUPT_CHECK: list[Callable[[], None]] = []
+
+
+def set_interrupt_check(check: Callable[[], None] | None) -> None:
+    """Install (or with None remove) the check :func:`before_commit` runs; the CLI sets it."""
+    _INTERRUPT_CHECK[:] = [check] if check is not None else []
+
+
+def before_commit() -> None:
+    """Raise an interrupt that came during the run, before an output is put in place (see above)."""
+    for check in _INTERRUPT_CHECK:
+        check()
 
 
 def forget_commits() -> None:
@@ -447,6 +527,8 @@ def atomic_output(dst: Path, *, folder: bool, force: bool = False) -> Iterator[P
                 tmp = _make_temp(dst, parent, folder=folder)
             yield tmp
             set_modes(tmp)
+            if not _HOLDING:  # inside a held block, its caller checked before it (several files go in together)
+                before_commit()
             with held_signals():
                 old = _replace(tmp, dst)
                 committed = True

@@ -122,13 +122,34 @@ def _on_signal(signum: int, frame: Any) -> None:
             signal.setitimer(signal.ITIMER_REAL, _RECHECK_S, _RECHECK_S)
     elif _unwinding():
         return  # the first one is on its way out, running cleanups: let them finish
+    if _importing(frame):
+        return  # raised by _recheck once the import is done
     raise _pending[0]()
 
 
 def _recheck(signum: int, frame: Any) -> None:
     # Not while io.held_signals() holds interrupts around a rename: it delivers them itself afterwards.
-    if _pending and not _unwinding() and signal.getsignal(signal.SIGTERM) is _on_signal:
+    if _pending and not _unwinding() and not _importing(frame) and signal.getsignal(signal.SIGTERM) is _on_signal:
         raise _pending[0]()
+
+
+def _raise_pending() -> None:
+    """io.before_commit's check: an interrupt that came (deferred in an import, or swallowed by a library)
+    stops the run now, before the output is renamed into place."""
+    if _pending and not _unwinding():
+        raise _pending[0]()
+
+
+def _importing(frame: Any) -> bool:
+    """Whether a module is being imported. An exception raised there may cross a C++ extension's module
+    initialisation (torch's pybind11 code calls back into Python), which then aborts the whole process
+    (std::terminate, no cleanup, no exit code of ours); the lazy imports take a second or two at most."""
+    depth = 0
+    while frame is not None and depth < 500:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame, depth = frame.f_back, depth + 1
+    return False
 
 
 def _unwinding() -> bool:
@@ -256,7 +277,10 @@ def _root(
 
 def main() -> None:
     """Console entry point (``llmconv`` and ``python -m llmconv``)."""
+    from llmconv.io import set_interrupt_check
+
     _set_handlers(_on_signal)
+    set_interrupt_check(_raise_pending)
     sys.unraisablehook = _unraisable
     unreported: type[BaseException] | None = None
     try:
@@ -272,8 +296,13 @@ def main() -> None:
     # exit 130) was reported by nobody: say it here.
     unreported = unreported or (_pending[0] if _pending else None)
     if unreported is not None:
+        from llmconv.io import interrupt_outcome
+
         ctrl_c = issubclass(unreported, KeyboardInterrupt)
-        sys.stderr.write("llmconv: interrupted\n" if ctrl_c else "llmconv: terminated\n")
+        outcome = interrupt_outcome()  # the run may have put its output in place before the interrupt counted
+        what = "interrupted" if ctrl_c else "terminated"
+        sys.stderr.write(f"llmconv: {what}\n" if outcome.startswith("the destination was left")
+                         else f"llmconv: {what}; {outcome}\n")
         code = 130 if ctrl_c else 143
         _reported()
     _set_handlers(_leave_now)  # done: a late signal ends the process without a traceback from the teardown

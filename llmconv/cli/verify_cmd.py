@@ -136,7 +136,7 @@ def command(
         from llmconv.errors import LlmconvError
         from llmconv.verification.junit import check_report_path, write_junit, write_junit_error
 
-        check_report_path(junit, models=[reference, candidate, inputs, text])
+        check_report_path(junit, models=[reference, candidate], reads={"--inputs": inputs, "--text": text})
         try:
             report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol,
                             **outputs_options)

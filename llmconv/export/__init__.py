@@ -98,7 +98,9 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
         if verify:
             from llmconv.verification.outputs import compare_outputs
 
-            verification = compare_outputs(folder, model_path, profile="auto", provider=provider, task=plan.task)
+            # The hf folder itself, so that messages name it (the runner makes its own view of it).
+            reference = src if fmt_name == "hf" else folder
+            verification = compare_outputs(reference, model_path, profile="auto", provider=provider, task=plan.task)
             verification.reference, verification.candidate = str(src), str(dst)
             if not verification.passed:
                 raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "
@@ -131,16 +133,17 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
 
 def _model_folder(src: Path, fmt_name: str, config: str | Path | None, stack: contextlib.ExitStack,
                   notes: list[str]) -> Path:
-    """The hf folder to export: ``src`` itself, or a folder of links pairing a bare weights file with ``config``.
+    """The folder the exporter reads: a ``transformers_view`` of ``src`` (or of a bare weights file and ``config``).
 
-    Files that a link takes out of the model's folder are left out of what the exporter reads (noted in ``notes``).
+    The view holds links to the model's data files only, each checked by llmconv's readers first: the
+    exporter never sees the folder's Python, nor a file that a link takes out of the folder (both noted).
     """
-    from llmconv.formats.hf import linked_view, outside_reason, readable_folder, skipped_note
+    from llmconv.export.tasks import transformers_view
 
     if fmt_name == "hf":
         if config is not None:
             raise UsageError("--config is for a bare weights file; this folder has its own config.json", path=src)
-        return readable_folder(src, stack, notes)
+        return stack.enter_context(transformers_view(src, notes=notes))
     if fmt_name == "onnx":
         raise UsageError("the source is already ONNX", path=src,
                          hint="to get its weights out, convert it to a .safetensors or .bin file")
@@ -160,20 +163,6 @@ def _model_folder(src: Path, fmt_name: str, config: str | Path | None, stack: co
     parsed = read_json(cfg_path, what="config.json")
     if not isinstance(parsed, dict) or "model_type" not in parsed:
         raise UsageError("--config is not a transformers config.json (no model_type)", path=cfg_path)
-    files = {"config.json": cfg_path}
-    if src.is_dir():
-        skipped = []
-        for p in sorted(src.iterdir()):
-            if p.name == "config.json" or (p.is_dir() and not p.is_symlink()):
-                continue
-            reason = outside_reason(src, p)
-            if reason is None:
-                files[p.name] = p
-            else:
-                skipped.append(reason)
-        if skipped:
-            notes.append(skipped_note(skipped))
-    else:
-        files[_WEIGHT_NAMES[fmt_name]] = src
     # Links only: the system's temporary folder will do.
-    return stack.enter_context(linked_view(files))
+    return stack.enter_context(transformers_view(src if src.is_dir() else None, notes=notes, config=cfg_path,
+                                                 weights_from=src))

@@ -247,3 +247,168 @@ def remote_code_refused(path: Path) -> Iterator[None]:
         if "trust_remote_code" not in str(e):
             raise
         raise UnsafeInput(f"the model folder needs its own code to load, and {_NEVER}", path=path) from None
+
+
+# ---- what transformers and optimum are given to read --------------------------------------------------
+# transformers imports Python from a local folder in more places than auto_map: ``from_pretrained`` of a
+# model with a generate method loads ``custom_generate/generate.py`` (load_custom_generate treats a local
+# folder as trusted, whatever trust_remote_code says), and every ``get_class_from_dynamic_module`` copies
+# ``*.py`` files out of the folder it is given. So no load gets the model folder itself: each reads a view
+# of links to the data files it needs (configs, weights, tokenizer and processor files), each checked by
+# our own readers first, and nothing else. What a file holds is checked where it is read (read_json, the
+# weight readers); what transformers could run is simply not there.
+
+_VIEW_NAMES = frozenset({
+    "config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
+    "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
+})
+_MODEL_NAMES = frozenset({"config.json", "generation_config.json"})
+_VIEW_PREFIXES = ("tokenizer", "vocab", "spiece", "sentencepiece")
+_VIEW_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")
+
+
+def _view_file(name: str) -> bool:
+    """Whether transformers may read the top-level file ``name`` of a model folder (data, never code)."""
+    return name in _VIEW_NAMES or (name.startswith(_VIEW_PREFIXES) and name.endswith(_VIEW_SUFFIXES))
+
+
+def code_note(folder: Path) -> list[str]:
+    """A note naming the model folder's Python, which no load is given; none when it has none."""
+    code = _code_in(folder)
+    return [f"left out of what transformers reads: {', '.join(code)} ({_NEVER})"] if code else []
+
+
+def _code_in(folder: Path) -> list[str]:
+    """The model folder's Python, top level and one folder down (``evil.py``, ``custom_generate/``)."""
+    found: list[str] = []
+    with contextlib.suppress(OSError):
+        for p in sorted(folder.iterdir()):
+            if p.name.endswith((".py", ".pyc")) and not p.is_dir():
+                found.append(p.name)
+            elif p.is_dir() and not p.is_symlink() and not p.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    if any(c.name.endswith((".py", ".pyc")) for c in p.iterdir()):
+                        found.append(f"{p.name}/")
+    return found
+
+
+@contextlib.contextmanager
+def transformers_view(folder: Path | None, *, notes: list[str] | None = None, weights: bool = True,
+                      tokenizer: bool = True, config: Path | None = None,
+                      weights_from: Path | None = None) -> Iterator[Path]:
+    """A temporary folder for transformers and optimum to load from: links to the data files of ``folder`` only.
+
+    The weights are opened with llmconv's own reader first (so a malformed index or shard is the same
+    CorruptInput as in a plain conversion), and the index is written afresh from what that reader accepted,
+    in the layout transformers requires. Every JSON file linked is read with ``read_json`` first (depth, long
+    integers, BOM, config value types). Python files and folders are never linked; ``notes`` names them.
+
+    Args:
+        folder: the model folder (an hf folder, or an ONNX model's folder for its tokenizer); None for a bare
+            weights file with ``config``.
+        notes: receives a note naming the Python left out, and one naming files that are links out of the folder.
+        weights: link the weights too (a model load); False for a tokenizer or config alone.
+        tokenizer: link the tokenizer and processor files too; False for a model load alone, which reads
+            only config.json and generation_config.json (a broken tokenizer file then does not matter).
+        config: a config.json to use instead of the folder's (a bare weights checkpoint exported with --config).
+        weights_from: a bare weights checkpoint (file, or folder of shards) to use instead of the hf folder's.
+    Raises:
+        CorruptInput: a file transformers would read is malformed (the message names it).
+        UnsafeInput: the config or the weights are links out of the folder.
+    Example:
+        >>> with transformers_view(Path("gpt2-hf")) as view: AutoConfig.from_pretrained(view)
+    """
+    import json
+
+    from llmconv.checkpoint import read_json
+    from llmconv.formats import registry, sharding
+    from llmconv.formats.hf import FORMAT as HF
+    from llmconv.formats.hf import check_inside, linked_view, outside_reason
+
+    files: dict[str, Path] = {}
+    skipped: list[str] = []
+    index: tuple[str, dict[str, Any]] | None = None
+    if folder is not None and config is None and (folder / "config.json").exists():
+        check_inside(folder, folder / "config.json", what="the config")
+    source = weights_from if weights_from is not None else folder if weights else None
+    if source is not None:
+        with (registry.open_checkpoint(source) if weights_from is not None else HF.open(source)) as src:
+            for f in src.files:
+                if not source.is_dir():
+                    files[_WEIGHT_FILE_NAMES[src.weights_format or src.format]] = f
+                    continue
+                rel = f.relative_to(source).as_posix()
+                if rel in (sharding.SAFETENSORS_INDEX, sharding.PYTORCH_INDEX):
+                    # The reader accepted it: a dict with a valid weight_map. transformers also needs a
+                    # metadata object, and reads the file with no guard of its own.
+                    weight_map = read_json(f, what="index file")["weight_map"]
+                    index = (rel, {"metadata": {"total_size": src.total_bytes}, "weight_map": weight_map})
+                else:
+                    files[rel] = f
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            for p in sorted(folder.iterdir()):
+                wanted = _view_file(p.name) if tokenizer else p.name in _MODEL_NAMES
+                if not wanted or p.name in files or (config is not None and p.name == "config.json"):
+                    continue
+                reason = outside_reason(folder, p)
+                if reason is None:
+                    files[p.name] = p
+                else:
+                    skipped.append(reason)
+    if config is not None:
+        files["config.json"] = config
+    for name, p in files.items():
+        if name.endswith(".json"):
+            read_json(p, what=name)
+    if notes is not None:
+        notes.extend(code_note(folder) if folder is not None else [])
+        if skipped:
+            notes.append("left out of what transformers reads (and of any output): " + "; ".join(skipped))
+    with linked_view(files) as view:
+        if index is not None:
+            (view / index[0]).write_text(json.dumps(index[1]), encoding="utf-8")
+        yield view
+
+
+_WEIGHT_FILE_NAMES = {"safetensors": "model.safetensors", "pytorch": "pytorch_model.bin"}
+
+
+def open_tokenizer(folder: Path) -> Any:
+    """The tokenizer of the model in ``folder``, loaded by ``AutoTokenizer`` from a ``transformers_view``.
+
+    Raises:
+        UnsafeInput: the tokenizer needs code from the folder.
+        CorruptInput: tokenizer.json (or another tokenizer file) is malformed.
+    Example:
+        >>> open_tokenizer(Path("gpt2-hf"))("hello")["input_ids"]
+        [31373]
+    """
+    from transformers import AutoTokenizer
+
+    from llmconv.errors import CorruptInput
+    from llmconv.export._quiet import quiet
+
+    refuse_tokenizer_code(folder)
+    with transformers_view(folder, weights=False) as view:
+        try:
+            with quiet(), remote_code_refused(folder):
+                return AutoTokenizer.from_pretrained(str(view), local_files_only=True, trust_remote_code=False)
+        except Exception as e:
+            if type(e) is not Exception:  # the tokenizers library's own error is a bare Exception; ours are not
+                raise
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or ["no detail given"]
+            path = folder / "tokenizer.json" if (folder / "tokenizer.json").is_file() else folder
+            raise CorruptInput(f"the tokenizers library cannot read the tokenizer: {lines[0][:300]}", path=path,
+                               hint="fix or replace tokenizer.json (the model's original one)") from None
+
+
+def check_tokenizer(folder: Path) -> None:
+    """Refuse up front a tokenizer in ``folder`` that needs the folder's code or that its library cannot read.
+
+    For commands that tokenize later, from a copy of the files (quantize calibrates on the exported folder):
+    the message then names the user's file. A folder without tokenizer.json is left to the later step.
+    """
+    refuse_tokenizer_code(folder)
+    if (folder / "tokenizer.json").is_file():
+        open_tokenizer(folder)

@@ -19,7 +19,7 @@ from llmconv.checkpoint import TensorSource, read_json
 from llmconv.errors import CorruptInput, InputError, UnsafeInput
 from llmconv.formats import pytorch, safetensors, sharding
 from llmconv.formats.registry import Format, WriteOptions, register
-from llmconv.io import LINKED_VIEWS, _hf_cache_blobs
+from llmconv.io import LINKED_VIEWS, _hf_cache_blobs, scratch_dir
 
 # Weight files in the order transformers looks for them.
 _WEIGHT_CANDIDATES = (
@@ -76,7 +76,8 @@ def linked_view(files: dict[str, Path]) -> Iterator[Path]:
     For folders llmconv assembles itself (an hf folder without its unsafe files, a bare weights file paired
     with a config): the targets are files the user named or that passed ``outside_reason`` already.
     """
-    with tempfile.TemporaryDirectory(prefix="llmconv-view-") as name:
+    # Named with our pid (``.llmconv-view.llmconv-scratch-PID-HOST-*``): a killed run's view is removed by the next.
+    with scratch_dir(Path(tempfile.gettempdir()) / "llmconv-view") as name:
         view = Path(name)
         for rel, target in files.items():
             (view / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -92,36 +93,6 @@ def linked_view(files: dict[str, Path]) -> Iterator[Path]:
 def skipped_note(reasons: list[str]) -> str:
     """One note for the files of a folder left out of an output, each with its reason."""
     return "not copied into the output: " + "; ".join(reasons)
-
-
-def readable_folder(folder: Path, stack: contextlib.ExitStack, notes: list[str]) -> Path:
-    """``folder`` for tools that read a model folder whole (transformers, optimum), without what it must not read.
-
-    Returns ``folder`` itself when every file in it passes ``outside_reason``; else a ``linked_view`` (closed
-    with ``stack``) of the files that do, and a note in ``notes`` naming the others.
-
-    Raises:
-        UnsafeInput: the config or the weights are themselves a link out of the folder.
-    """
-    check_inside(folder, folder / "config.json", what="the config")
-    found = weight_files(folder)
-    if found is not None:
-        check_inside(folder, found[0], what="the weights")
-    keep: dict[str, Path] = {}
-    skipped: list[str] = []
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts[:-1]) or (p.is_dir() and not p.is_symlink()):
-            continue
-        reason = outside_reason(folder, p)
-        if reason is None:
-            keep[str(rel)] = p
-        else:
-            skipped.append(reason)
-    if not skipped:
-        return folder
-    notes.append(skipped_note(skipped))
-    return stack.enter_context(linked_view(keep))
 
 
 def _is_weight_file(p: Path) -> bool:

@@ -249,6 +249,73 @@ def _check_view(name: str, t: torch.Tensor, path: Path) -> None:
                            "element once", path=path, hint="save a contiguous copy: tensor.contiguous()")
 
 
+def _check_overlaps(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse two tensors whose elements overlap, unless they are the same view (a tie).
+
+    Tensors of a real state dict share a storage as one view under two names (tied weights) or as
+    disjoint slices (q, k and v of a fused weight saved without a copy). Any other overlap stores an
+    element once and writes it once per tensor: 100 overlapping views of a 4 MB storage would convert
+    to 400 MB. Sorted by first byte, tensors whose byte ranges meet form clusters; a cluster of
+    tensors dense in their range overlaps at once, one with gaps (a column slice) is checked element
+    by element on a mask of its bytes.
+    """
+    spans: list[tuple[int, int, str, torch.Tensor]] = []
+    views: set[tuple] = set()
+    for name, t in sd.items():
+        if t.numel() == 0:
+            continue
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in views:
+            continue  # a tie: find_aliases makes it an alias
+        views.add(view)
+        spans.append((t.data_ptr(), t.data_ptr() + _extent(t) * t.element_size(), name, t))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    cluster: list[tuple[int, int, str, torch.Tensor]] = []
+    reach = 0
+    for span in spans:
+        if cluster and span[0] < reach:
+            cluster.append(span)
+            reach = max(reach, span[1])
+            continue
+        _check_cluster(cluster, reach, path)
+        cluster, reach = [span], span[1]
+    _check_cluster(cluster, reach, path)
+
+
+def _extent(t: torch.Tensor) -> int:
+    """How many elements lie between a tensor's first and last (inclusive)."""
+    return 1 + sum((size - 1) * st for size, st in zip(t.shape, t.stride(), strict=True))
+
+
+def _check_cluster(cluster: list[tuple[int, int, str, torch.Tensor]], reach: int, path: Path) -> None:
+    if len(cluster) < 2:
+        return
+    if all(t.numel() == _extent(t) for *_, t in cluster):
+        raise _overlap(cluster[0][2], cluster[1][2], path)  # the second starts inside the first
+    base = cluster[0][0]
+    mask = torch.zeros(reach - base, dtype=torch.bool)
+    for i, (start, _, name, t) in enumerate(cluster):
+        if _bytes_of(mask, start - base, t).any():
+            fresh = torch.zeros_like(mask)
+            _bytes_of(fresh, start - base, t).fill_(True)
+            other = next(n for s, _, n, u in cluster[:i] if _bytes_of(fresh, s - base, u).any())
+            raise _overlap(other, name, path)
+        _bytes_of(mask, start - base, t).fill_(True)
+
+
+def _bytes_of(mask: torch.Tensor, at: int, t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t``'s elements as a view of ``mask``, whose byte ``at`` stands for ``t``'s first byte."""
+    size = t.element_size()
+    return mask.as_strided((*t.shape, size), (*(st * size for st in t.stride()), 1), at)
+
+
+def _overlap(first: str, second: str, path: Path) -> CorruptInput:
+    return CorruptInput(f"tensors {first!r} and {second!r} overlap in the storage they share; a state dict shares "
+                       "storage only between tied names (one view) or disjoint slices, and converting would "
+                       "write the shared elements once per tensor", path=path,
+                       hint="save copies: torch.save({k: v.clone() for k, v in state_dict.items()}, path)")
+
+
 # ---- what a checkpoint's pickle declares, read without building a tensor or calling anything ----
 
 @dataclass(eq=False)
@@ -534,6 +601,7 @@ def open_file(path: Path) -> TensorSource:
         infos[n] = TensorInfo(n, t.dtype, tuple(t.shape))
     if mapped:
         _check_zip(path)
+    _check_overlaps(sd, path)
     aliases = find_aliases(sd.items())
 
     def load(name: str) -> torch.Tensor:

@@ -178,7 +178,7 @@ def npz_batches(path: Path, specs: list[FeedSpec]) -> list[dict[str, np.ndarray]
 def load_tokenizer(folder: Path) -> Any:
     """The model's own tokenizer from ``folder`` (tokenizer.json or equivalent files)."""
     try:
-        from transformers import AutoTokenizer
+        import transformers  # noqa: F401
     except ImportError as e:
         from llmconv.errors import MissingDependency
 
@@ -186,12 +186,10 @@ def load_tokenizer(folder: Path) -> Any:
     if not any(folder.glob("tokenizer*")) and not (folder / "vocab.json").is_file():
         raise UsageError("no tokenizer files beside the model (tokenizer.json, tokenizer_config.json, ...)",
                          path=folder, hint="put the model's tokenizer files next to it, or calibrate with an .npz")
-    from llmconv.export.tasks import refuse_tokenizer_code, remote_code_refused
+    from llmconv.export.tasks import open_tokenizer
 
-    refuse_tokenizer_code(folder)
     try:
-        with remote_code_refused(folder):
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        return open_tokenizer(folder)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot load the tokenizer: {e}", path=folder) from e
 

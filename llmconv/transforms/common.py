@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from llmconv.errors import DestinationError
-from llmconv.io import atomic_output, check_replaceable, held_signals, scratch_dir
+from llmconv.io import (
+    atomic_output,
+    before_commit,
+    build_failure,
+    check_replaceable,
+    held_signals,
+    input_files,
+    scratch_dir,
+)
 
 # Files that travel with an ONNX model folder (what a verifier or a runtime needs besides the graph).
 COMPANION_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
@@ -22,6 +32,51 @@ def scratch_near(dst: Path) -> Any:
     while not anchor.parent.exists() and anchor.parent != anchor:
         anchor = anchor.parent
     return scratch_dir(anchor)
+
+
+@contextlib.contextmanager
+def build_scratch(dst: Path, *, src: Path) -> Iterator[Path]:
+    """:func:`scratch_near` for building the output of ``src`` bound for ``dst``: a failure that the file system
+    caused (a full disk, the file-size limit), even one seen only when a tool reads back a file it wrote cut
+    short, is a DestinationError naming ``dst`` (see :func:`llmconv.io.build_failure`), not an internal error.
+    """
+    from google.protobuf.message import DecodeError
+
+    from llmconv.errors import ConversionError, CorruptInput
+
+    try:
+        with scratch_near(dst) as name:
+            scratch = Path(name)
+            try:
+                yield scratch
+            except DestinationError as e:
+                if e.path is None or scratch.resolve() not in e.path.resolve().parents:
+                    raise
+                # A step that wrote into the scratch folder (the export of an hf source): name the user's path.
+                raise DestinationError(e.bare_message, path=dst, hint=e.hint) from e
+            except (OSError, DecodeError, CorruptInput, ConversionError) as e:
+                # A corrupt file is the destination's doing only when it is our own output, read back; a tool's
+                # failure only with the evidence build_failure asks for.
+                if isinstance(e, CorruptInput) and (e.path is None
+                                                    or scratch.resolve() not in e.path.resolve().parents):
+                    raise
+                instead = build_failure(dst, e, scratch=scratch, needed=_size(src))
+                if instead is None:
+                    raise
+                raise instead from e
+    except OSError as e:  # making or removing the scratch folder itself
+        instead = build_failure(dst, e, scratch=dst.parent, needed=0)
+        if instead is None:
+            raise
+        raise instead from e
+
+
+def _size(src: Path) -> int:
+    total = 0
+    for p in input_files(src):
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size
+    return total
 
 
 def check_sidecar(dst: Path, *, force: bool) -> None:
@@ -114,16 +169,20 @@ def install(out_dir: Path, dst: Path, *, folder: bool, force: bool, notes: list[
     check_replaceable(dst, folder=False, force=force)  # before any data file is replaced
     old, left = replaced_data_files(dst) if force else ([], [])
     written = [dst.parent / n for n in order]
+    before_commit()
     with held_signals():
         for name in order:
             with atomic_output(dst.parent / name, folder=False, force=force or name != model) as tmp:
                 os.replace(out_dir / name, tmp)
-        remove_replaced_data(old, written)
+        shared = remove_replaced_data(old, written)
     kept = {p.resolve() for p in written}
     left = [p for p in left if p not in kept]
     if left and notes is not None:
         notes.append(f"the replaced {dst.name} used data files that llmconv did not record writing for it "
                      f"({', '.join(p.name for p in left)}); they were left in place")
+    if shared and notes is not None:
+        notes.extend(f"kept {p.name}, the replaced {dst.name}'s data file: {reader.name} beside it reads it too"
+                     for p, reader in shared.items())
     return written
 
 

@@ -89,13 +89,37 @@ def replaced_data_files(model_path: Path) -> tuple[list[Path], list[Path]]:
     return removable, [p for p in used if p not in kept]
 
 
-def remove_replaced_data(old: list[Path], written: list[Path]) -> None:
-    """Delete the data files of a replaced model (from :func:`replaced_data_files`) the new one does not use."""
+def remove_replaced_data(old: list[Path], written: list[Path]) -> dict[Path, Path]:
+    """Delete the data files of a replaced model (from :func:`replaced_data_files`) that the new one does not use
+    and that no other ``*.onnx`` model in their folder reads (a user's copy of the old graph may).
+
+    Args:
+        old: the replaced model's data files.
+        written: the files of the new output (the new model is no other model).
+    Returns:
+        The data files kept because another model reads them -> that model.
+    """
+    from llmconv.io import onnx_named_files
+
     keep = {p.resolve() for p in written}
+    readers: dict[Path, Path] = {}
+    for folder in dict.fromkeys(p.parent for p in old):
+        for model in sorted(folder.glob("*.onnx")):
+            if model.resolve() in keep or not model.is_file():
+                continue
+            for named in onnx_named_files(model):  # the locations only: no weights are read
+                with contextlib.suppress(OSError, RuntimeError, ValueError):
+                    readers.setdefault(named.resolve(), model)
+    shared: dict[Path, Path] = {}
     for p in old:
-        if p.resolve() not in keep:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        if p.resolve() in keep:
+            continue
+        if p.resolve() in readers:
+            shared[p] = readers[p.resolve()]
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return shared
 
 
 def _recorded_names(model: onnx.ModelProto) -> list[str]:

@@ -539,12 +539,12 @@ def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str
     from llmconv.formats.onnx import model_file
     from llmconv.transforms import graph as g
     from llmconv.transforms.common import (
+        build_scratch,
         check_sidecar,
         copy_companions,
         install,
         onnx_destination,
         rename_paths,
-        scratch_near,
     )
 
     g.require_onnx()
@@ -583,8 +583,8 @@ def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str
         tensors.append(PrunedTensor(name, list(out.shape), int((out == 0).sum()), out.size, ln.in_axis, ln.node))
     parameters = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in (1, 10, 11, 16))
     notes = []
-    with scratch_near(dst_path) as scratch_name:
-        out_dir = Path(scratch_name) / "out"
+    with build_scratch(dst_path, src=src_path) as scratch:
+        out_dir = scratch / "out"
         out_dir.mkdir()
         out_file = out_dir / ("model.onnx" if folder_out else dst_path.name)
         g.save_model(model, out_file, external_data=external)

@@ -282,13 +282,13 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
     from llmconv.formats.onnx import model_file
     from llmconv.transforms import graph as g
     from llmconv.transforms.common import (
+        build_scratch,
         check_sidecar,
         copy_companions,
         install,
         onnx_destination,
         read_config,
         rename_paths,
-        scratch_near,
     )
 
     g.require_onnx()
@@ -298,16 +298,19 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         check_sidecar(dst_path, force=force)
     notes: list[str] = []
     if (text is not None and verify) or (calibration is not None and calibration.suffix.lower() != ".npz"):
-        from llmconv.export.tasks import refuse_tokenizer_code
+        from llmconv.export.tasks import check_tokenizer
 
-        # Text is tokenized with the source's tokenizer files: refuse one that needs the folder's code up front.
-        refuse_tokenizer_code(src_path if fmt.name == "hf" else model_file(src_path).parent)
-    with scratch_near(dst_path) as scratch_name:
-        scratch = Path(scratch_name)
+        # Text is tokenized with the source's tokenizer files: refuse one that needs the folder's code, or that
+        # cannot be read, up front (naming the source's file, not the exported copy).
+        check_tokenizer(src_path if fmt.name == "hf" else model_file(src_path).parent)
+    with build_scratch(dst_path, src=src_path) as scratch:
         companions_from: Path
         if fmt.name == "hf":
             ref_file = _export(src_path, scratch / "fp32", fmt=fmt, verify=verify, provider=provider)
             notes.append(f"exported {src_path} to ONNX first; sizes and verification are against that fp32 graph")
+            from llmconv.export.tasks import code_note
+
+            notes.extend(code_note(src_path))  # the export read a view without the folder's Python
             companions_from = src_path
             copy_companions(src_path, ref_file.parent)
         else:

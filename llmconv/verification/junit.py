@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -14,13 +15,15 @@ def _figures(figs: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in figs.items())
 
 
-def check_report_path(path: str | Path, *, models: list[str | Path | None]) -> Path:
-    """Refuse a report path that would replace a folder or any file that the compared models read.
+def check_report_path(path: str | Path, *, models: list[str | Path | None],
+                      reads: dict[str, str | Path | None] | None = None) -> Path:
+    """Refuse a report path that would replace a folder, any file that the compared models read, or another
+    file the command reads.
 
     Args:
         path: the ``--junit`` path.
-        models: the compared models (their files: shards, index, config, external data) and any other
-            file the command reads (``--inputs``, ``--text``); None entries are skipped.
+        models: the compared models (their files: shards, index, config, external data); None entries are skipped.
+        reads: the other files the command reads, by flag (``{"--text": path}``); None entries are skipped.
     Returns:
         The path.
     """
@@ -34,6 +37,12 @@ def check_report_path(path: str | Path, *, models: list[str | Path | None]) -> P
         _, how, hit = clash
         raise DestinationError(f"--junit names one of the models being compared: it {how} {hit}; the report "
                                "would replace it", path=path, hint="give the report a path of its own")
+    for flag, given in (reads or {}).items():
+        clash = find_input([path], input_files(Path(given))) if given is not None else None
+        if clash is not None:
+            _, how, hit = clash
+            raise DestinationError(f"--junit names the file that {flag} reads: it {how} {hit}; the report would "
+                                   "replace it", path=path, hint="give the report a path of its own")
     return path
 
 
@@ -81,7 +90,26 @@ def write_junit(report: VerifyReport, path: Path, *, seconds: float = 0.0) -> No
     _write(suite, Path(path))
 
 
+# Characters XML 1.0 forbids even as references: ElementTree writes them raw, and every XML reader then refuses
+# the whole report. Tensor names and paths may hold them (an ESC sequence in a crafted checkpoint).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_safe(text: str) -> str:
+    """``text`` with the characters XML cannot hold written as escapes (``\\x1b``), as the terminal shows them."""
+    return _NOT_XML.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _clean(element: ET.Element) -> None:
+    for el in element.iter():
+        for key, value in el.attrib.items():
+            el.set(key, _xml_safe(value))
+        if el.text:
+            el.text = _xml_safe(el.text)
+
+
 def _write(suite: ET.Element, path: Path) -> None:
+    _clean(suite)
     tree = ET.ElementTree(ET.Element("testsuites"))
     tree.getroot().append(suite)
     ET.indent(tree)

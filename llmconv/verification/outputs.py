@@ -63,7 +63,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
             ref_task = task
         if cand_sig.kind == "torch":
             cand_task = task
-    notes: list[str] = []
+    notes: list[str] = [n for sig in (ref_sig, cand_sig) for n in sig.notes if n]
+    notes = list(dict.fromkeys(notes))  # the same folder on both sides: one note
     if profile == "auto":
         name = auto_profile(float_dtype=cand_sig.float_dtype, quantization=cand_sig.quantization)
         why = cand_sig.quantization or cand_sig.float_dtype or "no float weights"
@@ -271,12 +272,6 @@ def _tokenize_both(text_path: Path, ref: Any, cand: Any, ref_task: str, cand_tas
 
 
 def _encode(folder: Path, text: str) -> list[int]:
-    from transformers import AutoTokenizer
+    from llmconv.export.tasks import open_tokenizer
 
-    from llmconv.export._quiet import quiet
-    from llmconv.export.tasks import refuse_tokenizer_code, remote_code_refused
-
-    refuse_tokenizer_code(folder)
-    with quiet(), remote_code_refused(folder):
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-        return list(tok(text)["input_ids"])
+    return list(open_tokenizer(folder)(text)["input_ids"])

@@ -28,10 +28,12 @@ from llmconv.errors import InputError, MissingDependency, Unsupported, UsageErro
 from llmconv.export.tasks import (
     TASK_CLASSES,
     base_task,
+    code_note,
     is_causal,
     refuse_model_code,
     remote_code_refused,
     task_from_config,
+    transformers_view,
 )
 from llmconv.verification.inputs import KNOWN_INPUTS, PastSpec
 
@@ -83,6 +85,7 @@ class Signature:
     float_dtype: str | None = None
     quantization: str | None = None
     tokenizer_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _max_positions(config: dict[str, Any] | None) -> int | None:
@@ -149,7 +152,7 @@ def _describe_hf(path: Path) -> Signature:
         wants.add("token_type_ids")
     return Signature(path=path, kind="torch", model_path=path, task=task_from_config(config), inputs=wants,
                      config=config, vocab_size=config.get("vocab_size"), max_positions=_max_positions(config),
-                     float_dtype=float_dtype, tokenizer_dir=_tokenizer_dir(path))
+                     float_dtype=float_dtype, tokenizer_dir=_tokenizer_dir(path), notes=code_note(path))
 
 
 # Signatures of graphs just written, keyed by (resolved path, size, mtime): the exporter has the proto
@@ -419,9 +422,14 @@ class TorchRunner:
         self.sig = sig
         self.want_cache = task.endswith("-with-past")
         refuse_model_code(sig.config or {}, path=sig.path, auto_class=cls_name)
-        with quiet(), remote_code_refused(sig.path):
+        if not (sig.config or {}).get("model_type"):
+            # transformers would guess the architecture from the folder's name.
+            raise UsageError("config.json has no model_type; running the model needs its architecture",
+                             path=sig.path, hint='add "model_type" (e.g. "llama") to config.json')
+        # Loaded from a view of its data files only: no Python of the folder (custom_generate/) can be imported.
+        with transformers_view(sig.model_path, tokenizer=False) as view, quiet(), remote_code_refused(sig.path):
             self.model, info = getattr(transformers, cls_name).from_pretrained(
-                str(sig.model_path), dtype=torch.float32, local_files_only=True, output_loading_info=True,
+                str(view), dtype=torch.float32, local_files_only=True, output_loading_info=True,
                 trust_remote_code=False)
         # Weights the checkpoint lacks are initialised at random, differently on each load: outputs
         # that depend on them compare noise with noise. A head for another task is the usual cause.

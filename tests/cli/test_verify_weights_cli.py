@@ -214,3 +214,14 @@ def test_verify_across_formats_and_ties(cli, fx):
     assert r.exit_code == 0
     out = json.loads(r.stdout)
     assert out["tied"] == ["lm_head.weight"] and len(out["checks"]) == 28
+
+
+def test_junit_stays_well_formed_when_names_hold_control_characters(cli, fx, tmp_path):
+    """ElementTree writes ESC and BEL raw, and XML forbids them: every reader refused the whole report."""
+    report = tmp_path / "r.xml"
+    r = cli("verify", fx("control-names.safetensors"), fx("control-names-changed.safetensors"), "--junit", report)
+    assert r.exit_code == 1, r.stderr
+    suite = ET.parse(report).getroot().find("testsuite")  # parses: no raw control characters left
+    names = [tc.get("name") for tc in suite.iter("testcase")]
+    assert any("\\x1b[" in n for n in names), names
+    assert not any(ch in "".join(names) for ch in "\x1b\x07")

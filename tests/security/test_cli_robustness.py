@@ -238,3 +238,62 @@ def test_a_signal_at_any_moment_of_a_conversion_is_honoured(fx, tmp_path, sig, c
         assert p.returncode == code, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert sorted(x.name for x in tmp_path.iterdir()) == [], err
+
+
+# ---- files transformers/optimum read: checked by llmconv first, the same in every command (audit) -------
+
+
+_TF_BAD = [
+    ("tf-index-list", "model.safetensors.index.json", "index has no valid 'weight_map' (tensor name -> shard file)"),
+    ("tf-generation-config-deep", "generation_config.json",
+     "generation_config.json is nested too deeply to read (more than 100 levels)"),
+    ("tf-config-bom", "config.json",
+     "config.json starts with a UTF-8 byte-order mark, which transformers cannot read "
+     "(save the file as UTF-8 without the BOM)"),
+    ("tf-config-vocab-huge", "config.json",
+     "'vocab_size' must be a non-negative integer below 2**31, not 1000000000000000000000000000000"),
+    ("tf-config-model-type-null", "config.json", "'model_type' must be a string, not null"),
+]
+
+
+@pytest.mark.parametrize("name, file, words", _TF_BAD, ids=[n for n, _, _ in _TF_BAD])
+@pytest.mark.parametrize("command", ["verify-outputs", "convert-onnx"])
+def test_what_transformers_reads_is_checked_first(cli, fx, tmp_path, name, file, words, command):
+    src = fx(name)
+    args = (("verify", fx("llama-hf"), src, "--mode", "outputs") if command == "verify-outputs"
+            else ("convert", src, tmp_path / "x.onnx", "--to", "onnx"))
+    _one_line_naming(cli(*args), f"{src / file}: {words}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_bom_config_is_refused_by_inspect_and_convert_too(cli, fx, tmp_path):
+    src = fx("tf-config-bom")
+    for args in (("inspect", src), ("convert", src, tmp_path / "out")):
+        _one_line_naming(cli(*args), f"{src / 'config.json'}: config.json starts with a UTF-8 byte-order mark")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_index_without_metadata_exports_as_it_converts(cli, fx, tmp_path):
+    src = fx("tf-index-no-metadata")
+    r = cli("convert", src, tmp_path / "x.onnx", "--to", "onnx", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["verification"]["ok"] and (tmp_path / "x.onnx").is_file()
+    assert "metadata" not in json.loads((src / "model.safetensors.index.json").read_text())  # the source untouched
+
+
+@pytest.mark.parametrize("command", ["verify-text", "quantize-calibration"])
+def test_a_tokenizer_json_the_library_refuses_is_corrupt_input(cli, fx, tmp_path, command):
+    src = fx("tf-tokenizer-json-wrong")
+    text = fx("remote-code-text")
+    args = (("verify", src, src, "--mode", "outputs", "--text", text) if command == "verify-text"
+            else ("quantize", src, tmp_path / "q.onnx", "--target", "cpu", "--method", "int8-static",
+                  "--calibration", text))
+    _one_line_naming(cli(*args), f"{src / 'tokenizer.json'}: the tokenizers library cannot read the tokenizer: "
+                                 "invalid type: integer `5`, expected a map")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_broken_tokenizer_does_not_stop_a_run_that_reads_no_tokenizer(cli, fx):
+    src = fx("tf-tokenizer-json-wrong")
+    r = cli("verify", src, src, "--mode", "outputs")
+    assert r.exit_code == 0, r.stderr

@@ -58,19 +58,37 @@ def test_stride0_view_is_refused_before_it_expands(cli, fx, fx_copy):
     refused(cli, fx_copy("stride0.bin"), "tensor 'w' maps 1000 elements", command="convert")
 
 
-def test_views_and_shared_storage_of_real_state_dicts_still_load(cli, tmp_path):
-    """Slices, transposes and tied tensors are views a real state dict has: they stay readable."""
-    base = torch.arange(24, dtype=torch.float32)
-    sd = {"a": base, "slice": base[4:10], "t": base.view(4, 6).t(), "tied": base, "empty": torch.zeros(0, 3)}
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_views_and_shared_storage_of_real_state_dicts_still_load(cli, tmp_path, legacy):
+    """What a real state dict shares: one view under two names (a tie), disjoint row and column slices of
+    a fused weight saved without a copy; and a transpose, alone on its storage. They stay readable."""
+    fused = torch.arange(24, dtype=torch.float32).view(6, 4)
+    cols = torch.arange(24, dtype=torch.float32).view(4, 6) + 100
+    emb = torch.arange(12, dtype=torch.float32).view(3, 4) - 50
+    sd = {"q": fused[0:2], "k": fused[2:4], "v": fused[4:6], "cq": cols[:, :2], "ck": cols[:, 2:],
+          "t": (torch.arange(24, dtype=torch.float32) + 200).view(4, 6).t(), "emb": emb, "head": emb,
+          "empty": torch.zeros(0, 3)}
     src = tmp_path / "views.bin"
-    torch.save(sd, src)
+    torch.save(sd, src, _use_new_zipfile_serialization=not legacy)
     dst = tmp_path / "views.safetensors"
     r = cli("convert", src, dst, "--no-verify")
     assert r.exit_code == 0, r.stderr
     from safetensors.torch import load_file
 
     out = load_file(dst)
-    assert torch.equal(out["slice"], base[4:10]) and torch.equal(out["t"], base.view(4, 6).t())
+    for name in ("q", "k", "v", "cq", "ck", "t", "emb"):
+        assert torch.equal(out[name], sd[name]), name
+    assert dst.stat().st_size < 2 * sum(t.nbytes for n, t in sd.items() if n != "head") + 4096
+
+
+def test_views_that_overlap_one_another_are_refused(cli, tmp_path):
+    """A slice of another tensor, or its transpose, shares elements without being a tie: converting
+    writes them twice (a few bytes turn into gigabytes with enough views)."""
+    base = torch.arange(24, dtype=torch.float32)
+    for name, other in (("slice", base[4:10]), ("t", base.view(4, 6).t())):
+        src = tmp_path / f"{name}.bin"
+        torch.save({"a": base, name: other}, src)
+        refused(cli, src, f"tensors 'a' and '{name}' overlap in the storage they share")
 
 
 @pytest.mark.parametrize("name, reason", [
@@ -140,6 +158,49 @@ def test_onnx_absurd_dims_are_corrupt_not_a_full_disk(cli, fx, tmp_path):
     r = cli("convert", mfile, tmp_path / "w.safetensors")
     line = one_error_line(r.stderr)
     assert r.exit_code == 2 and "initializer 'B'" in line and "free" not in line
+
+
+def test_onnx_external_ranges_that_overlap_are_refused(cli, fx, fx_copy):
+    """Two initializers on one range of a data file: no writer does it; 100 of them on 1 MB converted to
+    100 MB."""
+    text = ("initializers 'W' and 'B' both read bytes 36..48 of 'weights.bin'; each initializer's external data "
+            "has its own range (the model is damaged; export it again)")
+    mfile = fx("onnx-external-overlap") / "model.onnx"
+    assert refused(cli, mfile, text).endswith(text)
+    refused(cli, fx_copy("onnx-external-overlap") / "model.onnx", text, command="convert")
+    r = cli("verify", mfile, mfile, "--mode", "weights")
+    assert r.exit_code == 2 and text in one_error_line(r.stderr)
+
+
+def test_onnx_external_ranges_side_by_side_still_convert(cli, fx_copy, tmp_path):
+    """The usual layout: ranges one after another in one file (here with a gap), read as they are."""
+    import onnx
+    from safetensors.numpy import load_file
+
+    folder = fx_copy("onnx-external-overlap")
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    b = next(t for t in model.graph.initializer if t.name == "B")
+    next(e for e in b.external_data if e.key == "offset").value = "52"
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    data = (folder / "weights.bin").read_bytes() + b"\0" * 4 + bytes(range(12))
+    (folder / "weights.bin").write_bytes(data)
+    r = cli("convert", folder / "model.onnx", tmp_path / "w.safetensors")
+    assert r.exit_code == 0, r.stderr
+    out = load_file(str(tmp_path / "w.safetensors"))
+    assert out["W"].tobytes() == data[:48] and out["B"].tobytes() == bytes(range(12))
+
+
+def test_onnx_initializer_that_a_node_also_produces_is_refused(cli, fx, fx_copy):
+    """onnxruntime refuses the graph; convert used to write the initializer as if it were the weight."""
+    import onnxruntime as ort
+
+    mfile = fx("onnx-initializer-also-node-output") / "model.onnx"
+    with pytest.raises(Exception, match="Shape of initializer B does not match"):
+        ort.InferenceSession(str(mfile), providers=["CPUExecutionProvider"])
+    text = ("initializer 'B' is also the output of a Constant node in the graph; onnxruntime refuses such a "
+            "model (the model is damaged; export it again)")
+    assert refused(cli, mfile, text).endswith(text)
+    refused(cli, fx_copy("onnx-initializer-also-node-output") / "model.onnx", text, command="convert")
 
 
 # ---- safetensors headers ------------------------------------------------------------------------
@@ -349,6 +410,19 @@ def test_negative_stride_of_an_empty_tensor_is_refused(cli, fx, fx_copy, name):
 ])
 def test_legacy_storage_that_disagrees_with_its_pickle_is_refused(cli, fx, fx_copy, name, text):
     refused(cli, fx(name), text)
+    refused(cli, fx_copy(name), text, command="convert")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("overlapping-views.bin", "tensors 'a' and 'b' overlap in the storage they share"),
+    ("legacy-overlapping-views.pt", "tensors 'a' and 'b' overlap in the storage they share"),
+    # views with gaps: checked element by element, 'v' beside them is disjoint
+    ("overlapping-columns.bin", "tensors 'q' and 'k' overlap in the storage they share"),
+])
+def test_views_overlapping_in_one_storage_are_refused(cli, fx, fx_copy, name, text):
+    """Partial overlap of two tensors of one storage: a 4 MB file of 100 such views converted to 400 MB."""
+    hint = "(save copies: torch.save({k: v.clone() for k, v in state_dict.items()}, path))"
+    assert refused(cli, fx(name), text).endswith(hint)
     refused(cli, fx_copy(name), text, command="convert")
 
 

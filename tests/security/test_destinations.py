@@ -273,3 +273,127 @@ def test_interrupt_while_the_old_folder_goes_says_the_new_output_is_in_place(fx,
     assert (dst / "config.json").is_file() and not (dst / "d000").exists()
     assert sorted(p.name for p in site.iterdir()) == ["out"]
     assert digest(src) == before
+
+
+# ---- a full disk or a file-size limit while an ONNX output is built ------------------------------------------
+
+_LIMIT = 60_000  # under every method's output of onnx-matmul-512kb (the smallest, int4, is 64 KB)
+_BUILDS = {
+    # onnxruntime's int8-dynamic writes a shape-inferred copy of the model and reads it back: its C++ writer
+    # stops at the limit without a word, and the copy comes back cut short.
+    "int8-dynamic": ("quantize", "--target", "cpu", "--method", "int8-dynamic"),
+    "int8-static": ("quantize", "--target", "cpu", "--method", "int8-static", "--calibration", "{fx}/x.npz"),
+    "int4": ("quantize", "--target", "cpu", "--method", "int4"),
+    "fp16": ("quantize", "--target", "cpu", "--method", "fp16"),
+    "prune": ("prune", "--sparsity", "0.5"),
+}
+_CUT_SHORT = {"int8-dynamic": f"a file written for it was cut short at the file-size limit of "
+                              f"{_LIMIT / 1000:.2f} KB (ulimit -f) (raise the limit, or write a smaller model)"}
+
+
+def _build_cmd(kind: str, src: Path, dst: Path) -> list[str]:
+    command, *flags = _BUILDS[kind]
+    return [sys.executable, "-m", "llmconv", command, str(src / "model.onnx"), str(dst),
+            *(f.format(fx=src) for f in flags), "--no-verify"]
+
+
+@pytest.mark.parametrize("kind", list(_BUILDS))
+def test_file_size_limit_while_an_onnx_output_is_built_is_exit_2_naming_dst(fx, tmp_path, kind):
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (_LIMIT, _LIMIT))
+
+    out = tmp_path / "f"
+    out.mkdir()
+    dst = out / "q.onnx"
+    r = subprocess.run(_build_cmd(kind, fx("onnx-matmul-512kb"), dst), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr
+    why = _CUT_SHORT.get(kind, "File too large (free some space or choose another destination)")
+    assert one_line(r.stderr) == f"error: {dst}: cannot write the output: {why}"
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["int8-dynamic", "int8-static", "fp16", "prune"])
+def test_full_disk_while_an_onnx_output_is_built_is_exit_2_naming_dst(fx, tmp_path, kind):
+    """On a real 1 MB tmpfs with 25 pages free (needs the right to mount one, else skipped)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        st = os.statvfs(small)
+        (small / "filler").write_bytes(b"\0" * ((st.f_bavail - 25) * st.f_frsize))
+        dst = small / "q.onnx"
+        r = subprocess.run(_build_cmd(kind, fx("onnx-matmul-512kb"), dst), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert one_line(r.stderr) == (f"error: {dst}: cannot write the output: No space left on device (free some "
+                                      "space or choose another destination)")
+        assert sorted(p.name for p in small.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_a_short_read_back_with_room_and_no_limit_stays_a_bug(tmp_path, monkeypatch):
+    """Without a file at the limit, a limit below the model's size or a (nearly) full disk, nothing shows that
+    the destination cut the file short: the error stays what it was (an internal error, exit 3)."""
+    import resource
+
+    from google.protobuf.message import DecodeError
+
+    from llmconv.io import build_failure
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    (tmp_path / "out.onnx").write_bytes(b"\0" * 1000)
+    e = DecodeError("Error parsing message with type 'onnx.ModelProto': Wire format was corrupt")
+    assert build_failure(tmp_path / "q.onnx", e, scratch=tmp_path, needed=10**6) is None
+    assert build_failure(tmp_path / "q.onnx", PermissionError(13, "Permission denied"), scratch=tmp_path,
+                         needed=0) is None
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1000, 1000))  # out.onnx stopped at the limit
+    found = build_failure(tmp_path / "q.onnx", e, scratch=tmp_path, needed=0)
+    assert found is not None and found.path == tmp_path / "q.onnx"
+
+
+# ---- data files that another model in the folder reads ------------------------------------------------------
+
+
+def test_force_keeps_the_old_data_file_that_a_copy_of_the_old_graph_reads(cli, fx, tmp_path):
+    """c.onnx is the user's copy of q.onnx's graph: it reads q.onnx.data, which llmconv recorded writing for
+    q.onnx. Replacing q.onnx keeps the file, and says why."""
+    from fixtures import make_fixtures
+
+    inline = tmp_path / "inline"
+    make_fixtures._onnx_matmul(inline, location=None)
+    site = tmp_path / "site"
+    r = cli("quantize", fx("onnx-wide-external-data") / "model.onnx", site / "q.onnx", "--target", "gpu",
+            "--method", "fp16", "--no-verify")
+    assert r.exit_code == 0, r.stderr
+    (site / "c.onnx").write_bytes((site / "q.onnx").read_bytes())
+    data = digest(site / "q.onnx.data")
+    r = cli("quantize", inline / "model.onnx", site / "q.onnx", "--target", "gpu", "--method", "fp16", "--force",
+            "--no-verify", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in site.iterdir()) == ["c.onnx", "q.onnx", "q.onnx.data"]
+    assert digest(site / "q.onnx.data") == data and data_record(site / "q.onnx") is None
+    assert "kept q.onnx.data, the replaced q.onnx's data file: c.onnx beside it reads it too" in json.loads(
+        r.stdout)["notes"]
+    r = cli("inspect", site / "c.onnx")  # the copy still has its weights
+    assert r.exit_code == 0, r.stderr
+
+
+# ---- --junit that names a file the command reads ------------------------------------------------------------
+
+
+def test_junit_that_is_the_text_file_is_refused_naming_it(cli, fx, tmp_path):
+    text = tmp_path / "h.txt"
+    text.write_text("Hello world.\n")
+    pair = fx("sharded-safetensors-pair")
+    r = cli("verify", pair / "a", pair / "b", "--junit", text, "--text", text)
+    assert r.exit_code == 2
+    assert one_line(r.stderr) == (f"error: {text}: --junit names the file that --text reads: it is {text}; the "
+                                  "report would replace it (give the report a path of its own)")
+    assert text.read_text() == "Hello world.\n"

@@ -196,3 +196,62 @@ def test_non_utf8_onnxruntime_message_is_exit_2_naming_the_file(cli, fx):
     # The reader refuses the graph before onnxruntime sees it (whose own message about it was not UTF-8).
     assert msg.startswith(f"{d / 'bad' / 'model.onnx'}: model.graph.node[0].op_type holds b'\\xff")
     assert "not valid UTF-8" in msg
+
+
+# ---- Python that transformers imports without any auto_map: custom_generate/ (audit of issue 7) -----------
+
+
+def _text_flags(fx, tmp_path):
+    text = fx("remote-code-text")
+    return {
+        "verify": lambda src: ("verify", src, src, "--mode", "outputs", "--text", text),
+        "convert-onnx": lambda src: ("convert", src, tmp_path / "x.onnx", "--to", "onnx"),
+        "quantize-text": lambda src: ("quantize", src, tmp_path / "q.onnx", "--target", "cpu", "--text", text),
+        "quantize-calibration": lambda src: ("quantize", src, tmp_path / "c.onnx", "--target", "cpu", "--method",
+                                             "int8-static", "--calibration", text),
+        "prune-text": lambda src: ("prune", src, tmp_path / "pruned", "--sparsity", "0.1", "--text", text),
+    }
+
+
+@pytest.mark.parametrize("command", ["verify", "convert-onnx", "quantize-text", "quantize-calibration",
+                                     "prune-text"])
+def test_custom_generate_in_a_model_folder_never_runs(cli_y, fx, marker, tmp_path, command):
+    src = fx("remote-custom-generate")
+    r = cli_y(*_text_flags(fx, tmp_path)[command](src), "--json")
+    assert r.exit_code == 0, r.stderr
+    assert not marker.exists() and PROMPT not in r.stdout + r.stderr
+    notes = json.dumps(json.loads(r.stdout))
+    assert f"left out of what transformers reads: custom_generate/ ({NEVER})" in notes
+
+
+def test_an_onnx_folder_carries_no_python_from_the_model(cli_y, fx, marker, tmp_path):
+    r = cli_y("convert", fx("remote-custom-generate"), tmp_path / "onnx", "--to", "onnx")
+    assert r.exit_code == 0, r.stderr
+    out = tmp_path / "onnx"
+    assert (out / "model.onnx").is_file() and (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(out.rglob("*.py")) and not (out / "custom_generate").exists() and not marker.exists()
+
+
+def test_real_process_custom_generate_with_stdin_closed(fx, tmp_path, marker):
+    src = fx("remote-custom-generate")
+    r = _subprocess(["verify", src, src, "--mode", "outputs"], cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr.decode()
+    assert not marker.exists() and not (tmp_path / "hf-modules" / "transformers_modules").exists()
+
+
+def test_views_are_named_by_pid_and_a_dead_process_leftover_is_removed(cli, fx, tmp_path, monkeypatch):
+    import tempfile
+
+    from llmconv.io import _HOST
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = 2**22 + 12345  # above the default pid_max: no live process has it
+    stale = tmp_path / f".llmconv-view.llmconv-scratch-{dead}-{_HOST}-abc123"
+    stale.mkdir()
+    (stale / "config.json").symlink_to(fx("remote-custom-generate") / "config.json")
+    alive = tmp_path / f".llmconv-view.llmconv-scratch-{os.getpid()}-{_HOST}-keep"  # a live run's: kept
+    alive.mkdir()
+    src = fx("remote-custom-generate")
+    r = cli("verify", src, src, "--mode", "outputs")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
