@@ -280,6 +280,10 @@ def _cannot_write(dst: Path, e: BaseException) -> DestinationError | None:
     """The error to raise instead of ``e`` when ``e`` came from the destination's file system."""
     if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
         e = e.__context__  # torch's zip writer reports the OSError of our write() as "unexpected pos"
+    if isinstance(e, OSError) and e.errno == errno.EFBIG and file_size_limit() is not None:
+        return DestinationError(f"cannot write the output: {e.strerror}: it is over this process's file-size "
+                                f"limit of {human_size(file_size_limit() or 0)} (ulimit -f)", path=dst,
+                                hint="raise the limit, or write a smaller model")
     if isinstance(e, OSError) and e.errno in _DEST_ERRNOS:
         return DestinationError(f"cannot write the output: {e.strerror}", path=dst,
                                 hint="free some space or choose another destination")
@@ -323,8 +327,7 @@ def build_failure(dst: Path, e: BaseException, *, scratch: Path, needed: int) ->
     while cause is not None and id(cause) not in seen:  # onnxruntime and torch wrap the OSError of a write
         seen.add(id(cause))
         if isinstance(cause, OSError) and cause.errno in _DEST_ERRNOS:
-            return DestinationError(f"cannot write the output: {cause.strerror}", path=dst,
-                                    hint="free some space or choose another destination")
+            return _cannot_write(dst, cause)
         cause = cause.__cause__ or cause.__context__
     if isinstance(e, OSError):
         return None  # an OSError with another errno is not the destination's doing

@@ -267,6 +267,11 @@ _VIEW_PREFIXES = ("tokenizer", "vocab", "spiece", "sentencepiece")
 _VIEW_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")
 
 
+# The files a tokenizer builds its vocabulary from (the rest, tokenizer_config.json and the like, only configure it).
+_TOKENIZER_DATA = ("tokenizer.json", "vocab.", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece",
+                   "spm.model", "bpe.codes")
+
+
 def _view_file(name: str) -> bool:
     """Whether transformers may read the top-level file ``name`` of a model folder (data, never code)."""
     return name in _VIEW_NAMES or (name.startswith(_VIEW_PREFIXES) and name.endswith(_VIEW_SUFFIXES))
@@ -386,14 +391,29 @@ def open_tokenizer(folder: Path) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from llmconv.errors import CorruptInput
+    from llmconv.errors import CorruptInput, InputError, UnsafeInput
     from llmconv.export._quiet import quiet
+    from llmconv.formats.hf import outside_reason
 
     refuse_tokenizer_code(folder)
+    with contextlib.suppress(OSError):
+        for p in sorted(folder.iterdir()):
+            reason = outside_reason(folder, p) if _view_file(p.name) and p.name not in _MODEL_NAMES else None
+            if reason is not None:
+                # Left out of the view, transformers would silently build some other tokenizer (or crash).
+                raise UnsafeInput(f"the tokenizer cannot be read: {reason}; llmconv reads only files inside the "
+                                  "model's folder", path=folder, hint="copy the file into the folder")
     with transformers_view(folder, weights=False) as view:
         try:
             with quiet(), remote_code_refused(folder):
                 return AutoTokenizer.from_pretrained(str(view), local_files_only=True, trust_remote_code=False)
+        except (AttributeError, TypeError) as e:
+            # transformers falls back to a tokenizer class whose files are absent, and trips on the missing path.
+            if any(p.name.startswith(_TOKENIZER_DATA) for p in folder.iterdir()):
+                raise
+            raise InputError("the folder has no tokenizer data (tokenizer.json, vocab.json/merges.txt, vocab.txt "
+                             "or a sentencepiece .model), so its text cannot be tokenized", path=folder,
+                             hint="copy the model's tokenizer files into the folder") from e
         except Exception as e:
             if type(e) is not Exception:  # the tokenizers library's own error is a bare Exception; ours are not
                 raise

@@ -247,6 +247,30 @@ def _check_view(name: str, t: torch.Tensor, path: Path) -> None:
         raise CorruptInput(f"tensor {name!r} maps {t.numel()} elements onto {last - first + 1} stored ones "
                            f"(shape {list(t.shape)}, strides {list(t.stride())}); a state dict stores each "
                            "element once", path=path, hint="save a contiguous copy: tensor.contiguous()")
+    if _maps_an_element_twice(t):
+        raise CorruptInput(f"tensor {name!r} maps some of its elements onto the same stored element (shape "
+                           f"{list(t.shape)}, strides {list(t.stride())}); a state dict stores each element once",
+                           path=path, hint="save a contiguous copy: tensor.contiguous()")
+
+
+def _maps_an_element_twice(t: torch.Tensor) -> bool:
+    """Whether two indices of ``t`` reach the same element of its storage (shape [3, 3], strides [3, 3]).
+
+    The usual layouts (contiguous, transposed, sliced) pass a quick test: with its dimensions ordered by stride,
+    each stride steps past everything the smaller ones reach. Only a view that fails it has its offsets
+    counted, which costs ``numel`` integers; ``numel`` is at most the storage's length (checked before).
+    """
+    reach = 0
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n > 1):
+        if stride <= reach:
+            break
+        reach += (size - 1) * stride
+    else:
+        return False
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride)
+    return int(torch.unique(offsets).numel()) < t.numel()
 
 
 def _check_overlaps(sd: dict[str, torch.Tensor], path: Path) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
+import math
 import os
 import pickle
 import resource
@@ -136,6 +138,17 @@ class _StructUnpickler(pickle.Unpickler):
         return self.storages.setdefault(str(pid[2]), _StorageRef(str(pid[2]), kind[1], pid[4]))
 
 
+def _reuses_elements(t: _TensorRef) -> bool:
+    """Whether two indices of the view reach one element, counted exactly (strides [3, 2] over shape [3, 3]
+    interleave without a repeat, though they fail the quick stride test)."""
+    numel = math.prod(t.size)
+    if numel > 1_000_000:
+        raise _Unparseable("view too large to enumerate")
+    offsets = {sum(i * st for i, st in zip(idx, t.stride, strict=False))
+               for idx in itertools.product(*(range(n) for n in t.size))}
+    return len(offsets) < numel
+
+
 def _check_view(name: str, t: _TensorRef) -> None:
     """A state dict's tensor is a non-overlapping view that stays inside its storage."""
     if not all(isinstance(v, int) for v in (t.offset, *t.size, *t.stride)):
@@ -146,7 +159,7 @@ def _check_view(name: str, t: _TensorRef) -> None:
         return
     span = 1
     for stride, size in sorted((st, sz) for sz, st in zip(t.size, t.stride, strict=False) if sz > 1):
-        if stride < span:
+        if stride < span and _reuses_elements(t):
             raise Refuse("corrupt", f"tensor {name!r} re-uses its own elements (stride {stride})")
         span += (size - 1) * stride
     if t.offset + span > t.storage.numel:
@@ -245,7 +258,9 @@ def read_torch(path: Path, *, strict: bool = True) -> tuple[Tensors, set[str]]:
     return {k: _norm_torch(v) for k, v in obj.items()}, aliases
 
 
-def _inside(root: Path, rel: str) -> bool:
+def _inside(root: Path, rel: str | bytes) -> bool:
+    if isinstance(rel, bytes):  # proto2 hands back a string field that is not UTF-8 as bytes: no usable path
+        return False
     if not rel or "\x00" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
         return False
     try:

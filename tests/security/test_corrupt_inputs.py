@@ -255,8 +255,9 @@ def test_file_size_limit_is_exit_2_naming_dst(tmp_path, ext):
     r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(src), str(dst)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size(300_000))
     assert r.returncode == 2, r.stderr
-    assert one_error_line(r.stderr) == (f"error: {dst}: cannot write the output: File too large (free some space "
-                                        "or choose another destination)")
+    assert one_error_line(r.stderr) == (f"error: {dst}: cannot write the output: File too large: it is over this "
+                                        "process's file-size limit of 300.00 KB (ulimit -f) (raise the limit, or "
+                                        "write a smaller model)")
     assert list(out.iterdir()) == []
 
 
@@ -461,3 +462,9 @@ def test_legacy_sizes_larger_than_the_file_are_exit_2_under_a_memory_limit(cli, 
     assert r.exit_code == 2, r.stderr
     line = one_error_line(r.stderr)
     assert str(path) in line and text in line, line
+
+
+@pytest.mark.parametrize("name", ["self-overlapping-view.bin", "legacy-self-overlapping-view.pt"])
+def test_a_view_that_maps_an_element_twice_is_refused(cli, fx, name):
+    refused(cli, fx(name), "tensor 'w' maps some of its elements onto the same stored element",
+            "strides [3, 3]")

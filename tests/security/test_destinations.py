@@ -311,7 +311,8 @@ def test_file_size_limit_while_an_onnx_output_is_built_is_exit_2_naming_dst(fx, 
     r = subprocess.run(_build_cmd(kind, fx("onnx-matmul-512kb"), dst), cwd=ROOT, capture_output=True, text=True,
                        timeout=300, preexec_fn=limit)
     assert r.returncode == 2, r.stderr
-    why = _CUT_SHORT.get(kind, "File too large (free some space or choose another destination)")
+    why = _CUT_SHORT.get(kind, f"File too large: it is over this process's file-size limit of {_LIMIT / 1000:.2f} KB "
+                               "(ulimit -f) (raise the limit, or write a smaller model)")
     assert one_line(r.stderr) == f"error: {dst}: cannot write the output: {why}"
     assert list(out.iterdir()) == []
 

@@ -112,3 +112,29 @@ def test_an_empty_model_is_refused_by_convert_and_verify(cli, fx, tmp_path, name
     assert not report["ok"] and "holds no tensors; nothing to compare" in report["error"]["message"]
     r = cli("verify", fx("gpt2-state-dict.bin"), src)
     assert r.exit_code == 2 and f"{src}: holds no tensors" in r.stderr
+
+
+def test_tokenizer_files_linked_outside_are_refused_when_text_is_tokenized(cli, fx, tmp_path):
+    """Left out of what transformers reads, they made it fall back to another tokenizer class (exit 3)."""
+    src = fx("hf-tokenizer-linked-outside")
+    text = tmp_path / "t.txt"
+    text.write_text("w1 w2 w3 w4 w5 w6 w7 w8 " * 20)
+    for args in (("verify", src, src, "--text", text),
+                 ("prune", src, tmp_path / "p", "--sparsity", "0.5", "--text", text)):
+        r = cli(*args)
+        assert r.exit_code == 2, r.stderr
+        assert "the tokenizer cannot be read: " in r.stderr and "outside the model's folder" in r.stderr
+        assert "(copy the file into the folder)" in r.stderr
+    assert not (tmp_path / "p").exists()
+    r = cli("convert", src, tmp_path / "out")  # no tokenizing: converts, and leaves the links out with a note
+    assert r.exit_code == 0, r.stderr
+    assert "tokenizer.json links to ../" in r.output
+
+
+def test_a_folder_without_tokenizer_data_is_exit_2_for_text(cli, fx, tmp_path):
+    src = fx("hf-tokenizer-config-only")
+    text = tmp_path / "t.txt"
+    text.write_text("w1 w2 w3 w4 " * 20)
+    r = cli("verify", src, src, "--text", text)
+    assert r.exit_code == 2, r.stderr
+    assert "the folder has no tokenizer data (tokenizer.json, vocab.json/merges.txt" in r.stderr
