@@ -64,3 +64,25 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """``tmpfs("1m")`` -> a real tmpfs of that size mounted at ``tmp_path/small`` (unmounted after the test);
+    the test is skipped where mounting is not allowed."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        small = tmp_path / "small"
+        small.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(small)
+        return small
+
+    yield mount
+    for small in mounted:
+        subprocess.run(["umount", str(small)], capture_output=True)

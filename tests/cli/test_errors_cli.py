@@ -240,7 +240,7 @@ def test_interrupted_conversion_leaves_the_destination_as_it_was(tmp_path, sig, 
 
 
 @pytest.mark.slow
-def test_running_out_of_space_is_exit_2_naming_dst_and_leaves_nothing(fx, tmp_path):
+def test_running_out_of_space_is_exit_2_naming_dst_and_leaves_nothing(fx, tmp_path, tmpfs):
     """On a real 1 MiB tmpfs (needs the right to mount one, else skipped): refused up front when the
     model cannot fit, and ENOSPC in the middle of a write when only the header does not."""
     import math
@@ -248,43 +248,36 @@ def test_running_out_of_space_is_exit_2_naming_dst_and_leaves_nothing(fx, tmp_pa
 
     from llmconv.formats import registry
 
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        src = fx("llama.safetensors")
-        with registry.open_checkpoint(src) as s:
-            total = s.total_bytes
-        page = os.statvfs(small).f_frsize
-        pages = os.statvfs(small).f_blocks
-        dst = small / "l.safetensors"
-        (small / "filler").write_bytes(b"\0" * ((pages - math.ceil(total / page) + 1) * page))
-        r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(src), str(dst)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and one_error_line(r.stderr).startswith(f"error: {dst}: the output needs ")
-        # Room for the tensor's bytes (50 whole pages), not for the header too: the check passes, the
-        # write fails.
-        import torch
-        from safetensors.torch import save_file
+    small = tmpfs("1m")
+    src = fx("llama.safetensors")
+    with registry.open_checkpoint(src) as s:
+        total = s.total_bytes
+    page = os.statvfs(small).f_frsize
+    pages = os.statvfs(small).f_blocks
+    dst = small / "l.safetensors"
+    (small / "filler").write_bytes(b"\0" * ((pages - math.ceil(total / page) + 1) * page))
+    r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(src), str(dst)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and one_error_line(r.stderr).startswith(f"error: {dst}: the output needs ")
+    # Room for the tensor's bytes (50 whole pages), not for the header too: the check passes, the
+    # write fails.
+    import torch
+    from safetensors.torch import save_file
 
-        exact = tmp_path / "exact.safetensors"
-        save_file({"w": torch.zeros(50 * page // 4)}, str(exact))
-        (small / "filler").unlink()
-        (small / "filler").write_bytes(b"\0" * ((pages - 50) * page))
-        assert os.statvfs(small).f_bavail == 50
-        r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(exact), str(dst)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2, r.stderr
-        assert one_error_line(r.stderr).startswith(f"error: {dst}: cannot write the output: No space left on device")
-        assert sorted(p.name for p in small.iterdir()) == ["filler"]
-        # Through torch's zip writer (which may report ENOSPC as a RuntimeError): still the destination's.
-        r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(exact), str(small / "l.bin")], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2, r.stderr
-        line = one_error_line(r.stderr)
-        assert line.startswith(f"error: {small / 'l.bin'}: cannot write the output: ") and "space" in line.lower()
-        assert sorted(p.name for p in small.iterdir()) == ["filler"]
-    finally:
-        subprocess.run(["umount", str(small)], capture_output=True)
+    exact = tmp_path / "exact.safetensors"
+    save_file({"w": torch.zeros(50 * page // 4)}, str(exact))
+    (small / "filler").unlink()
+    (small / "filler").write_bytes(b"\0" * ((pages - 50) * page))
+    assert os.statvfs(small).f_bavail == 50
+    r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(exact), str(dst)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert one_error_line(r.stderr).startswith(f"error: {dst}: cannot write the output: No space left on device")
+    assert sorted(p.name for p in small.iterdir()) == ["filler"]
+    # Through torch's zip writer (which may report ENOSPC as a RuntimeError): still the destination's.
+    r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(exact), str(small / "l.bin")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    line = one_error_line(r.stderr)
+    assert line.startswith(f"error: {small / 'l.bin'}: cannot write the output: ") and "space" in line.lower()
+    assert sorted(p.name for p in small.iterdir()) == ["filler"]

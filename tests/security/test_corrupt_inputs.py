@@ -261,32 +261,25 @@ def test_file_size_limit_is_exit_2_naming_dst(tmp_path, ext):
     assert list(out.iterdir()) == []
 
 
-def test_full_disk_while_writing_bin_is_exit_2(fx, tmp_path):
+def test_full_disk_while_writing_bin_is_exit_2(fx, tmp_path, tmpfs):
     """On a real tmpfs (needs the right to mount one, else skipped): room for the tensor's bytes, not
     for the zip headers around them; torch's zip writer fails in the middle of the file."""
     import os
 
     from safetensors.torch import save_file
 
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        page = os.statvfs(small).f_frsize
-        src = tmp_path / "exact.safetensors"
-        save_file({"w": torch.zeros(100 * page // 4)}, str(src))
-        (small / "filler").write_bytes(b"\0" * ((os.statvfs(small).f_bavail - 100) * page))
-        assert os.statvfs(small).f_bavail == 100
-        dst = small / "model.bin"
-        r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(src), str(dst)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2, r.stderr
-        assert one_error_line(r.stderr).startswith(f"error: {dst}: cannot write the output: No space left on device")
-        assert sorted(p.name for p in small.iterdir()) == ["filler"]
-    finally:
-        subprocess.run(["umount", str(small)], capture_output=True)
+    small = tmpfs("2m")
+    page = os.statvfs(small).f_frsize
+    src = tmp_path / "exact.safetensors"
+    save_file({"w": torch.zeros(100 * page // 4)}, str(src))
+    (small / "filler").write_bytes(b"\0" * ((os.statvfs(small).f_bavail - 100) * page))
+    assert os.statvfs(small).f_bavail == 100
+    dst = small / "model.bin"
+    r = subprocess.run([sys.executable, "-m", "llmconv", "convert", str(src), str(dst)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert one_error_line(r.stderr).startswith(f"error: {dst}: cannot write the output: No space left on device")
+    assert sorted(p.name for p in small.iterdir()) == ["filler"]
 
 
 def test_ctrl_c_inside_torch_save_is_a_keyboard_interrupt(tmp_path):

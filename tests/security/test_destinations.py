@@ -46,6 +46,19 @@ def data_record(model: Path) -> list[str] | None:
     return json.loads(props["llmconv.data_files"]) if "llmconv.data_files" in props else None
 
 
+def recorded_site(cli, fx, tmp_path: Path) -> tuple[Path, Path]:
+    """An inline one-MatMul model, and a folder where llmconv wrote q.onnx with its data file q.onnx.data."""
+    from fixtures import make_fixtures
+
+    inline = tmp_path / "inline"
+    make_fixtures._onnx_matmul(inline, location=None)
+    site = tmp_path / "site"
+    r = cli("quantize", fx("onnx-wide-external-data") / "model.onnx", site / "q.onnx", "--target", "gpu",
+            "--method", "fp16", "--no-verify")
+    assert r.exit_code == 0, r.stderr
+    return inline, site
+
+
 def x_inputs(folder: Path) -> Path:
     """Inputs for the one-MatMul fixtures (input X, float32[batch, 4])."""
     import numpy as np
@@ -101,14 +114,7 @@ def test_export_with_force_keeps_what_the_old_destination_named(cli, fx, fx_copy
 
 def test_force_removes_the_data_file_llmconv_recorded_writing(cli, fx, tmp_path):
     """What llmconv wrote and recorded is its own: replaced by an inline model, the old data file goes."""
-    from fixtures import make_fixtures
-
-    inline = tmp_path / "inline"
-    make_fixtures._onnx_matmul(inline, location=None)
-    site = tmp_path / "site"
-    r = cli("quantize", fx("onnx-wide-external-data") / "model.onnx", site / "q.onnx", "--target", "gpu",
-            "--method", "fp16", "--no-verify")
-    assert r.exit_code == 0, r.stderr
+    inline, site = recorded_site(cli, fx, tmp_path)
     assert sorted(p.name for p in site.iterdir()) == ["q.onnx", "q.onnx.data"]
     assert data_record(site / "q.onnx") == ["q.onnx.data"]
     r = cli("quantize", inline / "model.onnx", site / "q.onnx", "--target", "gpu", "--method", "fp16", "--force",
@@ -318,25 +324,18 @@ def test_file_size_limit_while_an_onnx_output_is_built_is_exit_2_naming_dst(fx, 
 
 
 @pytest.mark.parametrize("kind", ["int8-dynamic", "int8-static", "fp16", "prune"])
-def test_full_disk_while_an_onnx_output_is_built_is_exit_2_naming_dst(fx, tmp_path, kind):
+def test_full_disk_while_an_onnx_output_is_built_is_exit_2_naming_dst(fx, tmp_path, tmpfs, kind):
     """On a real 1 MB tmpfs with 25 pages free (needs the right to mount one, else skipped)."""
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        st = os.statvfs(small)
-        (small / "filler").write_bytes(b"\0" * ((st.f_bavail - 25) * st.f_frsize))
-        dst = small / "q.onnx"
-        r = subprocess.run(_build_cmd(kind, fx("onnx-matmul-512kb"), dst), cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 2, r.stderr
-        assert one_line(r.stderr) == (f"error: {dst}: cannot write the output: No space left on device (free some "
-                                      "space or choose another destination)")
-        assert sorted(p.name for p in small.iterdir()) == ["filler"]
-    finally:
-        subprocess.run(["umount", str(small)], capture_output=True)
+    small = tmpfs("1m")
+    st = os.statvfs(small)
+    (small / "filler").write_bytes(b"\0" * ((st.f_bavail - 25) * st.f_frsize))
+    dst = small / "q.onnx"
+    r = subprocess.run(_build_cmd(kind, fx("onnx-matmul-512kb"), dst), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert one_line(r.stderr) == (f"error: {dst}: cannot write the output: No space left on device (free some "
+                                  "space or choose another destination)")
+    assert sorted(p.name for p in small.iterdir()) == ["filler"]
 
 
 def test_a_short_read_back_with_room_and_no_limit_stays_a_bug(tmp_path, monkeypatch):
@@ -365,14 +364,7 @@ def test_a_short_read_back_with_room_and_no_limit_stays_a_bug(tmp_path, monkeypa
 def test_force_keeps_the_old_data_file_that_a_copy_of_the_old_graph_reads(cli, fx, tmp_path):
     """c.onnx is the user's copy of q.onnx's graph: it reads q.onnx.data, which llmconv recorded writing for
     q.onnx. Replacing q.onnx keeps the file, and says why."""
-    from fixtures import make_fixtures
-
-    inline = tmp_path / "inline"
-    make_fixtures._onnx_matmul(inline, location=None)
-    site = tmp_path / "site"
-    r = cli("quantize", fx("onnx-wide-external-data") / "model.onnx", site / "q.onnx", "--target", "gpu",
-            "--method", "fp16", "--no-verify")
-    assert r.exit_code == 0, r.stderr
+    inline, site = recorded_site(cli, fx, tmp_path)
     (site / "c.onnx").write_bytes((site / "q.onnx").read_bytes())
     data = digest(site / "q.onnx.data")
     r = cli("quantize", inline / "model.onnx", site / "q.onnx", "--target", "gpu", "--method", "fp16", "--force",
