@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from llmconv.errors import CorruptInput, DestinationError, UnsafeInput, UsageError
+from llmconv.errors import CorruptInput, DestinationError, InputError, LlmconvError, UnsafeInput, UsageError
 
 # Outputs are meant to be shared: mkstemp and safetensors give 0600 otherwise.
 FILE_MODE = 0o644
@@ -71,6 +71,31 @@ def human_size(n: int | float) -> str:
 LINKED_VIEWS: dict[Path, frozenset[Path]] = {}
 
 
+def check_usable_path(path: Path, *, must_exist: bool) -> None:
+    """Raise InputError naming ``path`` when no file operation can use it: a NUL byte, a name longer than the
+    filesystem allows, symbolic links that loop; with ``must_exist`` also when nothing is there (saying why:
+    ``Path.exists`` says False for a link loop and raises for a NUL byte or a name too long)."""
+    try:
+        os.stat(path)
+    except ValueError as e:
+        raise InputError("the path holds a NUL byte, which no file name can", path=path) from e
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            longest = max((len(os.fsencode(part)) for part in Path(path).parts), default=0)
+            raise InputError(f"the path is too long for the filesystem (its longest name is {longest} bytes, "
+                             f"the whole {len(os.fsencode(path))})", path=path,
+                             hint="file and folder names may have at most 255 bytes") from e
+        if e.errno == errno.ELOOP:
+            raise InputError("symbolic links in this path loop (a link leads back to itself)", path=path,
+                             hint="fix or remove the link") from e
+        if not must_exist:
+            return
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            why = "a link to nothing" if os.path.islink(path) else "no such file or folder"
+            raise InputError(why, path=path) from e
+        raise InputError(f"cannot read: {e.strerror or e}", path=path) from e
+
+
 def safe_child(root: Path, relative: str, *, what: str, source: Path) -> Path:
     """Resolve ``relative`` under ``root`` and refuse anything that leaves it.
 
@@ -100,12 +125,19 @@ def safe_child(root: Path, relative: str, *, what: str, source: Path) -> Path:
                else f"cannot be resolved ({getattr(e, 'strerror', None) or e})")
         raise CorruptInput(f"{what} path {relative!r} {why}", path=source, hint="fix the reference") from e
     root_resolved = root.resolve()
-    blobs = _hf_cache_blobs(root_resolved)
-    if resolved != root_resolved and root_resolved not in resolved.parents and (
-            blobs is None or blobs not in resolved.parents) and resolved not in LINKED_VIEWS.get(root_resolved, ()):
+    if resolved != root_resolved and not within_model(root_resolved, resolved):
         raise UnsafeInput(f"{what} path {relative!r} resolves outside the model's folder (through a link?)",
                           path=source, hint="refusing to read outside the model")
     return resolved
+
+
+def within_model(root: Path, resolved: Path) -> bool:
+    """Whether ``resolved`` may be read as part of the model in ``root`` (both resolved): it lies under
+    ``root``, in the ``blobs`` of the Hugging Face cache ``root`` is a snapshot of, or is a file that a
+    :data:`LINKED_VIEWS` folder ``root`` links to."""
+    blobs = _hf_cache_blobs(root)
+    return (root in resolved.parents or (blobs is not None and blobs in resolved.parents)
+            or resolved in LINKED_VIEWS.get(root, ()))
 
 
 def _hf_cache_blobs(root: Path) -> Path | None:
@@ -185,8 +217,6 @@ def input_files(path: Path) -> list[Path]:
 
 def onnx_named_files(model: Path) -> list[Path]:
     """The external data files an ONNX file names, wherever they are; [] when it is not a readable ONNX file."""
-    from llmconv.errors import LlmconvError
-
     try:
         from llmconv.formats import registry
 

@@ -48,7 +48,6 @@ def _set_handlers(handler: Callable[[int, Any], None]) -> None:
 if _started_as_program():
     _set_handlers(_leave_now)
 
-import errno  # noqa: E402
 import functools  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -187,25 +186,12 @@ def _check_path_args(kwargs: dict[str, Any]) -> None:
     """Refuse a path argument that no file operation can use, before a command touches it: one with a
     name longer than the filesystem allows, or with symbolic links that loop. Whether it exists is each
     command's business (a destination usually does not)."""
-    from llmconv.errors import InputError
+    from llmconv.io import check_usable_path
 
     for value in kwargs.values():
         for path in value if isinstance(value, (list, tuple)) else [value]:
-            if not isinstance(path, Path):
-                continue
-            try:
-                os.stat(path)
-            except ValueError as e:  # a NUL byte: click refuses it in argv, a caller may not
-                raise InputError("the path holds a NUL byte, which no file name can", path=path) from e
-            except OSError as e:
-                if e.errno == errno.ENAMETOOLONG:
-                    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
-                    raise InputError(f"the path is too long for the filesystem (its longest name is {longest} "
-                                     f"bytes, the whole {len(os.fsencode(path))})", path=path,
-                                     hint="file and folder names may have at most 255 bytes") from e
-                if e.errno == errno.ELOOP:
-                    raise InputError("symbolic links in this path loop (a link leads back to itself)", path=path,
-                                     hint="fix or remove the link") from e
+            if isinstance(path, Path):
+                check_usable_path(path, must_exist=False)
 
 
 def guarded(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:

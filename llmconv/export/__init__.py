@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 __all__ = ["to_onnx"]
 
-_WEIGHT_NAMES = {"safetensors": "model.safetensors", "pytorch": "pytorch_model.bin"}
-
 
 def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | str, dtype: str, verify: bool,
             force: bool, task: str | None = None, opset: int | None = None, config: str | Path | None = None,
@@ -138,7 +136,7 @@ def _model_folder(src: Path, fmt_name: str, config: str | Path | None, stack: co
     The view holds links to the model's data files only, each checked by llmconv's readers first: the
     exporter never sees the folder's Python, nor a file that a link takes out of the folder (both noted).
     """
-    from llmconv.export.tasks import transformers_view
+    from llmconv.export.tasks import WEIGHT_FILE_NAMES, transformers_view
 
     if fmt_name == "hf":
         if config is not None:
@@ -147,7 +145,7 @@ def _model_folder(src: Path, fmt_name: str, config: str | Path | None, stack: co
     if fmt_name == "onnx":
         raise UsageError("the source is already ONNX", path=src,
                          hint="to get its weights out, convert it to a .safetensors or .bin file")
-    if fmt_name not in _WEIGHT_NAMES:
+    if fmt_name not in WEIGHT_FILE_NAMES:
         raise Unsupported(f"cannot export {fmt_name} to ONNX", path=src)
     if config is None:
         raise UsageError("a bare weights file holds no architecture, and an ONNX graph needs the model's config",

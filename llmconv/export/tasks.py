@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmconv.errors import MissingDependency, UnsafeInput, Unsupported, UsageError
+from llmconv.errors import CorruptInput, InputError, MissingDependency, UnsafeInput, Unsupported, UsageError
 
 # Suffix of a transformers class name -> task (the first match wins, so longer suffixes come first).
 _ARCH_SUFFIX_TASKS: tuple[tuple[str, str], ...] = (
@@ -192,18 +192,8 @@ def refuse_tokenizer_code(folder: Path) -> None:
     Example:
         >>> refuse_tokenizer_code(Path("gpt2-hf"))
     """
-    from llmconv.checkpoint import read_json
-
-    tok_cfg: Any = {}
-    if (folder / "tokenizer_config.json").is_file():
-        tok_cfg = read_json(folder / "tokenizer_config.json", what="tokenizer_config.json")
-    if not isinstance(tok_cfg, dict):
-        tok_cfg = {}
-    config: Any = {}
-    if (folder / "config.json").is_file():
-        config = read_json(folder / "config.json", what="config.json")
-    if not isinstance(config, dict):
-        config = {}
+    tok_cfg = _json_object(folder / "tokenizer_config.json")
+    config = _json_object(folder / "config.json")
     tok_map = tok_cfg.get("auto_map")
     refs = _code_refs(tok_map if isinstance(tok_map, list | tuple) else
                       tok_map.get("AutoTokenizer") if isinstance(tok_map, dict) else None)
@@ -231,6 +221,14 @@ def refuse_tokenizer_code(folder: Path) -> None:
                       f"which {_transformers_version()} has no built-in class for, and {_NEVER}", path=folder,
                       hint="use a tokenizer.json that a built-in tokenizer class reads, or give token ids in an "
                            ".npz file instead of text")
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (read with ``read_json``); {} when there is no such file or it holds no object."""
+    from llmconv.checkpoint import read_json
+
+    value = read_json(path, what=path.name) if path.is_file() else {}
+    return value if isinstance(value, dict) else {}
 
 
 @contextlib.contextmanager
@@ -340,7 +338,7 @@ def transformers_view(folder: Path | None, *, notes: list[str] | None = None, we
         with (registry.open_checkpoint(source) if weights_from is not None else HF.open(source)) as src:
             for f in src.files:
                 if not source.is_dir():
-                    files[_WEIGHT_FILE_NAMES[src.weights_format or src.format]] = f
+                    files[WEIGHT_FILE_NAMES[src.weights_format or src.format]] = f
                     continue
                 rel = f.relative_to(source).as_posix()
                 if rel in (sharding.SAFETENSORS_INDEX, sharding.PYTORCH_INDEX):
@@ -376,7 +374,8 @@ def transformers_view(folder: Path | None, *, notes: list[str] | None = None, we
         yield view
 
 
-_WEIGHT_FILE_NAMES = {"safetensors": "model.safetensors", "pytorch": "pytorch_model.bin"}
+# The name transformers looks for, by weights format: what a bare weights file is called in a view.
+WEIGHT_FILE_NAMES = {"safetensors": "model.safetensors", "pytorch": "pytorch_model.bin"}
 
 
 def open_tokenizer(folder: Path) -> Any:
@@ -391,7 +390,6 @@ def open_tokenizer(folder: Path) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from llmconv.errors import CorruptInput, InputError, UnsafeInput
     from llmconv.export._quiet import quiet
     from llmconv.formats.hf import outside_reason
 
@@ -429,6 +427,7 @@ def check_tokenizer(folder: Path) -> None:
     For commands that tokenize later, from a copy of the files (quantize calibrates on the exported folder):
     the message then names the user's file. A folder without tokenizer.json is left to the later step.
     """
-    refuse_tokenizer_code(folder)
     if (folder / "tokenizer.json").is_file():
-        open_tokenizer(folder)
+        open_tokenizer(folder)  # which refuses code first
+    else:
+        refuse_tokenizer_code(folder)

@@ -19,7 +19,7 @@ from llmconv.checkpoint import TensorSource, read_json
 from llmconv.errors import CorruptInput, InputError, UnsafeInput
 from llmconv.formats import pytorch, safetensors, sharding
 from llmconv.formats.registry import Format, WriteOptions, register
-from llmconv.io import LINKED_VIEWS, _hf_cache_blobs, scratch_dir
+from llmconv.io import LINKED_VIEWS, scratch_dir, within_model
 
 # Weight files in the order transformers looks for them.
 _WEIGHT_CANDIDATES = (
@@ -56,10 +56,7 @@ def outside_reason(folder: Path, p: Path) -> str | None:
         if e.errno == errno.ELOOP:
             return f"{rel} is a link that loops"
         return f"{rel} is a link to nothing" if p.is_symlink() else f"{rel} cannot be read ({e.strerror})"
-    root = folder.resolve()
-    blobs = _hf_cache_blobs(root)
-    if not (root in resolved.parents or (blobs is not None and blobs in resolved.parents)
-            or resolved in LINKED_VIEWS.get(root, ())):
+    if not within_model(folder.resolve(), resolved):
         shown = os.readlink(p) if p.is_symlink() else resolved
         return f"{rel} links to {shown}, outside the model's folder"
     if stat.S_ISDIR(mode):

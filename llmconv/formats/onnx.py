@@ -189,8 +189,6 @@ def load_graph(path: Path) -> GraphView:
         >>> view = load_graph(Path("model.onnx")); view.model.graph.initializer[0].name
     """
     onnx = import_onnx()
-    from google.protobuf.message import DecodeError
-
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -200,6 +198,20 @@ def load_graph(path: Path) -> GraphView:
         raise InputError(f"cannot read: {e.strerror or e}", path=path) from None
     if buf is None:
         raise CorruptInput("the file is empty", path=path, hint="the file is truncated or is not an ONNX model")
+    try:
+        model, spans = _parse_structure(onnx, buf, size, path)
+        _check_text(model, path)
+        _check_initializer_names(model, path)
+    except BaseException:
+        buf.close()
+        raise
+    return GraphView(model, spans, buf)
+
+
+def _parse_structure(onnx: Any, buf: mmap.mmap, size: int, path: Path) -> tuple[Any, list[tuple[int, int] | None]]:
+    """The model parsed without the bytes of inline weights, and each main-graph initializer's (start, length)."""
+    from google.protobuf.message import DecodeError
+
     try:
         head = bytearray()
         spans: list[tuple[int, int] | None] = []
@@ -225,19 +237,11 @@ def load_graph(path: Path) -> GraphView:
         model = onnx.ModelProto()
         model.ParseFromString(bytes(head))
     except (ValueError, IndexError, DecodeError) as e:
-        buf.close()
         raise CorruptInput(f"not a valid ONNX protobuf ({e})", path=path,
                            hint="the file is truncated or is not an ONNX model") from None
     if len(model.graph.initializer) != len(spans):
-        buf.close()
         raise CorruptInput("initializers could not be located in the file", path=path)
-    try:
-        _check_text(model, path)
-        _check_initializer_names(model, path)
-    except BaseException:
-        buf.close()
-        raise
-    return GraphView(model, spans, buf)
+    return model, spans
 
 
 # descriptor full name -> (string fields, message fields), each as (name, repeated)
@@ -456,23 +460,27 @@ class _ExternalFiles:
         self._maps.clear()
 
 
-_INT32_AS = {6: "<i4", 5: "<i2", 3: "i1", 2: "u1", 9: "u1", 4: "<u2", 10: "<u2", 16: "<u2", 17: "u1", 19: "u1"}
-# Typed fields of other types: (field, bytes per entry), as _inline_bytes lays them out.
-_TYPED_FIELDS = {1: ("float_data", 4), 14: ("float_data", 4), 11: ("double_data", 8), 15: ("double_data", 8),
-                 7: ("int64_data", 8), 12: ("uint64_data", 4), 13: ("uint64_data", 8)}
+# Inline tensors without raw_data, as the ONNX spec lays them out (onnx.proto, TensorProto): data type ->
+# (typed field, little-endian dtype of one element of the bytes handed out). int32_data holds one value (or
+# one bit pattern, for 16- and 8-bit floats) per element, and one byte per entry of the packed 4-bit types.
+_TYPED_FIELDS: dict[int, tuple[str, str]] = {
+    1: ("float_data", "<f4"), 14: ("float_data", "<f4"), 11: ("double_data", "<f8"), 15: ("double_data", "<f8"),
+    7: ("int64_data", "<i8"), 12: ("uint64_data", "<u4"), 13: ("uint64_data", "<u8"),
+    6: ("int32_data", "<i4"), 5: ("int32_data", "<i2"), 3: ("int32_data", "i1"), 2: ("int32_data", "u1"),
+    9: ("int32_data", "u1"), 4: ("int32_data", "<u2"), 10: ("int32_data", "<u2"), 16: ("int32_data", "<u2"),
+    17: ("int32_data", "u1"), 19: ("int32_data", "u1"), **dict.fromkeys(_PACKED_TYPES, ("int32_data", "u1")),
+}
+# How each typed field's values are read before they are cast to the element dtype.
+_FIELD_DTYPES = {"float_data": "<f4", "double_data": "<f8", "int64_data": "<i8", "uint64_data": "<u8",
+                 "int32_data": "<i8"}
 
 
 def _inline_nbytes(t: Any) -> int:
     """How many bytes :func:`_inline_bytes` gives for ``t``, from the field lengths alone (nothing decoded)."""
     if t.HasField("raw_data") or t.raw_data:
         return len(t.raw_data)
-    dt = t.data_type
-    if dt in _TYPED_FIELDS:
-        field, size = _TYPED_FIELDS[dt]
-        return len(getattr(t, field)) * size
-    if dt in _INT32_AS:
-        return len(t.int32_data) * int(_INT32_AS[dt][-1])
-    return len(t.int32_data)  # packed 4-bit types: one byte per entry
+    field, dtype = _TYPED_FIELDS.get(t.data_type, ("int32_data", "u1"))
+    return len(getattr(t, field)) * int(dtype[-1])
 
 
 def _inline_bytes(t: Any, name: str, model: Path) -> tuple[bytes, str]:
@@ -481,27 +489,11 @@ def _inline_bytes(t: Any, name: str, model: Path) -> tuple[bytes, str]:
 
     if t.HasField("raw_data") or t.raw_data:
         return bytes(t.raw_data), "raw"
-    dt = t.data_type
-    # Typed fields, as the ONNX spec lays them out (onnx.proto, TensorProto).
-    if dt == 1:
-        return np.asarray(t.float_data, dtype="<f4").tobytes(), "float_data"
-    if dt == 11:
-        return np.asarray(t.double_data, dtype="<f8").tobytes(), "double_data"
-    if dt == 7:
-        return np.asarray(t.int64_data, dtype="<i8").tobytes(), "int64_data"
-    if dt in (12, 13):
-        return np.asarray(t.uint64_data, dtype="<u8").astype("<u4" if dt == 12 else "<u8").tobytes(), "uint64_data"
-    if dt == 14:
-        return np.asarray(t.float_data, dtype="<f4").tobytes(), "float_data"
-    if dt == 15:
-        return np.asarray(t.double_data, dtype="<f8").tobytes(), "double_data"
-    if dt in _INT32_AS:
-        # int32_data holds one value (or one bit pattern, for 16- and 8-bit floats) per element.
-        return np.asarray(t.int32_data, dtype="<i8").astype(_INT32_AS[dt]).tobytes(), "int32_data"
-    if dt in _PACKED_TYPES:
-        return np.asarray(t.int32_data, dtype="<i8").astype("u1").tobytes(), "int32_data"
-    raise CorruptInput(f"initializer {name!r} has data type {onnx_type_name(dt)} that llmconv cannot read",
-                       path=model)
+    if t.data_type not in _TYPED_FIELDS:
+        raise CorruptInput(f"initializer {name!r} has data type {onnx_type_name(t.data_type)} that llmconv cannot "
+                           "read", path=model)
+    field, dtype = _TYPED_FIELDS[t.data_type]
+    return np.asarray(getattr(t, field), dtype=_FIELD_DTYPES[field]).astype(dtype).tobytes(), field
 
 
 def open_model(path: Path) -> TensorSource:

@@ -47,11 +47,11 @@ _RECORD_HINT = "torch.load refuses it too unless it maps the file; get the file 
 
 def _load(path: Path) -> tuple[object, bool]:
     """Load a state-dict file safely; also say whether its storages are mapped from a zip archive."""
-    if path.name.endswith(".safetensors"):
-        # torch.load reads any path named *.safetensors as safetensors; the content says PyTorch.
-        return _load_legacy(path), False
-    if not _is_zip(path):
-        return _load_legacy(path), False
+    zipped = _is_zip(path)
+    if path.name.endswith(".safetensors") or not zipped:
+        # Legacy pickles cannot be mapped, and torch.load reads any path named *.safetensors as
+        # safetensors (the content says PyTorch): both are read into memory.
+        return _load_legacy(path, zipped=zipped), False
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; what matters is raised
             warnings.simplefilter("ignore")
@@ -73,13 +73,12 @@ def _is_zip(path: Path) -> bool:
         raise InputError(f"cannot read: {e.strerror or e}", path=path) from None
 
 
-def _load_legacy(path: Path) -> object:
+def _load_legacy(path: Path, *, zipped: bool) -> object:
     """Read into memory: legacy pickles cannot be mapped (nor can files torch would take for safetensors)."""
     try:
         size = path.stat().st_size
     except OSError as e:
         raise InputError(f"cannot read: {e.strerror or e}", path=path) from None
-    zipped = _is_zip(path)
     if size > LEGACY_MAX_BYTES and not zipped:
         raise Unsupported(f"legacy (non-zip) PyTorch pickle of {human_size(size)}, over the "
                           f"{human_size(LEGACY_MAX_BYTES)} llmconv reads: torch loads these whole into memory",
@@ -237,14 +236,14 @@ def _check_view(name: str, t: torch.Tensor, path: Path) -> None:
         return
     if any(st < 0 for st in t.stride()) or t.storage_offset() < 0:
         raise CorruptInput(f"tensor {name!r} has a negative stride or offset", path=path, hint=_CORRUPT_HINT)
-    first = t.storage_offset()
-    last = first + sum((size - 1) * st for size, st in zip(t.shape, t.stride(), strict=True))
+    extent = _extent(t)
+    last = t.storage_offset() + extent - 1
     held = t.untyped_storage().nbytes() // t.element_size()
     if last >= held:
         raise CorruptInput(f"tensor {name!r} reaches element {last} of a storage that holds {held}",
                            path=path, hint=_CORRUPT_HINT)
-    if t.numel() > last - first + 1:
-        raise CorruptInput(f"tensor {name!r} maps {t.numel()} elements onto {last - first + 1} stored ones "
+    if t.numel() > extent:
+        raise CorruptInput(f"tensor {name!r} maps {t.numel()} elements onto {extent} stored ones "
                            f"(shape {list(t.shape)}, strides {list(t.stride())}); a state dict stores each "
                            "element once", path=path, hint="save a contiguous copy: tensor.contiguous()")
     if _maps_an_element_twice(t):

@@ -6,14 +6,13 @@ extensions themselves: they call :func:`detect` or :func:`get`.
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmconv.errors import InputError, Unsupported
+from llmconv.io import check_usable_path
 
 if TYPE_CHECKING:
     from llmconv.checkpoint import TensorSource
@@ -101,7 +100,7 @@ def detect(path: Path) -> Format:
     """
     _load_builtin()
     path = Path(path)
-    _check_reachable(path)
+    check_usable_path(path, must_exist=True)
     head = b""
     if path.is_file():
         try:
@@ -122,26 +121,6 @@ def detect(path: Path) -> Format:
         raise InputError("not a regular file or folder", path=path, hint="give the checkpoint's file or folder")
     raise InputError("folder holds no model llmconv recognises: expected config.json with weights, "
                      "a *.index.json with shards, or one .safetensors/.bin/.onnx file", path=path)
-
-
-def _check_reachable(path: Path) -> None:
-    """Raise InputError naming ``path`` when nothing can be read there, saying why (``Path.exists`` says
-    False for a link loop and raises for a NUL byte or a name too long)."""
-    try:
-        os.stat(path)
-    except ValueError as e:
-        raise InputError("the path holds a NUL byte, which no file name can", path=path) from e
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise InputError("symbolic links in this path loop (a link leads back to itself)", path=path,
-                             hint="fix or remove the link") from e
-        if e.errno == errno.ENAMETOOLONG:
-            raise InputError("the path is too long for the filesystem", path=path,
-                             hint="file and folder names may have at most 255 bytes") from e
-        if e.errno in (errno.ENOENT, errno.ENOTDIR):
-            why = "a link to nothing" if os.path.islink(path) else "no such file or folder"
-            raise InputError(why, path=path) from e
-        raise InputError(f"cannot read: {e.strerror or e}", path=path) from e
 
 
 def open_checkpoint(path: Path) -> TensorSource:
