@@ -1,6 +1,7 @@
 # llmconv: install, demo, test, bench, fixtures, and batch conversion of a folder of checkpoints.
 #   make demo                 set up and run the main job on the bundled example
 #   make test                 set up and run the test suite
+#   make test-avx2            the test suite on an emulated AVX2-only CPU (qemu-user; ARGS=... for pytest)
 #   make -j4 -k batch MODELS_DIR=ckpts OUT_DIR=converted TO=safetensors
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 LLMCONV := $(BIN)/llmconv
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install demo test test-fast lint bench bench-convert bench-export bench-quantize fixtures fuzz batch batch-check batch-models batch-summary clean
+.PHONY: install demo test test-fast test-avx2 lint bench bench-convert bench-export bench-quantize fixtures fuzz batch batch-check batch-models batch-summary clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +42,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# As on a CPU with AVX2 and no AVX-512/VNNI, where onnxruntime's int8 kernels give other figures
+# (scripts/emulated_cpu_tests.sh: needs qemu-user; ~5-20x slower). ARGS passes pytest arguments.
+test-avx2: install
+	TEST_PYTHON=$(BIN)/python scripts/emulated_cpu_tests.sh $(ARGS)
 
 lint: install
 	$(BIN)/ruff check llmconv tests fixtures bench scripts

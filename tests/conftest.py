@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +14,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fixtures import make_fixtures  # noqa: E402
+
+# The tests assert on the CLI's tables and help, which rich lays out to the terminal's width. llmconv.cli.output's
+# consoles read COLUMNS once, when they are built at import, and a width fixed then wins over a test's own
+# COLUMNS: the developer's shell (COLUMNS=100, as in the README) must not reach the tests. FORCE_COLOR and
+# TTY_COMPATIBLE would make them write escape codes, and typer colours its help whenever GITHUB_ACTIONS,
+# FORCE_COLOR or PY_COLORS is set (at its import; _TYPER_FORCE_DISABLE_TERMINAL is how typer's own tests turn
+# that off). All settled before any test module imports the CLI; subprocesses inherit the same environment.
+for _var in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "PY_COLORS", "TERMINAL_WIDTH"):
+    os.environ.pop(_var, None)
+os.environ["_TYPER_FORCE_DISABLE_TERMINAL"] = "1"
+# The width the CLI uses off a terminal (llmconv.cli.output): in-process runs get it whatever the terminal is.
+CLI_COLUMNS = "120"
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +66,10 @@ def fx_copy(fx, tmp_path: Path):
 
 @pytest.fixture
 def cli():
-    """Run the CLI in-process: ``cli("convert", a, b)`` -> typer Result (exit_code, stdout, stderr)."""
+    """Run the CLI in-process: ``cli("convert", a, b)`` -> typer Result (exit_code, stdout, stderr).
+
+    Output is laid out in ``CLI_COLUMNS`` columns, as off a terminal, unless ``env`` sets ``COLUMNS``.
+    """
     from typer.testing import CliRunner
 
     from llmconv.cli.app import app
@@ -61,6 +77,7 @@ def cli():
     runner = CliRunner()
 
     def run(*args: object, env: dict[str, str] | None = None):
+        env = {"COLUMNS": CLI_COLUMNS, **(env or {})}
         return runner.invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
 
     return run

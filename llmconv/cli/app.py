@@ -56,7 +56,15 @@ from typing import Any  # noqa: E402
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
-from llmconv.cli import convert_cmd, formats_cmd, inspect_cmd, prune_cmd, quantize_cmd, verify_cmd  # noqa: E402
+from llmconv.cli import (  # noqa: E402
+    convert_cmd,
+    env_cmd,
+    formats_cmd,
+    inspect_cmd,
+    prune_cmd,
+    quantize_cmd,
+    verify_cmd,
+)
 from llmconv.cli.output import emit_error  # noqa: E402
 
 # click's base error, found through a public subclass: typer vendors click in some versions.
@@ -245,9 +253,9 @@ def guarded(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 for _name, _module in (("inspect", inspect_cmd), ("convert", convert_cmd), ("verify", verify_cmd),
-                       ("quantize", quantize_cmd), ("prune", prune_cmd), ("formats", formats_cmd)):
+                       ("quantize", quantize_cmd), ("prune", prune_cmd), ("formats", formats_cmd), ("env", env_cmd)):
     app.command(_name, help=_module.HELP, epilog=_module.EPILOG,
-                no_args_is_help=_name != "formats")(guarded(_name, _module.command))
+                no_args_is_help=_name not in ("formats", "env"))(guarded(_name, _module.command))
 
 
 @app.callback()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -47,6 +47,10 @@ def command(
     atol: o.Atol = None,
     rtol: o.Rtol = None,
     provider: o.Provider = "cpu",
+    cpu: Annotated[str, typer.Option(
+        "--cpu", help="int8 for --target cpu: the CPU the settings are for: auto (this one)|avx2|avx512|"
+                      "avx512-vnni|arm64. Without VNNI weights are 7-bit (reduce_range); verification runs here."
+    )] = "auto",
     calibration_samples: Annotated[int | None, typer.Option(
         "--calibration-samples", min=1, help="int8-static: calibration batches (default 8).")] = None,
     verify: o.Verify = True,
@@ -61,7 +65,7 @@ def command(
     report = quantize(src, dst, target=target, method=method, calibration=calibration, per_channel=per_channel,
                       block_size=block_size, op_types=types, text=text, inputs=inputs, atol=atol, rtol=rtol,
                       max_ppl_increase=max_ppl_increase, provider=provider, calibration_samples=calibration_samples,
-                      verify=verify, force=force)
+                      verify=verify, force=force, cpu=cpu)
     if json_output:
         print_json(report.to_json())
         return
@@ -80,6 +84,18 @@ def command(
             rows.append(("ops after", ", ".join(f"{k} x{v}" for k, v in report.ops_after.items())))
     if report.tensors_cast:
         rows.append(("tensors cast", report.tensors_cast))
+    cpu_plan = report.options.get("cpu")
+    if cpu_plan:
+        this = cpu_plan["this_cpu"]
+        rows.append(("cpu", f"settings for {cpu_plan['settings_for']}; verified on this CPU ({this['isa']}"
+                            + (f", {this['model']}" if this.get("model") else "") + ")"))
+    if "weight_type" in report.options:
+        weights = report.options["weight_type"].split(" (")[0]
+        if report.options.get("reduce_range"):
+            weights += ", 7-bit (reduce_range)"
+        rows.append(("weights", weights))
+    if report.options.get("kept_float"):
+        rows.append(("kept float32", f"{len(report.options['kept_float'])} node(s)"))
     for key in ("op_types", "per_channel", "block_size", "activation_type", "kept_fp32_ops", "calibration"):
         if key in report.options:
             value = report.options[key]
@@ -92,6 +108,8 @@ def command(
                          f"({fmt_num(report.size_ratio)}x)"))
     rows.append(("time", f"{report.seconds:.2f} s"))
     out.print(kv_table(rows))
+    if len(report.attempts) > 1:
+        out.print(attempts_table(report.attempts))
     for note in report.notes:
         out.print(f"  note: {escape(note)}")
     v = report.verification
@@ -102,3 +120,21 @@ def command(
 
     render_report(v)
     out.print(f"[green]verified[/] ({v.mode}, profile {v.profile}): {escape(v.summary())}")
+
+
+def attempts_table(attempts: list) -> Any:
+    """The settings tried, in order, with the figures that decided each."""
+    from rich.table import Table
+
+    t = Table(title="attempts", title_justify="left", box=None, pad_edge=False)
+    for col in ("#", "setting", "verdict", "figures", "time"):
+        t.add_column(col, overflow="fold")
+    for i, a in enumerate(attempts, 1):
+        figs = a.figures()
+        main = figs.get("logits") or figs.get("last_hidden_state") or next(iter(figs.values()), {})
+        shown = ", ".join(f"{k.replace('_agreement', '')} {fmt_num(v)}" for k, v in main.items())
+        if "perplexity" in figs:
+            shown += f", ppl {figs['perplexity'].get('relative_change', 0):+.2%}"
+        verdict = "[green]pass[/]" if a.passed else ("[red]fail[/]" if a.passed is False else "not verified")
+        t.add_row(str(i), escape(a.setting_label), verdict, escape(shown), f"{a.seconds:.1f} s")
+    return t

@@ -59,6 +59,127 @@ _OP_KEYS = ("MatMul", "Gemm", "Gather", "MatMulInteger", "DynamicQuantizeLinear"
 
 
 @dataclass
+class Attempt:
+    """One setting tried: what it was, how its output compared, how long it took.
+
+    Attributes:
+        setting: the Int8Setting (None for the methods with one setting: int4, fp16).
+        verification: its comparison with the source (None with ``verify=False``).
+        seconds: time to make and verify it.
+        measured: on the attempt the node measurement ran on: the nodes adding the most error.
+    """
+
+    setting: Any
+    verification: VerifyReport | None
+    seconds: float
+    measured: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.verification is None else self.verification.passed
+
+    @property
+    def setting_label(self) -> str:
+        return self.setting.label() if self.setting is not None else "the method's one setting"
+
+    @property
+    def shortfall(self) -> float:
+        """How far the output is from its profile: the worst figure over its limit (1 = at the limit;
+        at most 1 passes); 0 when not verified."""
+        return 0.0 if self.verification is None else shortfall(self.verification)
+
+    def figures(self) -> dict[str, dict[str, float]]:
+        """Each check's quality figures (cosine, top-1/top-5, KL, perplexity change)."""
+        out: dict[str, dict[str, float]] = {}
+        for c in self.verification.checks if self.verification is not None else []:
+            figs = {k: c.figures[k] for k in ("cosine", "top1_agreement", "top5_agreement", "kl", "relative_change")
+                    if c.figures.get(k) is not None}
+            if figs:
+                out[c.name] = {k: round(float(v), 6) for k, v in figs.items()}
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"setting": self.setting_label, "passed": self.passed,
+                               "summary": self.verification.summary() if self.verification is not None else None,
+                               "figures": self.figures(), "seconds": round(self.seconds, 3)}
+        if self.setting is not None:
+            out.update(self.setting.to_json())
+        if self.measured:
+            out["measured_nodes"] = self.measured
+        return out
+
+
+def shortfall(v: VerifyReport) -> float:
+    """The worst of a verification's figures relative to its profile's limit: ``(1 - cosine) / (1 - min)``,
+    the same for top-1/top-5, ``KL / max``, ``ppl change / budget``; inf for a check failed otherwise (NaN,
+    shapes)."""
+    th = v.extra.get("thresholds", {})
+    worst = 0.0
+    for c in v.checks:
+        f = c.figures
+        ratios = []
+        for key, limit in (("cosine", "min_cosine"), ("top1_agreement", "min_top1"), ("top5_agreement", "min_top5")):
+            if f.get(key) is not None and th.get(limit) is not None:
+                ratios.append((1.0 - f[key]) / max(1.0 - th[limit], 1e-12))
+        if f.get("kl") is not None and th.get("max_kl"):
+            ratios.append(f["kl"] / th["max_kl"])
+        if c.name == "perplexity" and f.get("relative_change") is not None:
+            ratios.append(f["relative_change"] / max(f.get("budget") or 0.0, 1e-12))
+        check_worst = max(ratios, default=0.0)
+        if not c.passed and check_worst <= 1.0:
+            check_worst = float("inf")
+        worst = max(worst, check_worst)
+    if v.missing or v.unexpected or not v.checks:
+        worst = float("inf")
+    return worst
+
+
+@dataclass
+class Int8Plan:
+    """The int8 settings for a target: the CPU they are for, this CPU, the first setting and the fallbacks."""
+
+    target: str
+    settings_for: str
+    chosen_by: str
+    this_cpu: Any
+    first: Any
+    per_channel_forced: bool
+
+    def chain(self, fallback: bool) -> list[Any]:
+        from llmconv.transforms.cpu import fallback_chain
+
+        return fallback_chain(self.first, per_channel_forced=self.per_channel_forced) if fallback else [self.first]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"settings_for": self.settings_for, "chosen_by": self.chosen_by, "this_cpu": self.this_cpu.to_json(),
+                "verified_on": "this CPU"}
+
+
+def _int8_plan(*, target: str, cpu: str, per_channel: bool, notes: list[str]) -> Int8Plan:
+    """The int8 settings for ``target``: on a CPU, by the int8 rule of the CPU they are for (``--cpu``, or
+    this one); on a GPU, signed full-range weights."""
+    from dataclasses import replace
+
+    from llmconv.transforms.cpu import Int8Setting, detect_cpu, int8_rule, settings_cpu
+
+    this = detect_cpu()
+    if target != "cpu":
+        return Int8Plan(target, "gpu", "--target gpu", this, Int8Setting(per_channel=per_channel), per_channel)
+    isa = settings_cpu(cpu, this)
+    first = replace(int8_rule(isa), per_channel=per_channel)
+    why = ("without VNNI onnxruntime's U8S8 kernels saturate; weights are 7-bit (reduce_range)" if first.reduce_range
+           else "int8 products sum in 32 bits there (no saturation); weights are full-range signed int8")
+    notes.append(f"int8 settings for {isa}" + (f" (this CPU: {this.describe()})" if cpu == "auto" else "")
+                 + f": {why}")
+    if cpu != "auto" and isa != this.isa:
+        notes.append(f"--cpu {cpu}: the settings are for {cpu}, verification ran on this CPU ({this.isa}); "
+                     + ("its kernels saturate where the target's do not, so the figures here are a lower bound"
+                        if this.saturates and isa not in ("avx2", "avx512") else
+                        "check the figures again on the deployment CPU"))
+    return Int8Plan(target, isa, "--cpu" if cpu != "auto" else "auto (this CPU)", this, first, per_channel)
+
+
+@dataclass
 class QuantizeReport:
     """What a quantization did, and how the result compared with its source.
 
@@ -77,6 +198,8 @@ class QuantizeReport:
         ops_before: counts of the ops that quantization touches, before.
         ops_after: the same counts after (MatMulInteger, MatMulNBits, QuantizeLinear, Cast, ...).
         tensors_cast: weights mode: the tensors cast.
+        attempts: ONNX graphs: each setting tried, in order, with its verdict (more than one only when
+            ``--method auto`` fell back).
         options: the settings used (op types, per-channel, block size, calibration, ...).
         verification: the comparison with the source, or None with ``verify=False``.
         notes: what else the user should know.
@@ -101,6 +224,7 @@ class QuantizeReport:
     verification: VerifyReport | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    attempts: list[Attempt] = field(default_factory=list)
 
     @property
     def size_ratio(self) -> float:
@@ -122,6 +246,8 @@ class QuantizeReport:
         }
         if self.tensors_cast:
             out["tensors_cast"] = self.tensors_cast
+        if self.attempts:
+            out["attempts"] = [a.to_json() for a in self.attempts]
         if self.verification is not None:
             out["verification"] = self.verification.to_json()
         return out
@@ -162,7 +288,7 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
              atol: float | None = None,
              rtol: float | None = None, max_ppl_increase: float | None = None, provider: str = "cpu",
              calibration_samples: int | None = None, seed: int = 0, verify: bool = True, force: bool = False,
-             progress: Any = None) -> QuantizeReport:
+             progress: Any = None, cpu: str = "auto") -> QuantizeReport:
     """Quantize ``src`` for ``target`` and write it at ``dst``, verified against the source first.
 
     Args:
@@ -190,10 +316,13 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
         verify: compare the output with the source before renaming it into place.
         force: replace an existing destination.
         progress: called with bytes written (weights casts).
+        cpu: int8 for ``--target cpu``: the CPU the settings are for (``auto``: this one; ``avx2``,
+            ``avx512``, ``avx512-vnni``, ``arm64``). Without VNNI the weights are 7-bit (``reduce_range``).
     Returns:
         A QuantizeReport.
     Raises:
-        NotEquivalent: the output is not within the profile; nothing was left at ``dst``.
+        NotEquivalent: the output is not within the profile (with ``method="auto"``: after every
+            fallback setting); nothing was left at ``dst``.
     Example:
         >>> quantize("model.onnx", "model-int8.onnx", target="cpu").size_ratio
         0.25
@@ -212,6 +341,13 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                 raise UsageError(f"{flag} sets how the output is verified, and --no-verify skips verification",
                                  hint=f"drop {flag} or --no-verify")
     resolved = resolve_method(method, target=target, source_format=fmt.name, onnx_destination=onnx_dst)
+    from llmconv.transforms.cpu import CPU_CHOICES
+
+    if cpu not in CPU_CHOICES:
+        raise UsageError(f"unknown --cpu {cpu!r}", hint="use " + ", ".join(CPU_CHOICES))
+    if cpu != "auto" and (target != "cpu" or resolved not in ("int8-dynamic", "int8-static")):
+        raise UsageError(f"--cpu picks the int8 settings of --target cpu; it does not apply to {resolved} for "
+                         f"--target {target}", hint="drop --cpu")
     graph = fmt.name == "onnx" or (fmt.name == "hf" and (onnx_dst or resolved in ("int8-dynamic", "int8-static",
                                                                                    "int4")))
     if graph:
@@ -227,7 +363,8 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                                  block_size=block_size, op_types=op_types, text=text, inputs=inputs, atol=atol,
                                  rtol=rtol,
                                  max_ppl_increase=max_ppl_increase, provider=provider,
-                                 calibration_samples=calibration_samples, seed=seed, verify=verify, force=force)
+                                 calibration_samples=calibration_samples, seed=seed, verify=verify, force=force,
+                                 cpu=cpu, fallback=method == "auto")
     else:
         for flag, given in (("--calibration", calibration), ("--per-channel", per_channel),
                             ("--op-types", op_types), ("--text", text), ("--inputs", inputs),
@@ -242,7 +379,8 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
         report.notes.append("int8 ONNX graphs are made for onnxruntime's CPU kernels; for CUDA prefer int4 "
                             "(MatMulNBits) or fp16")
     if target == "gpu" and graph and report.verification is not None:
-        report.notes.append("verified on the " + ("CUDA" if provider == "cuda" else "CPU")
+        ran = str(report.verification.extra.get("runners", {}).get("candidate", ""))  # what the session ran on
+        report.notes.append("verified on the " + ("CUDA" if "CUDAExecutionProvider" in ran else "CPU")
                             + " execution provider")
     report.seconds = time.perf_counter() - t0
     return report
@@ -278,7 +416,7 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
                     calibration: Path | None, per_channel: bool, block_size: int, op_types: list[str] | None,
                     text: Any, inputs: Any, atol: float | None, rtol: float | None, max_ppl_increase: float | None,
                     provider: str, calibration_samples: int, seed: int, verify: bool,
-                    force: bool) -> QuantizeReport:
+                    force: bool, cpu: str = "auto", fallback: bool = False) -> QuantizeReport:
     from llmconv.formats.onnx import model_file
     from llmconv.transforms import graph as g
     from llmconv.transforms.common import (
@@ -303,6 +441,10 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         # Text is tokenized with the source's tokenizer files: refuse one that needs the folder's code, or that
         # cannot be read, up front (naming the source's file, not the exported copy).
         check_tokenizer(src_path if fmt.name == "hf" else model_file(src_path).parent)
+    int8 = method in ("int8-dynamic", "int8-static")
+    plan = _int8_plan(target=target, cpu=cpu, per_channel=per_channel, notes=notes) if int8 else None
+    # Fallback is for --method auto (int8-dynamic on a CPU); an explicit --method is one setting.
+    fallback = fallback and verify and method == "int8-dynamic"
     with build_scratch(dst_path, src=src_path) as scratch:
         companions_from: Path
         if fmt.name == "hf":
@@ -321,50 +463,65 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         source_files = [ref_file, *g.external_data_files(source_model, ref_file)]
         size_before = g.files_size(source_files)
         external = g.needs_external_data(source_model, source_files)
-        out_dir = scratch / "out"
-        out_dir.mkdir()
-        out_file = out_dir / out_name
-        options: dict[str, Any] = {}
-        with g.quiet_onnxruntime():
-            if method == "int8-dynamic":
-                options = _int8_dynamic(ref_file, out_file, source_model, per_channel=per_channel,
-                                        op_types=op_types, external=external)
-            elif method == "int8-static":
-                options = _int8_static(ref_file, out_file, source_model, target=target, calibration=calibration,
-                                       config=config, per_channel=per_channel, op_types=op_types,
-                                       samples=calibration_samples, seed=seed, external=external)
-            elif method == "int4":
-                options = _int4(ref_file, out_file, target=target, block_size=block_size, op_types=op_types,
-                                external=external, notes=notes)
-            else:
-                options = _fp16(ref_file, out_file, external=external)
-        g.record_data_files(out_file)  # what a later --force onto this output may remove
+        renames = {ref_file: src_path if fmt.name == "onnx" else ref_file,
+                   ref_file.parent: src_path if fmt.name == "hf" else ref_file.parent}
+
+        def make(setting: Any, n: int) -> tuple[Path, dict[str, Any], VerifyReport | None]:
+            out_dir = scratch / f"out-{n}"
+            out_dir.mkdir()
+            out_file = out_dir / out_name
+            with g.quiet_onnxruntime():
+                if method == "int8-dynamic":
+                    options = _int8_dynamic(ref_file, out_file, source_model, setting=setting, op_types=op_types,
+                                            external=external)
+                elif method == "int8-static":
+                    options = _int8_static(ref_file, out_file, source_model, target=target, calibration=calibration,
+                                           config=config, setting=setting, op_types=op_types,
+                                           samples=calibration_samples, seed=seed, external=external)
+                elif method == "int4":
+                    options = _int4(ref_file, out_file, target=target, block_size=block_size, op_types=op_types,
+                                    external=external, notes=notes)
+                else:
+                    options = _fp16(ref_file, out_file, external=external)
+            g.record_data_files(out_file)  # what a later --force onto this output may remove
+            out_model = g.load_model(out_file, with_data=False)
+            keep = {p.resolve() for p in [out_file, *g.external_data_files(out_model, out_file)]}
+            # external_data_files() resolves its paths, out_dir may be relative or under a link: compare resolved.
+            for p in [p for p in out_dir.iterdir() if p.resolve() not in keep]:
+                p.unlink()  # onnxruntime's tools may leave helper files (augmented models) beside the output
+            verification = None
+            if verify:
+                verification = _verify_outputs(ref_file, out_file, profile=PROFILES[method], atol=atol, rtol=rtol,
+                                               text=text, inputs=inputs, provider=provider,
+                                               max_ppl_increase=max_ppl_increase)
+                verification.reference, verification.candidate = str(src_path), str(dst_path)
+                rename_paths(verification, {out_file: dst_path / out_name if folder_out else dst_path,
+                                            out_dir: dst_path if folder_out else dst_path.parent, **renames})
+            return out_file, options, verification
+
+        attempts: list[Attempt] = []
+        settings = plan.chain(fallback) if plan is not None else [None]
+        chosen = _attempts(make, settings, attempts, fallback=fallback, ref_file=ref_file, source_model=source_model,
+                           op_types=op_types, inputs=Path(inputs) if inputs is not None else None, notes=notes)
+        out_file, options, verification = chosen
+        if plan is not None:
+            options["cpu"] = plan.to_json()
+        if verification is not None and not verification.passed:
+            verification.extra["attempts"] = [a.to_json() for a in attempts]
+            what = f"{method} output is not within the {PROFILES[method]} profile"
+            if len(attempts) > 1:
+                what += (f" with any of the {len(attempts)} settings tried (closest: "
+                         f"{attempts[_best(attempts)].setting_label})")
+            raise NotEquivalent(f"{what}: {verification.summary()}; nothing was written", report=verification,
+                                path=dst_path)
+        if verification is None:
+            g.check_loads(out_file)
+        out_dir = out_file.parent
         out_model = g.load_model(out_file, with_data=False)
         out_files = [out_file, *g.external_data_files(out_model, out_file)]
-        # external_data_files() resolves its paths, out_dir may be relative or under a link: compare resolved.
-        keep = {p.resolve() for p in out_files}
-        stray = [p for p in out_dir.iterdir() if p.resolve() not in keep]
-        for p in stray:  # onnxruntime's tools may leave helper files (augmented models) beside the output
-            p.unlink()
         counts = _count_ops(source_model, out_model)
         if folder_out:
             copy_companions(companions_from, out_dir, notes=notes)
-        verification = None
-        if verify:
-            verification = _verify_outputs(ref_file, out_file, profile=PROFILES[method], atol=atol, rtol=rtol,
-                                           text=text, inputs=inputs, provider=provider,
-                                           max_ppl_increase=max_ppl_increase)
-            verification.reference, verification.candidate = str(src_path), str(dst_path)
-            rename_paths(verification, {out_file: dst_path / out_name if folder_out else dst_path,
-                                        out_dir: dst_path if folder_out else dst_path.parent,
-                                        ref_file: src_path if fmt.name == "onnx" else ref_file,
-                                        ref_file.parent: src_path if fmt.name == "hf" else ref_file.parent})
-            if not verification.passed:
-                raise NotEquivalent(f"{method} output is not within the {PROFILES[method]} profile: "
-                                    f"{verification.summary()}; nothing was written", report=verification,
-                                    path=dst_path)
-        else:
-            g.check_loads(out_file)
         size_after = g.files_size(out_files)
         written = install(out_dir, dst_path, folder=folder_out, force=force, notes=notes)
     if method == "fp16" and target == "cpu":
@@ -375,7 +532,77 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         size_before=size_before, size_after=size_after, files=[str(p) for p in written],
         linear_ops=counts["linear_ops"], ops_quantized=counts["ops_quantized"],
         embeddings_quantized=counts["embeddings_quantized"], ops_before=counts["ops_before"],
-        ops_after=counts["ops_after"], options=options, verification=verification, notes=notes)
+        ops_after=counts["ops_after"], options=options, verification=verification, notes=notes,
+        attempts=attempts)
+
+
+# Leaving nodes in float: at most this share of the quantizable nodes, in steps that double (1, 2, 4, ...).
+MAX_KEPT_FLOAT_SHARE = 0.25
+
+
+def _attempts(make: Any, settings: list[Any], attempts: list[Attempt], *, fallback: bool, ref_file: Path,
+              source_model: Any, op_types: list[str] | None, inputs: Path | None,
+              notes: list[str]) -> tuple[Path, dict[str, Any], VerifyReport | None]:
+    """Make and verify each setting in turn until one is within the profile; then, with ``fallback``, keep
+    the nodes that add the most error (measured on the best attempt) in float32, a few more each time.
+
+    Returns the passing attempt's (file, options, verification), or the best failing one's.
+    """
+    import shutil
+
+    from llmconv.transforms.sensitivity import measure, quantizable_nodes
+
+    results: list[tuple[Path, dict[str, Any], VerifyReport | None]] = []
+
+    def run(setting: Any) -> bool:
+        t0 = time.perf_counter()
+        result = make(setting, len(attempts))
+        v = result[2]
+        attempts.append(Attempt(setting, v, time.perf_counter() - t0))
+        results.append(result)
+        best = _best(attempts)
+        for i, r in enumerate(results):  # keep only the best attempt's files (and the one just made)
+            if i not in (best, len(results) - 1) and r[0].parent.exists():
+                shutil.rmtree(r[0].parent)
+        return v is None or v.passed
+
+    for setting in settings:
+        if run(setting):
+            return results[-1]
+    if fallback and attempts:
+        best = attempts[_best(attempts)]
+        types = tuple(op_types or DEFAULT_OP_TYPES["int8-dynamic"])
+        nodes = quantizable_nodes(_copy_model(source_model), types)
+        errors = measure(ref_file, results[_best(attempts)][0], nodes, inputs=inputs)
+        ranked = [e for e in errors if e.added > 0]
+        limit = max(1, int(len(nodes) * MAX_KEPT_FLOAT_SHARE))
+        best.measured = [e.to_json() for e in ranked[:8]]
+        k = 1
+        while ranked and k <= limit:
+            from dataclasses import replace
+
+            keep = tuple(e.node for e in ranked[:k])
+            if run(replace(best.setting, exclude=keep)):
+                notes.append(f"{len(keep)} of {len(nodes)} quantizable nodes kept in float32, measured as adding "
+                             f"the most error: {', '.join(keep[:4])}" + (" ..." if len(keep) > 4 else ""))
+                return results[-1]
+            if k >= len(ranked):
+                break
+            k = min(k * 2, limit) if k < limit else limit + 1
+    return results[_best(attempts)]
+
+
+def _copy_model(model: Any) -> Any:
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _best(attempts: list[Attempt]) -> int:
+    """Index of the attempt closest to its profile (a passing one first)."""
+    return min(range(len(attempts)), key=lambda i: (attempts[i].shortfall, i))
 
 
 def _export(src_path: Path, out_dir: Path, *, fmt: Any, verify: bool, provider: str) -> Path:
@@ -415,7 +642,22 @@ def _embedding_nodes(model: Any) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits]
 
 
-def _int8_dynamic(src: Path, out: Path, model: Any, *, per_channel: bool, op_types: list[str] | None,
+_WEIGHT_TYPES = {"int8": "int8 (QInt8, signed)", "uint8": "uint8 (QUInt8, unsigned)"}
+
+
+def _excluded(model: Any, names: tuple[str, ...]) -> list[str]:
+    """Node names for onnxruntime's ``nodes_to_exclude``: a Gemm is also named as the MatMul the tool
+    rewrites it into (``NAME_MatMul``) before it quantizes."""
+    ops = {n.name: n.op_type for n in model.graph.node}
+    out = []
+    for name in names:
+        out.append(name)
+        if ops.get(name) == "Gemm":
+            out.append(f"{name}_MatMul")
+    return out
+
+
+def _int8_dynamic(src: Path, out: Path, model: Any, *, setting: Any, op_types: list[str] | None,
                   external: bool) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -425,10 +667,16 @@ def _int8_dynamic(src: Path, out: Path, model: Any, *, per_channel: bool, op_typ
         raise Unsupported(f"the graph has no {'/'.join(types)} node with a float32 weight to quantize", path=src)
     # No node list here: the tool rewrites Gemm as MatMul under a new name before it quantizes, and
     # MatMulConstBOnly already limits it to weights (attention's activation products stay float).
+    # Nodes kept in float are excluded by name (both names of a Gemm).
+    model_in = _model_for_ort(src, model) if setting.exclude else src
+    weight = QuantType.QInt8 if setting.weight_type == "int8" else QuantType.QUInt8
     _ort_call(src, lambda: quantize_dynamic(
-        src, out, op_types_to_quantize=list(types), per_channel=per_channel, reduce_range=False,
-        weight_type=QuantType.QInt8, use_external_data_format=external, extra_options={"MatMulConstBOnly": True}))
-    return {"op_types": list(types), "per_channel": per_channel, "weight_type": "int8 (QInt8, signed)",
+        model_in, out, op_types_to_quantize=list(types), per_channel=setting.per_channel,
+        reduce_range=setting.reduce_range, weight_type=weight, use_external_data_format=external,
+        nodes_to_exclude=_excluded(model, setting.exclude), extra_options={"MatMulConstBOnly": True}))
+    return {"op_types": list(types), "per_channel": setting.per_channel,
+            "weight_type": _WEIGHT_TYPES[setting.weight_type], "reduce_range": setting.reduce_range,
+            "kept_float": list(setting.exclude),
             "embedding": "uint8 (onnxruntime quantizes Gather tables with the activation type)"
             if "Gather" in types else "float32",
             "activations": "uint8, quantized at run time (DynamicQuantizeLinear)", "tool":
@@ -436,7 +684,7 @@ def _int8_dynamic(src: Path, out: Path, model: Any, *, per_channel: bool, op_typ
 
 
 def _int8_static(src: Path, out: Path, model: Any, *, target: str, calibration: Path | None,
-                 config: dict[str, Any] | None, per_channel: bool, op_types: list[str] | None, samples: int,
+                 config: dict[str, Any] | None, setting: Any, op_types: list[str] | None, samples: int,
                  seed: int, external: bool) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -446,6 +694,8 @@ def _int8_static(src: Path, out: Path, model: Any, *, target: str, calibration: 
     nodes = _linear_selection(model, types) + (_embedding_nodes(model) if "Gather" in types else [])
     if not nodes:
         raise Unsupported(f"the graph has no {'/'.join(types)} node with a float32 weight to quantize", path=src)
+    nodes = [n for n in nodes if n not in setting.exclude]
+    weight = QuantType.QInt8 if setting.weight_type == "int8" else QuantType.QUInt8
     feeds, described = calibration_batches(model, src, calibration, config=config, samples=samples, seed=seed)
     # uint8 activations with int8 weights (U8S8) is what onnxruntime's x86 CPU kernels run fastest
     # (measured 0.55x fp32 latency against 0.96x for S8S8); GPUs (TensorRT) want symmetric int8.
@@ -453,10 +703,13 @@ def _int8_static(src: Path, out: Path, model: Any, *, target: str, calibration: 
     model_in = _model_for_ort(src, model)
     _ort_call(src, lambda: quantize_static(
         model_in, out, FeedReader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(types),
-        per_channel=per_channel, reduce_range=False, activation_type=activation, weight_type=QuantType.QInt8,
-        nodes_to_quantize=nodes, use_external_data_format=external, calibrate_method=CalibrationMethod.MinMax,
+        per_channel=setting.per_channel, reduce_range=setting.reduce_range, activation_type=activation,
+        weight_type=weight, nodes_to_quantize=nodes, use_external_data_format=external,
+        calibrate_method=CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": target == "gpu"}))
-    return {"op_types": list(types), "per_channel": per_channel, "weight_type": "int8 (QInt8, signed)",
+    return {"op_types": list(types), "per_channel": setting.per_channel,
+            "weight_type": _WEIGHT_TYPES[setting.weight_type], "reduce_range": setting.reduce_range,
+            "kept_float": list(setting.exclude),
             "activation_type": "uint8" if target == "cpu" else "int8 (symmetric)", "format": "QDQ",
             "calibration": described, "calibrate_method": "MinMax",
             "tool": "onnxruntime.quantization.quantize_static"}

@@ -4,6 +4,11 @@ Synthetic inputs are deterministic for a seed: token ids drawn inside the vocabu
 mask with the last row of each batch right-padded (so a padded sample is always exercised), position
 ids, token type ids and empty past key/values for graphs that take them. Samples alternate between
 two sequence lengths, so dynamic axes are exercised at two sizes.
+
+They follow the model's own conventions: the padded tail of a row holds the model's pad token, and
+no other position does (RoBERTa and its kin count positions from the pad token: a pad id drawn
+mid-row would shift every position after it). Position ids are made only for a graph that takes
+them; a PyTorch model computes its own, as it does when it is used.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class InputPlan:
     vocab_size: int = 0
     max_positions: int | None = None
     past: PastSpec | None = None
+    pad_token_id: int | None = None
 
 
 def second_length(seq_len: int) -> int:
@@ -81,16 +87,25 @@ def synthetic_inputs(plan: InputPlan, *, batch: int, seq_len: int, samples: int,
     if plan.max_positions is not None and max(lengths) > plan.max_positions:
         raise UsageError(f"--seq-len {seq_len} needs {max(lengths)} positions but the model has "
                          f"{plan.max_positions}", hint=f"use --seq-len {plan.max_positions} or less")
+    pad = plan.pad_token_id
+    if pad is not None and not (0 <= pad < plan.vocab_size and plan.vocab_size >= 2):
+        pad = None  # a pad id outside the vocabulary (or the only id there is) is never drawn anyway
     rng = np.random.default_rng(seed)
     feeds = []
     for s in range(samples):
         length = lengths[s % 2]
-        ids = rng.integers(0, plan.vocab_size, size=(batch, length), dtype=np.int64)
+        if pad is None:
+            ids = rng.integers(0, plan.vocab_size, size=(batch, length), dtype=np.int64)
+        else:  # uniform over the vocabulary without the pad id
+            ids = rng.integers(0, plan.vocab_size - 1, size=(batch, length), dtype=np.int64)
+            ids += ids >= pad
         mask = np.ones((batch, length), dtype=np.int64)
         pad_row = batch - 1 if batch >= 2 else (0 if s % 2 else None)
         if pad_row is not None and length >= 2:
             valid = max(1, length - max(1, length // 4))
             mask[pad_row, valid:] = 0  # right padding: every position still sees at least one token
+            if pad is not None:
+                ids[pad_row, valid:] = pad
         feed: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if "position_ids" in plan.wants:
             feed["position_ids"] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()

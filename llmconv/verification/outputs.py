@@ -53,10 +53,16 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     from llmconv.verification.inputs import InputPlan, load_inputs, synthetic_inputs
     from llmconv.verification.metrics import OutputComparison, perplexity_check
     from llmconv.verification.profiles import auto_profile, outputs_profile
-    from llmconv.verification.runners import describe, settle_task
+    from llmconv.verification.runners import check_provider, describe, settle_task
 
     ref_sig, cand_sig = describe(Path(reference)), describe(Path(candidate))
     ref_task, cand_task = settle_task(ref_sig, cand_sig)
+    if provider != "cpu":
+        if "onnxruntime" not in (ref_sig.kind, cand_sig.kind):
+            raise UsageError(f"--provider {provider} picks onnxruntime's execution provider, and both models are "
+                             "Hugging Face folders, which run in PyTorch on the CPU: nothing would be verified on "
+                             "the GPU", path=Path(candidate), hint="use --provider cpu, or compare with an ONNX export")
+        check_provider(provider)  # before either model loads; the session says whether it really started
     if task is not None:
         # A graph's outputs do not say its task (fill-mask and text-generation both give logits).
         if ref_sig.kind == "torch":
@@ -77,8 +83,10 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     positions = [p for p in (ref_sig.max_positions, cand_sig.max_positions) if p]
     if len(set(vocabs)) > 1:
         notes.append(f"vocabulary sizes differ ({vocabs[0]} vs {vocabs[1]}): token ids drawn below {min(vocabs)}")
+    pads = [p for p in (ref_sig.pad_token_id, cand_sig.pad_token_id) if p is not None]
     plan = InputPlan(wants=ref_sig.inputs | cand_sig.inputs, vocab_size=min(vocabs) if vocabs else 0,
-                     max_positions=min(positions) if positions else None, past=ref_sig.past or cand_sig.past)
+                     max_positions=min(positions) if positions else None, past=ref_sig.past or cand_sig.past,
+                     pad_token_id=pads[0] if pads else None)
     if inputs is not None:
         feeds, meta = load_inputs(Path(inputs), plan)
     else:
@@ -115,8 +123,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         texts = _tokenize_both(Path(text), ref_sig, cand_sig, ref_task, cand_task, notes)
     window = min(positions) if positions else DEFAULT_PPL_WINDOW
 
-    ref_results, ref_nll = _run_side(ref_sig, ref_task, feeds, shared, provider=provider,
-                                     tokens=texts[0] if texts else None, window=window)
+    ref_results, ref_nll, ref_label = _run_side(ref_sig, ref_task, feeds, shared, provider=provider,
+                                                tokens=texts[0] if texts else None, window=window)
     comparisons = {o: OutputComparison(o, profile=prof, logits=o in ("logits", "start_logits", "end_logits"))
                    for o in shared}
 
@@ -133,8 +141,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
             comparisons[o].add(a, b)
         ref_results[i] = {}  # free the reference's copy as soon as it is compared
 
-    _, cand_nll = _run_side(cand_sig, cand_task, feeds, shared, provider=provider,
-                            tokens=texts[1] if texts else None, window=window, sink=fold)
+    _, cand_nll, cand_label = _run_side(cand_sig, cand_task, feeds, shared, provider=provider,
+                                        tokens=texts[1] if texts else None, window=window, sink=fold)
     checks = [comparisons[o].check() for o in shared]
     if trimmed:
         notes.append(f"sliding window {sliding}: the PyTorch cache keeps only the last {min(trimmed)} positions "
@@ -147,8 +155,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     report = VerifyReport(mode="outputs", profile=prof.name, reference=str(reference), candidate=str(candidate),
                           checks=checks, inputs=meta, notes=notes)
     report.extra["thresholds"] = prof.thresholds()
-    report.extra["runners"] = {"reference": f"{ref_sig.kind} ({ref_task})",
-                               "candidate": f"{cand_sig.kind} ({cand_task})"}
+    # What actually ran each side: for onnxruntime, the execution provider the session reports.
+    report.extra["runners"] = {"reference": ref_label, "candidate": cand_label}
     return report
 
 
@@ -197,8 +205,9 @@ def _planned_outputs(sig: Any, task: str) -> list[str]:
 
 
 def _run_side(sig: Any, task: str, feeds: list[dict[str, Any]], names: list[str], *, provider: str,
-              tokens: list[int] | None, window: int, sink: Any = None) -> tuple[list[dict[str, Any]], Any]:
-    """Load one model, run every feed (and the perplexity windows), release it."""
+              tokens: list[int] | None, window: int,
+              sink: Any = None) -> tuple[list[dict[str, Any]], Any, str]:
+    """Load one model, run every feed (and the perplexity windows), release it; the last item is what ran it."""
     from llmconv.verification.runners import open_runner
 
     runner = open_runner(sig, task=task, provider=provider)
@@ -215,7 +224,7 @@ def _run_side(sig: Any, task: str, feeds: list[dict[str, Any]], names: list[str]
             nll = _nll(runner, sig, tokens, window)
     finally:
         runner.close()
-    return results, nll
+    return results, nll, runner.label
 
 
 def _nll(runner: Any, sig: Any, tokens: list[int], window: int) -> tuple[float, int]:
@@ -232,8 +241,9 @@ def _nll(runner: Any, sig: Any, tokens: list[int], window: int) -> tuple[float, 
             continue
         ids = np.asarray(chunk, dtype=np.int64)[None, :]
         n = ids.shape[1]
-        feed: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                                "position_ids": np.arange(n, dtype=np.int64)[None, :]}
+        feed: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if "position_ids" in sig.inputs:  # a PyTorch model counts its own
+            feed["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
         feed.update(empty_past(sig.past, 1))
         logits = runner.run(feed, ["logits"])["logits"][0]
         total += token_nll(logits[:-1], ids[0, 1:])

