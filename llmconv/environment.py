@@ -43,7 +43,7 @@ def environment() -> dict[str, Any]:
         "schema": ENV_SCHEMA, "ok": True, "llmconv": __version__, "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}", "executable": sys.executable,
         "packages": versions, "cpu": cpu.to_json(),
-        "int8_rule": {"for": cpu.isa, "weights": "7-bit signed (reduce_range)" if rule.reduce_range
+        "int8_rule": {"for": cpu.isa, "weights": "7-bit signed (reduce_range), per-channel" if rule.reduce_range
                       else "full-range signed int8", **rule.to_json()},
         "execution_providers": providers,
     }

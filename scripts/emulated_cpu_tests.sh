@@ -33,6 +33,22 @@ fi
 
 emulated=("$QEMU" -cpu "$QEMU_CPU" "$PYTHON")
 
+# qemu's AVX2 emulation (seen with qemu 7.2) breaks numpy's AVX2 sorting (x86-simd-sort): np.argsort crashes or
+# returns a wrong order, and np.argpartition then gives false top-5 figures (0.9375 for an fp16 model that agrees
+# on every row). numpy is not what is emulated: its SIMD dispatch above its baseline is turned off in the
+# emulated process (onnxruntime and torch still take their AVX2 kernels). Set NPY_DISABLE_CPU_FEATURES to override.
+if [ -z "${NPY_DISABLE_CPU_FEATURES+set}" ]; then
+    NPY_DISABLE_CPU_FEATURES=$("${emulated[@]}" -c '
+try:
+    from numpy._core._multiarray_umath import __cpu_dispatch__ as targets, __cpu_features__ as on
+except ImportError:  # numpy 1.x
+    from numpy.core._multiarray_umath import __cpu_dispatch__ as targets, __cpu_features__ as on
+print(" ".join(t for t in targets if on.get(t)))') || {
+        echo "error: $PYTHON does not start on qemu's '$QEMU_CPU' CPU model (try QEMU_CPU=max)" >&2; exit 2; }
+    export NPY_DISABLE_CPU_FEATURES
+fi
+echo "numpy SIMD dispatch off in the emulated process: NPY_DISABLE_CPU_FEATURES='$NPY_DISABLE_CPU_FEATURES'"
+
 echo "self-check: int8 MatMulInteger on the emulated CPU ($QEMU -cpu $QEMU_CPU)"
 "${emulated[@]}" - <<'EOF'
 import sys

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import sys
@@ -24,6 +26,10 @@ from fixtures import make_fixtures  # noqa: E402
 for _var in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "PY_COLORS", "TERMINAL_WIDTH"):
     os.environ.pop(_var, None)
 os.environ["_TYPER_FORCE_DISABLE_TERMINAL"] = "1"
+# rich also decides colours when a console is built, from whether sys.stdout is a terminal then: under
+# `pytest -s` it is, and every in-process run would print escape codes. Build the CLI's consoles off one.
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    import llmconv.cli.output  # noqa: E402, F401
 # The width the CLI uses off a terminal (llmconv.cli.output): in-process runs get it whatever the terminal is.
 CLI_COLUMNS = "120"
 

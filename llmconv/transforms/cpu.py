@@ -172,10 +172,13 @@ def classify(machine: str, feats: dict[str, bool], flags: set[str], model: str |
 
 
 def int8_rule(isa: str) -> Int8Setting:
-    """The first int8 setting for a CPU class: signed full-range weights where products sum in 32 bits
-    (VNNI, AMX, ARM64), 7-bit signed weights (reduce_range) where U8S8 kernels saturate."""
+    """The first int8 setting for a CPU class: signed full-range weights, one scale per tensor, where
+    products sum in 32 bits (VNNI, AMX, ARM64); where U8S8 kernels saturate, 7-bit signed weights
+    (reduce_range) with one scale per output channel, which wins back most of the lost bit (measured on a
+    20M Llama: top-1 0.958 per-channel against 0.854 per-tensor; the per-tensor 7-bit MiniLM keeps cosine
+    0.815 of hidden states, the per-channel one 0.971)."""
     if isa in SATURATING or isa == "unknown":
-        return Int8Setting(weight_type="int8", reduce_range=True)
+        return Int8Setting(weight_type="int8", per_channel=True, reduce_range=True)
     return Int8Setting(weight_type="int8", reduce_range=False)
 
 

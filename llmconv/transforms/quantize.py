@@ -66,13 +66,15 @@ class Attempt:
         setting: the Int8Setting (None for the methods with one setting: int4, fp16).
         verification: its comparison with the source (None with ``verify=False``).
         seconds: time to make and verify it.
-        measured: on the attempt the node measurement ran on: the nodes adding the most error.
+        measured: on the attempt the node measurement ran on: the nodes whose quantization costs the most.
+        measure_seconds: the time that measurement took.
     """
 
     setting: Any
     verification: VerifyReport | None
     seconds: float
     measured: list[dict[str, Any]] = field(default_factory=list)
+    measure_seconds: float = 0.0
 
     @property
     def passed(self) -> bool | None:
@@ -106,6 +108,7 @@ class Attempt:
             out.update(self.setting.to_json())
         if self.measured:
             out["measured_nodes"] = self.measured
+            out["measure_seconds"] = round(self.measure_seconds, 3)
         return out
 
 
@@ -166,8 +169,10 @@ def _int8_plan(*, target: str, cpu: str, per_channel: bool, notes: list[str]) ->
     if target != "cpu":
         return Int8Plan(target, "gpu", "--target gpu", this, Int8Setting(per_channel=per_channel), per_channel)
     isa = settings_cpu(cpu, this)
-    first = replace(int8_rule(isa), per_channel=per_channel)
-    why = ("without VNNI onnxruntime's U8S8 kernels saturate; weights are 7-bit (reduce_range)" if first.reduce_range
+    rule = int8_rule(isa)
+    first = replace(rule, per_channel=rule.per_channel or per_channel)
+    why = ("without VNNI onnxruntime's U8S8 kernels saturate; weights are 7-bit (reduce_range), one scale per "
+           "output channel" if first.reduce_range
            else "int8 products sum in 32 bits there (no saturation); weights are full-range signed int8")
     notes.append(f"int8 settings for {isa}" + (f" (this CPU: {this.describe()})" if cpu == "auto" else "")
                  + f": {why}")
@@ -466,8 +471,10 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         renames = {ref_file: src_path if fmt.name == "onnx" else ref_file,
                    ref_file.parent: src_path if fmt.name == "hf" else ref_file.parent}
 
-        def make(setting: Any, n: int) -> tuple[Path, dict[str, Any], VerifyReport | None]:
-            out_dir = scratch / f"out-{n}"
+        made = iter(range(1_000_000))
+
+        def build(setting: Any) -> tuple[Path, dict[str, Any]]:
+            out_dir = scratch / f"out-{next(made)}"
             out_dir.mkdir()
             out_file = out_dir / out_name
             with g.quiet_onnxruntime():
@@ -489,6 +496,11 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             # external_data_files() resolves its paths, out_dir may be relative or under a link: compare resolved.
             for p in [p for p in out_dir.iterdir() if p.resolve() not in keep]:
                 p.unlink()  # onnxruntime's tools may leave helper files (augmented models) beside the output
+            return out_file, options
+
+        def make(setting: Any) -> tuple[Path, dict[str, Any], VerifyReport | None]:
+            out_file, options = build(setting)
+            out_dir = out_file.parent
             verification = None
             if verify:
                 verification = _verify_outputs(ref_file, out_file, profile=PROFILES[method], atol=atol, rtol=rtol,
@@ -501,8 +513,9 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
 
         attempts: list[Attempt] = []
         settings = plan.chain(fallback) if plan is not None else [None]
-        chosen = _attempts(make, settings, attempts, fallback=fallback, ref_file=ref_file, source_model=source_model,
-                           op_types=op_types, inputs=Path(inputs) if inputs is not None else None, notes=notes)
+        chosen = _attempts(make, build, settings, attempts, fallback=fallback, ref_file=ref_file,
+                           source_model=source_model, op_types=op_types, profile=PROFILES[method],
+                           inputs=Path(inputs) if inputs is not None else None, notes=notes)
         out_file, options, verification = chosen
         if plan is not None:
             options["cpu"] = plan.to_json()
@@ -540,28 +553,30 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
 MAX_KEPT_FLOAT_SHARE = 0.25
 
 
-def _attempts(make: Any, settings: list[Any], attempts: list[Attempt], *, fallback: bool, ref_file: Path,
-              source_model: Any, op_types: list[str] | None, inputs: Path | None,
+def _attempts(make: Any, build: Any, settings: list[Any], attempts: list[Attempt], *, fallback: bool,
+              ref_file: Path, source_model: Any, op_types: list[str] | None, profile: str, inputs: Path | None,
               notes: list[str]) -> tuple[Path, dict[str, Any], VerifyReport | None]:
     """Make and verify each setting in turn until one is within the profile; then, with ``fallback``, keep
-    the nodes that add the most error (measured on the best attempt) in float32, a few more each time.
+    in float32 the nodes whose quantization costs the most (each measured by leaving it alone in float on
+    the closest setting), a few more each time.
 
-    Returns the passing attempt's (file, options, verification), or the best failing one's.
+    Returns the passing attempt's (file, options, verification), or the closest failing one's.
     """
     import shutil
+    from dataclasses import replace
 
-    from llmconv.transforms.sensitivity import measure, quantizable_nodes
+    from llmconv.transforms.sensitivity import leave_one_out, quantizable_nodes
 
     results: list[tuple[Path, dict[str, Any], VerifyReport | None]] = []
 
     def run(setting: Any) -> bool:
         t0 = time.perf_counter()
-        result = make(setting, len(attempts))
+        result = make(setting)
         v = result[2]
         attempts.append(Attempt(setting, v, time.perf_counter() - t0))
         results.append(result)
         best = _best(attempts)
-        for i, r in enumerate(results):  # keep only the best attempt's files (and the one just made)
+        for i, r in enumerate(results):  # keep only the closest attempt's files (and the one just made)
             if i not in (best, len(results) - 1) and r[0].parent.exists():
                 shutil.rmtree(r[0].parent)
         return v is None or v.passed
@@ -569,26 +584,29 @@ def _attempts(make: Any, settings: list[Any], attempts: list[Attempt], *, fallba
     for setting in settings:
         if run(setting):
             return results[-1]
-    if fallback and attempts:
-        best = attempts[_best(attempts)]
-        types = tuple(op_types or DEFAULT_OP_TYPES["int8-dynamic"])
-        nodes = quantizable_nodes(_copy_model(source_model), types)
-        errors = measure(ref_file, results[_best(attempts)][0], nodes, inputs=inputs)
-        ranked = [e for e in errors if e.added > 0]
-        limit = max(1, int(len(nodes) * MAX_KEPT_FLOAT_SHARE))
-        best.measured = [e.to_json() for e in ranked[:8]]
-        k = 1
-        while ranked and k <= limit:
-            from dataclasses import replace
-
-            keep = tuple(e.node for e in ranked[:k])
-            if run(replace(best.setting, exclude=keep)):
-                notes.append(f"{len(keep)} of {len(nodes)} quantizable nodes kept in float32, measured as adding "
-                             f"the most error: {', '.join(keep[:4])}" + (" ..." if len(keep) > 4 else ""))
-                return results[-1]
-            if k >= len(ranked):
-                break
-            k = min(k * 2, limit) if k < limit else limit + 1
+    if not (fallback and attempts):
+        return results[_best(attempts)]
+    closest = attempts[_best(attempts)]
+    types = tuple(op_types or DEFAULT_OP_TYPES["int8-dynamic"])
+    nodes = quantizable_nodes(_copy_model(source_model), types)
+    limit = max(1, int(len(nodes) * MAX_KEPT_FLOAT_SHARE))
+    gains, _, seconds = leave_one_out(ref_file, results[_best(attempts)][0], nodes,
+                                      lambda keep: build(replace(closest.setting, exclude=keep))[0],
+                                      profile=profile, inputs=inputs)
+    closest.measured = [g.to_json() for g in gains[:8]]
+    closest.measure_seconds = seconds
+    ranked = [g.node for g in gains if g.gain > 0]
+    k = 1
+    while ranked and k <= limit:
+        keep = tuple(ranked[:k])
+        if run(replace(closest.setting, exclude=keep)):
+            notes.append(f"{len(keep)} of {len(nodes)} quantizable nodes kept in float32, measured (each left in "
+                         f"float alone) to cost the most accuracy: {', '.join(keep[:4])}"
+                         + (" ..." if len(keep) > 4 else ""))
+            return results[-1]
+        if k >= len(ranked) or k >= limit:
+            break
+        k = min(k * 2, limit, len(ranked))
     return results[_best(attempts)]
 
 

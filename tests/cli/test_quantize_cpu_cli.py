@@ -28,7 +28,7 @@ def test_fallback_in_human_output(cli, outlier_head, tmp_path):
     assert "attempts" in out and "signed weights, per-tensor, 1 node(s) kept in float32" in out
     assert out.count(" fail ") >= 3 and " pass " in out
     assert f"settings for {detect_cpu().isa}; verified on this CPU ({detect_cpu().isa}" in out
-    assert "kept float32  1 node(s)" in out and "measured as adding the most error: /lm_head/MatMul" in out
+    assert "kept float32  1 node(s)" in out and "to cost the most accuracy: /lm_head/MatMul" in out
 
 
 def test_fallback_json_and_exit_1_json(cli, outlier_head, tmp_path):

@@ -9,6 +9,7 @@ machine) when it is given, and the fallback is driven by a graph whose int8 fail
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -81,7 +82,7 @@ def test_fallback_chain_order_and_forced_per_channel():
     first = int8_rule("avx2")
     chain = fallback_chain(first, per_channel_forced=False)
     assert [(s.weight_type, s.per_channel, s.reduce_range) for s in chain] == [
-        ("int8", False, True), ("int8", True, True), ("uint8", True, False)]  # no repeat of (int8, pc, 7-bit)
+        ("int8", True, True), ("uint8", True, False)]  # the rule is already per-channel: no repeats
     vnni = fallback_chain(int8_rule("avx512-vnni"), per_channel_forced=False)
     assert [(s.weight_type, s.per_channel, s.reduce_range) for s in vnni] == [
         ("int8", False, False), ("int8", True, False), ("int8", True, True), ("uint8", True, False)]
@@ -166,7 +167,8 @@ def test_fallback_keeps_the_measured_node_in_float(outlier_head, trained_onnx, t
     assert len(tried) == len(set(tried)) >= 3 and all(a.passed is False for a in r.attempts[:-1])
     # ... then the measurement names the LM head, and leaving it in float32 passes.
     measured = [a for a in r.attempts if a.measured][0].measured
-    assert measured[0]["node"] == "/lm_head/MatMul" and measured[0]["added"] > 0.5
+    assert measured[0]["node"] == "/lm_head/MatMul" and measured[0]["shortfall"] <= 1.0 < measured[0]["gain"]
+    assert all(m["gain"] < 1.0 for m in measured[1:])  # no other node alone comes near the profile
     last = r.attempts[-1]
     assert last.passed and last.setting.exclude == ("/lm_head/MatMul",)
     assert r.options["kept_float"] == ["/lm_head/MatMul"] and r.verification.passed
@@ -224,8 +226,11 @@ def test_on_an_emulated_avx2_cpu(outlier_head, trained_onnx, tmp_path):
     """Run as on an AVX2-only CPU (qemu's CPU model has AVX2, no AVX-512, no VNNI): the detection says so,
     the rule picks 7-bit weights, and the trained GPT-2's int8 output passes its profile there."""
     dst = tmp_path / "q.onnx"
+    # qemu 7.2's AVX2 emulation breaks numpy's AVX2 sort kernels (wrong top-5 figures): numpy's own dispatch
+    # is kept below AVX2 there; onnxruntime's kernels, the subject of the test, still run AVX2.
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": "X86_V3"}
     r = subprocess.run([_qemu(), "-cpu", "max", sys.executable, "-m", "llmconv", "quantize", str(trained_onnx),
-                        str(dst), "--target", "cpu", "--json"], capture_output=True, text=True, timeout=600)
+                        str(dst), "--target", "cpu", "--json"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     js = json.loads(r.stdout)
     assert js["options"]["cpu"]["this_cpu"]["isa"] == "avx2" and js["options"]["cpu"]["this_cpu"]["int8_saturates"]
