@@ -91,8 +91,7 @@ def command(
                             + (f", {this['model']}" if this.get("model") else "") + ")"))
     if "weight_type" in report.options:
         weights = report.options["weight_type"].split(" (")[0]
-        if report.options.get("reduce_range"):
-            weights += ", 7-bit (reduce_range)"
+        weights += ", 7-bit (reduce_range)" if report.options.get("reduce_range") else ", full range"
         rows.append(("weights", weights))
     if report.options.get("kept_float"):
         rows.append(("kept float32", f"{len(report.options['kept_float'])} node(s)"))

@@ -171,11 +171,11 @@ def _int8_plan(*, target: str, cpu: str, per_channel: bool, notes: list[str]) ->
     isa = settings_cpu(cpu, this)
     rule = int8_rule(isa)
     first = replace(rule, per_channel=rule.per_channel or per_channel)
-    why = ("without VNNI onnxruntime's U8S8 kernels saturate; weights are 7-bit (reduce_range), one scale per "
-           "output channel" if first.reduce_range
-           else "int8 products sum in 32 bits there (no saturation); weights are full-range signed int8")
-    notes.append(f"int8 settings for {isa}" + (f" (this CPU: {this.describe()})" if cpu == "auto" else "")
-                 + f": {why}")
+    why = ("7-bit weights (reduce_range), one scale per output channel: without VNNI onnxruntime's U8S8 kernels "
+           "saturate on full-range weights" if first.reduce_range
+           else "full-range signed weights: int8 products sum in 32 bits there")
+    where = f" (this CPU{', ' + this.model if this.model else ''})" if cpu == "auto" else ""
+    notes.append(f"int8 settings for {isa}{where}: {why}")
     if cpu != "auto" and isa != this.isa:
         notes.append(f"--cpu {cpu}: the settings are for {cpu}, verification ran on this CPU ({this.isa}); "
                      + ("its kernels saturate where the target's do not, so the figures here are a lower bound"
@@ -517,7 +517,7 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
                            source_model=source_model, op_types=op_types, profile=PROFILES[method],
                            inputs=Path(inputs) if inputs is not None else None, notes=notes)
         out_file, options, verification = chosen
-        if plan is not None:
+        if plan is not None and target == "cpu":
             options["cpu"] = plan.to_json()
         if verification is not None and not verification.passed:
             verification.extra["attempts"] = [a.to_json() for a in attempts]
