@@ -58,14 +58,21 @@ def command(
     quiet: o.Quiet = False,
     json_output: o.Json = False,
 ) -> None:
+    from llmconv.errors import NotEquivalent
     from llmconv.io import human_size
     from llmconv.transforms.quantize import PROFILES, quantize
 
     types = [t.strip() for t in op_types.split(",") if t.strip()] if op_types is not None else None
-    report = quantize(src, dst, target=target, method=method, calibration=calibration, per_channel=per_channel,
-                      block_size=block_size, op_types=types, text=text, inputs=inputs, atol=atol, rtol=rtol,
-                      max_ppl_increase=max_ppl_increase, provider=provider, calibration_samples=calibration_samples,
-                      verify=verify, force=force, cpu=cpu)
+    try:
+        report = quantize(src, dst, target=target, method=method, calibration=calibration, per_channel=per_channel,
+                          block_size=block_size, op_types=types, text=text, inputs=inputs, atol=atol, rtol=rtol,
+                          max_ppl_increase=max_ppl_increase, provider=provider,
+                          calibration_samples=calibration_samples, verify=verify, force=force, cpu=cpu)
+    except NotEquivalent as e:
+        tried = getattr(e.report, "extra", {}).get("attempts", [])
+        if len(tried) > 1 and not json_output:
+            err.print(attempts_table(tried))  # every setting tried, above the closest one's checks
+        raise
     if json_output:
         print_json(report.to_json())
         return
@@ -87,8 +94,10 @@ def command(
     cpu_plan = report.options.get("cpu")
     if cpu_plan:
         this = cpu_plan["this_cpu"]
-        rows.append(("cpu", f"settings for {cpu_plan['settings_for']}; verified on this CPU ({this['isa']}"
-                            + (f", {this['model']}" if this.get("model") else "") + ")"))
+        here = this["isa"] + (f", {this['model']}" if this.get("model") else "")
+        rows.append(("cpu", f"settings for {cpu_plan['settings_for']}; "
+                            + (f"verified on this CPU ({here})" if cpu_plan.get("verified_on")
+                               else f"not verified (this CPU: {here})")))
     if "weight_type" in report.options:
         weights = report.options["weight_type"].split(" (")[0]
         weights += ", 7-bit (reduce_range)" if report.options.get("reduce_range") else ", full range"
@@ -108,7 +117,7 @@ def command(
     rows.append(("time", f"{report.seconds:.2f} s"))
     out.print(kv_table(rows))
     if len(report.attempts) > 1:
-        out.print(attempts_table(report.attempts))
+        out.print(attempts_table([a.to_json() for a in report.attempts]))
     for note in report.notes:
         out.print(f"  note: {escape(note)}")
     v = report.verification
@@ -121,19 +130,25 @@ def command(
     out.print(f"[green]verified[/] ({v.mode}, profile {v.profile}): {escape(v.summary())}")
 
 
-def attempts_table(attempts: list) -> Any:
-    """The settings tried, in order, with the figures that decided each."""
+def attempts_table(attempts: list[dict[str, Any]]) -> Any:
+    """The settings tried (their JSON form), in order, with the figures that decided each."""
     from rich.table import Table
 
     t = Table(title="attempts", title_justify="left", box=None, pad_edge=False)
     for col in ("#", "setting", "verdict", "figures", "time"):
         t.add_column(col, overflow="fold")
+    digits = {"cosine": ".6f", "top1_agreement": ".4f", "top5_agreement": ".4f", "kl": ".3g"}
     for i, a in enumerate(attempts, 1):
-        figs = a.figures()
+        figs = a.get("figures", {})
         main = figs.get("logits") or figs.get("last_hidden_state") or next(iter(figs.values()), {})
-        shown = ", ".join(f"{k.replace('_agreement', '')} {fmt_num(v)}" for k, v in main.items())
-        if "perplexity" in figs:
-            shown += f", ppl {figs['perplexity'].get('relative_change', 0):+.2%}"
-        verdict = "[green]pass[/]" if a.passed else ("[red]fail[/]" if a.passed is False else "not verified")
-        t.add_row(str(i), escape(a.setting_label), verdict, escape(shown), f"{a.seconds:.1f} s")
+        shown = ", ".join(f"{k.replace('_agreement', '')} {format(v, digits.get(k, '.4g'))}"
+                          for k, v in main.items() if k in digits)
+        if "perplexity" in figs and figs["perplexity"].get("relative_change") is not None:
+            shown += f", ppl {figs['perplexity']['relative_change']:+.2%}"
+        passed = a.get("passed")
+        verdict = "[green]pass[/]" if passed else ("[red]fail[/]" if passed is False else "not verified")
+        took = f"{a.get('seconds', 0.0):.1f} s"
+        if a.get("measured_nodes"):  # the nodes were measured on this attempt, after it
+            took += f" + {a.get('measure_seconds', 0.0):.1f} s measuring"
+        t.add_row(str(i), escape(a.get("setting", "")), verdict, escape(shown), took)
     return t

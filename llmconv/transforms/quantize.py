@@ -147,6 +147,7 @@ class Int8Plan:
     this_cpu: Any
     first: Any
     per_channel_forced: bool
+    verified: bool = True
 
     def chain(self, fallback: bool) -> list[Any]:
         from llmconv.transforms.cpu import fallback_chain
@@ -155,10 +156,10 @@ class Int8Plan:
 
     def to_json(self) -> dict[str, Any]:
         return {"settings_for": self.settings_for, "chosen_by": self.chosen_by, "this_cpu": self.this_cpu.to_json(),
-                "verified_on": "this CPU"}
+                "verified_on": "this CPU" if self.verified else None}
 
 
-def _int8_plan(*, target: str, cpu: str, per_channel: bool, notes: list[str]) -> Int8Plan:
+def _int8_plan(*, target: str, cpu: str, per_channel: bool, verify: bool, notes: list[str]) -> Int8Plan:
     """The int8 settings for ``target``: on a CPU, by the int8 rule of the CPU they are for (``--cpu``, or
     this one); on a GPU, signed full-range weights."""
     from dataclasses import replace
@@ -167,7 +168,8 @@ def _int8_plan(*, target: str, cpu: str, per_channel: bool, notes: list[str]) ->
 
     this = detect_cpu()
     if target != "cpu":
-        return Int8Plan(target, "gpu", "--target gpu", this, Int8Setting(per_channel=per_channel), per_channel)
+        return Int8Plan(target, "gpu", "--target gpu", this, Int8Setting(per_channel=per_channel), per_channel,
+                        verify)
     isa = settings_cpu(cpu, this)
     rule = int8_rule(isa)
     first = replace(rule, per_channel=rule.per_channel or per_channel)
@@ -176,12 +178,12 @@ def _int8_plan(*, target: str, cpu: str, per_channel: bool, notes: list[str]) ->
            else "full-range signed weights: int8 products sum in 32 bits there")
     where = f" (this CPU{', ' + this.model if this.model else ''})" if cpu == "auto" else ""
     notes.append(f"int8 settings for {isa}{where}: {why}")
-    if cpu != "auto" and isa != this.isa:
+    if cpu != "auto" and isa != this.isa and verify:
         notes.append(f"--cpu {cpu}: the settings are for {cpu}, verification ran on this CPU ({this.isa}); "
                      + ("its kernels saturate where the target's do not, so the figures here are a lower bound"
                         if this.saturates and isa not in ("avx2", "avx512") else
                         "check the figures again on the deployment CPU"))
-    return Int8Plan(target, isa, "--cpu" if cpu != "auto" else "auto (this CPU)", this, first, per_channel)
+    return Int8Plan(target, isa, "--cpu" if cpu != "auto" else "auto (this CPU)", this, first, per_channel, verify)
 
 
 @dataclass
@@ -447,7 +449,7 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         # cannot be read, up front (naming the source's file, not the exported copy).
         check_tokenizer(src_path if fmt.name == "hf" else model_file(src_path).parent)
     int8 = method in ("int8-dynamic", "int8-static")
-    plan = _int8_plan(target=target, cpu=cpu, per_channel=per_channel, notes=notes) if int8 else None
+    plan = _int8_plan(target=target, cpu=cpu, per_channel=per_channel, verify=verify, notes=notes) if int8 else None
     # Fallback is for --method auto (int8-dynamic on a CPU); an explicit --method is one setting.
     fallback = fallback and verify and method == "int8-dynamic"
     with build_scratch(dst_path, src=src_path) as scratch:
@@ -521,6 +523,8 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             options["cpu"] = plan.to_json()
         if verification is not None and not verification.passed:
             verification.extra["attempts"] = [a.to_json() for a in attempts]
+            if plan is not None and target == "cpu":
+                verification.extra["cpu"] = plan.to_json()
             what = f"{method} output is not within the {PROFILES[method]} profile"
             if len(attempts) > 1:
                 what += (f" with any of the {len(attempts)} settings tried (closest: "
@@ -529,6 +533,10 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
                                 path=dst_path)
         if verification is None:
             g.check_loads(out_file)
+        if len(attempts) > 1:
+            notes.append(f"the first setting ({attempts[0].setting_label}) was not within the {PROFILES[method]} "
+                         f"profile; written: attempt {len(attempts)} of {len(attempts)}, "
+                         f"{attempts[-1].setting_label}")
         out_dir = out_file.parent
         out_model = g.load_model(out_file, with_data=False)
         out_files = [out_file, *g.external_data_files(out_model, out_file)]
@@ -590,23 +598,39 @@ def _attempts(make: Any, build: Any, settings: list[Any], attempts: list[Attempt
     types = tuple(op_types or DEFAULT_OP_TYPES["int8-dynamic"])
     nodes = quantizable_nodes(_copy_model(source_model), types)
     limit = max(1, int(len(nodes) * MAX_KEPT_FLOAT_SHARE))
-    gains, _, seconds = leave_one_out(ref_file, results[_best(attempts)][0], nodes,
-                                      lambda keep: build(replace(closest.setting, exclude=keep))[0],
-                                      profile=profile, inputs=inputs)
-    closest.measured = [g.to_json() for g in gains[:8]]
-    closest.measure_seconds = seconds
-    ranked = [g.node for g in gains if g.gain > 0]
-    k = 1
-    while ranked and k <= limit:
-        keep = tuple(ranked[:k])
-        if run(replace(closest.setting, exclude=keep)):
-            notes.append(f"{len(keep)} of {len(nodes)} quantizable nodes kept in float32, measured (each left in "
-                         f"float alone) to cost the most accuracy: {', '.join(keep[:4])}"
-                         + (" ..." if len(keep) > 4 else ""))
+    base_file, base_attempt, base_exclude = results[_best(attempts)][0], closest, ()
+    kept: list[str] = []
+    ranked: list[str] = []  # nodes the last measurement found worth keeping, best first, not yet kept
+    measured_from: tuple[str, ...] | None = None
+    while len(kept) < limit:
+        want = min(max(1, 2 * len(kept)), limit)  # 1, 2, 4, ... nodes in float32
+        while len(kept) < want:
+            if not ranked:
+                if measured_from == tuple(kept) or base_exclude != tuple(kept):
+                    break  # measured from here already, or try the nodes found so far before measuring again
+                # Measure from where we stand: a node whose error another one hides shows once that one is float.
+                done = tuple(kept)
+                gains, _, seconds = leave_one_out(
+                    ref_file, base_file, [n for n in nodes if n[0] not in done],
+                    lambda keep, done=done: build(replace(closest.setting, exclude=done + keep))[0],
+                    profile=profile, inputs=inputs)
+                base_attempt.measured = [g.to_json() for g in gains[:8]]
+                base_attempt.measure_seconds = seconds
+                measured_from = done
+                ranked = [g.node for g in gains if g.gain > 0]
+                if not ranked:
+                    break
+            kept.append(ranked.pop(0))
+        if not kept or (attempts[-1].setting is not None and attempts[-1].setting.exclude == tuple(kept)):
+            break  # nothing new to try
+        if run(replace(closest.setting, exclude=tuple(kept))):
+            notes.append(f"{len(kept)} of {len(nodes)} quantizable nodes kept in float32, measured (each left in "
+                         f"float alone) to cost the most accuracy: {', '.join(kept[:4])}"
+                         + (" ..." if len(kept) > 4 else ""))
             return results[-1]
-        if k >= len(ranked) or k >= limit:
-            break
-        k = min(k * 2, limit, len(ranked))
+        base_file, base_attempt, base_exclude = results[-1][0], attempts[-1], tuple(kept)
+        if len(kept) < want and measured_from == tuple(kept):
+            break  # the measurement from here found nothing more to keep
     return results[_best(attempts)]
 
 

@@ -67,7 +67,9 @@ class VerifyReport:
             parts.append(f"{len(self.missing)} missing in candidate (first: {self.missing[0]})")
         if self.unexpected:
             parts.append(f"{len(self.unexpected)} unexpected in candidate (first: {self.unexpected[0]})")
-        return "; ".join(parts) if parts else f"all {len(self.checks)} checks passed"
+        if parts:
+            return "; ".join(parts)
+        return "the 1 check passed" if len(self.checks) == 1 else f"all {len(self.checks)} checks passed"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
