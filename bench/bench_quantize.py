@@ -180,37 +180,54 @@ def feeds_for(session, *, batch: int, seq: int, vocab: int) -> dict:
     return feeds
 
 
-def time_variants(variants: dict[str, dict], *, threads: int, sweeps: int, batch: int, seq: int,
-                  vocab: int) -> None:
+def _sessions(paths: dict[str, Path], *, threads: int) -> dict:
     import onnxruntime as ort
 
     sessions = {}
-    for name, v in variants.items():
+    for name, path in paths.items():
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
-        sessions[name] = ort.InferenceSession(str(v["path"]), opts, providers=["CPUExecutionProvider"])
-    feeds = {n: feeds_for(s, batch=batch, seq=seq, vocab=vocab) for n, s in sessions.items()}
-    for n, s in sessions.items():  # warm up
+        sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def _interleaved(sessions: dict, feeds: dict[str, dict], *, sweeps: int, outputs: list[str] | None = None,
+                 progress: bool = False) -> dict[str, list[float]]:
+    """Seconds per run of every session over ``sweeps``, after two warm-up runs each.
+
+    One run of every model per sweep, in a rotating order: a busy moment of the machine lands on
+    neighbouring runs of different models, and the per-sweep ratios cancel most of it.
+    """
+    for n, sess in sessions.items():
         for _ in range(2):
-            s.run(["logits"], feeds[n])
+            sess.run(outputs, feeds[n])
     samples: dict[str, list[float]] = {n: [] for n in sessions}
     names = list(sessions)
     for i in range(sweeps):
-        # One run of every model per sweep, in a rotating order: a busy moment of the machine lands on
-        # neighbouring runs of different models, and the per-sweep ratios cancel most of it.
         for n in names[i % len(names):] + names[:i % len(names)]:
             t = time.perf_counter()
-            sessions[n].run(["logits"], feeds[n])
+            sessions[n].run(outputs, feeds[n])
             samples[n].append(time.perf_counter() - t)
-        if (i + 1) % 10 == 0:
+        if progress and (i + 1) % 10 == 0:
             log(f"  sweep {i + 1}/{sweeps}: fp32 {samples['fp32'][-1] * 1000:.1f} ms")
-    for n in names:
+    return samples
+
+
+def _ratio_to_fp32(samples: dict[str, list[float]], name: str) -> float:
+    return statistics.median(a / b for a, b in zip(samples[name], samples["fp32"], strict=True))
+
+
+def time_variants(variants: dict[str, dict], *, threads: int, sweeps: int, batch: int, seq: int,
+                  vocab: int) -> None:
+    sessions = _sessions({n: v["path"] for n, v in variants.items()}, threads=threads)
+    feeds = {n: feeds_for(s, batch=batch, seq=seq, vocab=vocab) for n, s in sessions.items()}
+    samples = _interleaved(sessions, feeds, sweeps=sweeps, outputs=["logits"], progress=True)
+    for n in sessions:
         variants[n]["latency_ms"] = statistics.median(samples[n]) * 1000
-        variants[n]["latency_ratio"] = statistics.median(a / b for a, b in zip(samples[n], samples["fp32"],
-                                                                               strict=True))
+        variants[n]["latency_ratio"] = _ratio_to_fp32(samples, n)
         variants[n]["samples_ms"] = [round(x * 1000, 2) for x in samples[n]]
 
 
@@ -389,37 +406,18 @@ def _embeddings(model: Path, tokenizer_dir: Path, sentences: list[str]):
 
 
 def _timing_feeds(model: Path, batch: int, seq: int) -> list[dict]:
-    from llmconv.verification.inputs import InputPlan, synthetic_inputs
+    from llmconv.verification.inputs import plan_for, synthetic_inputs
     from llmconv.verification.runners import describe
 
-    sig = describe(model)
-    plan = InputPlan(wants=set(sig.inputs), vocab_size=sig.vocab_size or 0, max_positions=sig.max_positions,
-                     past=sig.past, pad_token_id=sig.pad_token_id)
-    return synthetic_inputs(plan, batch=batch, seq_len=seq, samples=1, seed=0)
+    return synthetic_inputs(plan_for(describe(model)), batch=batch, seq_len=seq, samples=1, seed=0)
 
 
 def _time(paths: dict[str, Path], feed: dict, *, threads: int, sweeps: int) -> dict[str, float]:
-    """Median per-sweep latency ratio to fp32, every model run once per sweep in a rotating order."""
-    import onnxruntime as ort
-
-    sessions = {}
-    for name, path in paths.items():
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """Median per-sweep latency ratio to fp32 of each model on one feed."""
+    sessions = _sessions(paths, threads=threads)
     feeds = {n: {k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for n, s in sessions.items()}
-    for n, s in sessions.items():
-        s.run(None, feeds[n])
-    samples: dict[str, list[float]] = {n: [] for n in sessions}
-    names = list(sessions)
-    for i in range(sweeps):
-        for n in names[i % len(names):] + names[:i % len(names)]:
-            t = time.perf_counter()
-            sessions[n].run(None, feeds[n])
-            samples[n].append(time.perf_counter() - t)
-    return {n: statistics.median(a / b for a, b in zip(samples[n], samples["fp32"], strict=True)) for n in names}
+    samples = _interleaved(sessions, feeds, sweeps=sweeps)
+    return {n: _ratio_to_fp32(samples, n) for n in sessions}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

@@ -63,16 +63,27 @@ def _no_cpp_stdout() -> Iterator[None]:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):  # not a real file (captured in tests): nothing to guard
         fd = 1
-    saved = os.dup(fd)
     sink = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(sink, fd)
+    try:
+        with fd_redirected(fd, sink):
+            try:
+                yield
+            finally:
+                _onnx_log_off()
+    finally:
+        os.close(sink)
+
+
+@contextlib.contextmanager
+def fd_redirected(fd: int, to: int) -> Iterator[None]:
+    """Point file descriptor ``fd`` at ``to`` for the block: what C++ code writes to ``fd`` goes there."""
+    saved = os.dup(fd)
+    os.dup2(to, fd)
     try:
         yield
     finally:
-        _onnx_log_off()
         os.dup2(saved, fd)
         os.close(saved)
-        os.close(sink)
 
 
 def _onnx_log_off() -> None:

@@ -182,10 +182,15 @@ def int8_rule(isa: str) -> Int8Setting:
     return Int8Setting(weight_type="int8", reduce_range=False)
 
 
-def settings_cpu(cpu: str, this: CpuInfo) -> str:
-    """The CPU class the int8 settings are for: ``--cpu`` as given, or this machine's for ``auto``."""
+def check_cpu_choice(cpu: str) -> None:
+    """Refuse a ``--cpu`` name that is not one of :data:`CPU_CHOICES`."""
     if cpu not in CPU_CHOICES:
         raise UsageError(f"unknown --cpu {cpu!r}", hint="use " + ", ".join(CPU_CHOICES))
+
+
+def settings_cpu(cpu: str, this: CpuInfo) -> str:
+    """The CPU class the int8 settings are for: ``--cpu`` as given, or this machine's for ``auto``."""
+    check_cpu_choice(cpu)
     return this.isa if cpu == "auto" else cpu
 
 

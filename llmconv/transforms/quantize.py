@@ -20,6 +20,7 @@ before it is renamed into place; a failed verification raises NotEquivalent and 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -139,14 +140,14 @@ def shortfall(v: VerifyReport) -> float:
 
 @dataclass
 class Int8Plan:
-    """The int8 settings for a target: the CPU they are for, this CPU, the first setting and the fallbacks."""
+    """The int8 settings for a target: the first setting and the fallbacks; for a CPU, the CPU they are for
+    (``settings_for``, ``chosen_by``) and this one (``this_cpu``, None for a GPU)."""
 
-    target: str
-    settings_for: str
-    chosen_by: str
-    this_cpu: Any
     first: Any
     per_channel_forced: bool
+    settings_for: str = "gpu"
+    chosen_by: str = "--target gpu"
+    this_cpu: Any = None
     verified: bool = True
 
     def chain(self, fallback: bool) -> list[Any]:
@@ -154,7 +155,10 @@ class Int8Plan:
 
         return fallback_chain(self.first, per_channel_forced=self.per_channel_forced) if fallback else [self.first]
 
-    def to_json(self) -> dict[str, Any]:
+    def cpu_json(self) -> dict[str, Any] | None:
+        """``options.cpu`` of the report: None for a GPU."""
+        if self.this_cpu is None:
+            return None
         return {"settings_for": self.settings_for, "chosen_by": self.chosen_by, "this_cpu": self.this_cpu.to_json(),
                 "verified_on": "this CPU" if self.verified else None}
 
@@ -166,10 +170,9 @@ def _int8_plan(*, target: str, cpu: str, per_channel: bool, verify: bool, notes:
 
     from llmconv.transforms.cpu import Int8Setting, detect_cpu, int8_rule, settings_cpu
 
-    this = detect_cpu()
     if target != "cpu":
-        return Int8Plan(target, "gpu", "--target gpu", this, Int8Setting(per_channel=per_channel), per_channel,
-                        verify)
+        return Int8Plan(Int8Setting(per_channel=per_channel), per_channel)
+    this = detect_cpu()
     isa = settings_cpu(cpu, this)
     rule = int8_rule(isa)
     first = replace(rule, per_channel=rule.per_channel or per_channel)
@@ -183,7 +186,7 @@ def _int8_plan(*, target: str, cpu: str, per_channel: bool, verify: bool, notes:
                      + ("its kernels saturate where the target's do not, so the figures here are a lower bound"
                         if this.saturates and isa not in ("avx2", "avx512") else
                         "check the figures again on the deployment CPU"))
-    return Int8Plan(target, isa, "--cpu" if cpu != "auto" else "auto (this CPU)", this, first, per_channel, verify)
+    return Int8Plan(first, per_channel, isa, "--cpu" if cpu != "auto" else "auto (this CPU)", this, verify)
 
 
 @dataclass
@@ -348,10 +351,9 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                 raise UsageError(f"{flag} sets how the output is verified, and --no-verify skips verification",
                                  hint=f"drop {flag} or --no-verify")
     resolved = resolve_method(method, target=target, source_format=fmt.name, onnx_destination=onnx_dst)
-    from llmconv.transforms.cpu import CPU_CHOICES
+    from llmconv.transforms.cpu import check_cpu_choice
 
-    if cpu not in CPU_CHOICES:
-        raise UsageError(f"unknown --cpu {cpu!r}", hint="use " + ", ".join(CPU_CHOICES))
+    check_cpu_choice(cpu)
     if cpu != "auto" and (target != "cpu" or resolved not in ("int8-dynamic", "int8-static")):
         raise UsageError(f"--cpu picks the int8 settings of --target cpu; it does not apply to {resolved} for "
                          f"--target {target}", hint="drop --cpu")
@@ -473,7 +475,7 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         renames = {ref_file: src_path if fmt.name == "onnx" else ref_file,
                    ref_file.parent: src_path if fmt.name == "hf" else ref_file.parent}
 
-        made = iter(range(1_000_000))
+        made = itertools.count()
 
         def build(setting: Any) -> tuple[Path, dict[str, Any]]:
             out_dir = scratch / f"out-{next(made)}"
@@ -519,12 +521,13 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
                            source_model=source_model, op_types=op_types, profile=PROFILES[method],
                            inputs=Path(inputs) if inputs is not None else None, notes=notes)
         out_file, options, verification = chosen
-        if plan is not None and target == "cpu":
-            options["cpu"] = plan.to_json()
+        cpu_json = plan.cpu_json() if plan is not None else None
+        if cpu_json is not None:
+            options["cpu"] = cpu_json
         if verification is not None and not verification.passed:
             verification.extra["attempts"] = [a.to_json() for a in attempts]
-            if plan is not None and target == "cpu":
-                verification.extra["cpu"] = plan.to_json()
+            if cpu_json is not None:
+                verification.extra["cpu"] = cpu_json
             what = f"{method} output is not within the {PROFILES[method]} profile"
             if len(attempts) > 1:
                 what += (f" with any of the {len(attempts)} settings tried (closest: "
@@ -610,7 +613,7 @@ def _attempts(make: Any, build: Any, settings: list[Any], attempts: list[Attempt
                     break  # measured from here already, or try the nodes found so far before measuring again
                 # Measure from where we stand: a node whose error another one hides shows once that one is float.
                 done = tuple(kept)
-                gains, _, seconds = leave_one_out(
+                gains, seconds = leave_one_out(
                     ref_file, base_file, [n for n in nodes if n[0] not in done],
                     lambda keep, done=done: build(replace(closest.setting, exclude=done + keep))[0],
                     profile=profile, inputs=inputs)

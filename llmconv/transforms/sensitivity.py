@@ -69,7 +69,7 @@ def quantizable_nodes(model: Any, op_types: tuple[str, ...]) -> list[tuple[str, 
 
 def leave_one_out(reference: Path, base: Path, nodes: list[tuple[str, str, str | None, str]],
                   make: Callable[[tuple[str, ...]], Path], *, profile: str, inputs: Path | None = None,
-                  limit: int = MAX_MEASURED) -> tuple[list[NodeGain], float, float]:
+                  limit: int = MAX_MEASURED) -> tuple[list[NodeGain], float]:
     """Each node's gain when it alone is left in float32, largest first.
 
     Args:
@@ -82,7 +82,7 @@ def leave_one_out(reference: Path, base: Path, nodes: list[tuple[str, str, str |
         inputs: an ``.npz`` of inputs (the verifier's ``--inputs``); seeded synthetic ones otherwise.
         limit: at most this many nodes are measured (those that drift most, see the module's text).
     Returns:
-        (gains, the base's shortfall, seconds spent).
+        (gains, seconds spent).
     """
     t0 = time.perf_counter()
     feeds = _feeds(reference, inputs)
@@ -98,7 +98,7 @@ def leave_one_out(reference: Path, base: Path, nodes: list[tuple[str, str, str |
         gains.append(NodeGain(name, op, base_short - short, short))
         _remove_model(path)
     gains.sort(key=lambda g: (-g.gain, g.node))
-    return gains, base_short, time.perf_counter() - t0
+    return gains, time.perf_counter() - t0
 
 
 def drift_ranking(reference: Path, candidate: Path, nodes: list[tuple[str, str, str | None, str]],
@@ -115,12 +115,11 @@ def drift_ranking(reference: Path, candidate: Path, nodes: list[tuple[str, str, 
 
 
 def _feeds(reference: Path, inputs: Path | None) -> list[dict[str, Any]]:
-    from llmconv.verification.inputs import InputPlan, load_inputs, synthetic_inputs
+    from llmconv.verification.inputs import load_inputs, plan_for, synthetic_inputs
     from llmconv.verification.runners import describe
 
     sig = describe(reference)
-    plan = InputPlan(wants=set(sig.inputs), vocab_size=sig.vocab_size or 0, max_positions=sig.max_positions,
-                     past=sig.past, pad_token_id=sig.pad_token_id)
+    plan = plan_for(sig)
     if inputs is not None:
         feeds, _ = load_inputs(inputs, plan)
         return feeds[:MEASURE_SAMPLES]

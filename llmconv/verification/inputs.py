@@ -53,6 +53,17 @@ class InputPlan:
     pad_token_id: int | None = None
 
 
+def plan_for(*sigs: Any) -> InputPlan:
+    """The inputs that run every model given (``runners.Signature``): the union of what they take, the
+    smallest vocabulary and position count, the first past layout and pad id any of them names."""
+    vocabs = [s.vocab_size for s in sigs if s.vocab_size]
+    positions = [s.max_positions for s in sigs if s.max_positions]
+    pads = [s.pad_token_id for s in sigs if s.pad_token_id is not None]
+    return InputPlan(wants=set().union(*(s.inputs for s in sigs)), vocab_size=min(vocabs) if vocabs else 0,
+                     max_positions=min(positions) if positions else None,
+                     past=next((s.past for s in sigs if s.past), None), pad_token_id=pads[0] if pads else None)
+
+
 def second_length(seq_len: int) -> int:
     """The other length dynamic axes are tried at: about half of ``seq_len`` (2 when it is 1)."""
     return max(1, (seq_len + 1) // 2) if seq_len > 2 else seq_len + 1

@@ -50,7 +50,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         >>> compare_outputs(Path("gpt2-hf"), Path("gpt2-onnx/model.onnx"), profile="fp32").passed
         True
     """
-    from llmconv.verification.inputs import InputPlan, load_inputs, synthetic_inputs
+    from llmconv.verification.inputs import load_inputs, plan_for, synthetic_inputs
     from llmconv.verification.metrics import OutputComparison, perplexity_check
     from llmconv.verification.profiles import auto_profile, outputs_profile
     from llmconv.verification.runners import check_provider, describe, settle_task
@@ -83,10 +83,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     positions = [p for p in (ref_sig.max_positions, cand_sig.max_positions) if p]
     if len(set(vocabs)) > 1:
         notes.append(f"vocabulary sizes differ ({vocabs[0]} vs {vocabs[1]}): token ids drawn below {min(vocabs)}")
-    pads = [p for p in (ref_sig.pad_token_id, cand_sig.pad_token_id) if p is not None]
-    plan = InputPlan(wants=ref_sig.inputs | cand_sig.inputs, vocab_size=min(vocabs) if vocabs else 0,
-                     max_positions=min(positions) if positions else None, past=ref_sig.past or cand_sig.past,
-                     pad_token_id=pads[0] if pads else None)
+    plan = plan_for(ref_sig, cand_sig)
     if inputs is not None:
         feeds, meta = load_inputs(Path(inputs), plan)
     else:

@@ -343,11 +343,9 @@ class OrtRunner:
     kind = "onnxruntime"
 
     def __init__(self, sig: Signature, *, provider: str, task: str | None = None) -> None:
-        try:
-            import onnxruntime as ort
-            from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-        except ImportError as e:
-            raise MissingDependency("onnxruntime is not installed", hint="pip install onnxruntime") from e
+        ort = _onnxruntime()
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
         providers = _providers(provider)
         options = ort.SessionOptions()
         options.log_severity_level = 4  # its errors reach us as exceptions; printed they are noise
@@ -420,6 +418,14 @@ def _ort_message(e: Exception) -> str:
 _EP_NAMES = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise MissingDependency("onnxruntime is not installed", hint="pip install onnxruntime") from e
+    return onnxruntime
+
+
 def _providers(provider: str) -> list[str]:
     """The execution providers to ask onnxruntime for: the one named first, then the CPU for ops it lacks."""
     if provider == "cpu":
@@ -453,11 +459,7 @@ def check_provider(provider: str) -> None:
     wanted = _providers(provider)[0]
     if wanted == "CPUExecutionProvider":
         return
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise MissingDependency("onnxruntime is not installed", hint="pip install onnxruntime") from e
-    available = ort.get_available_providers()
+    available = _onnxruntime().get_available_providers()
     if wanted not in available:
         raise provider_failed(provider, _failure_reason(available, wanted, None, ""))
 
@@ -485,7 +487,7 @@ def _stderr_kept(enabled: bool) -> Iterator[io.StringIO]:
     onnxruntime logs a provider that fails to start (missing CUDA libraries) from C++, straight to
     file descriptor 2, and carries on with the CPU.
     """
-    from llmconv.export._quiet import _debug
+    from llmconv.export._quiet import _debug, fd_redirected
 
     kept = io.StringIO()
     if not enabled or _debug():
@@ -496,14 +498,11 @@ def _stderr_kept(enabled: bool) -> Iterator[io.StringIO]:
 
     with contextlib.suppress(AttributeError, OSError, ValueError):
         sys.stderr.flush()
-    saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
         try:
-            yield kept
+            with fd_redirected(2, sink.fileno()):
+                yield kept
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
             sink.seek(0)
             kept.write(sink.read(64 * 1024).decode("utf-8", "replace"))
 
