@@ -101,7 +101,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         verify: compare the output with the source (bit-exact after the cast) before renaming it.
         force: replace an existing destination.
         progress: called with the number of bytes written as the output grows.
-        export_options: for ONNX destinations: task, opset, config, external_data, provider.
+        export_options: for ONNX destinations: task, opset, config, external_data, provider, decode_steps, generate.
     Returns:
         A ConvertReport.
     Raises:
@@ -127,6 +127,10 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                        **export_options)
     if export_options.get("config") or export_options.get("task") or export_options.get("opset"):
         raise UsageError("--task, --opset and --config apply to ONNX destinations only")
+    if export_options.get("decode_steps") is not None or export_options.get("generate") is not None:
+        raise UsageError("--decode-steps and --generate apply to an ONNX export's verification (a weights "
+                         "conversion is verified tensor by tensor)", hint="compare outputs with llmconv verify "
+                                                                          "--mode outputs")
 
     with src_fmt.open(src_path) as source:
         require_tensors(source, what="convert")

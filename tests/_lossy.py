@@ -159,7 +159,7 @@ def assert_verdict_is_independent(report: Any, reference: Path, candidate: Path,
     elementwise = "atol" in limits or "rtol" in limits  # not measured here: compare figures only
     ours = measure(reference, candidate, feeds)
     for check in report.checks:
-        if check.name == "perplexity":
+        if check.name == "perplexity" or check.name not in ours:
             continue
         figs, margin = ours[check.name], _margins(ours[check.name])
         ok, settled = True, not elementwise
@@ -173,6 +173,8 @@ def assert_verdict_is_independent(report: Any, reference: Path, candidate: Path,
                 ok = ok and _within(key, figs[key], limit)
         if settled:
             assert check.passed == ok, (check.name, check.passed, figs, limits)
+    if "decode" in report.extra:
+        ours |= assert_decode_is_independent(report, reference, candidate)
     ppl = next((c for c in report.checks if c.name == "perplexity"), None)
     if ppl is not None:
         assert text is not None
@@ -186,6 +188,70 @@ def assert_verdict_is_independent(report: Any, reference: Path, candidate: Path,
         budget = ppl.figures["budget"]
         if abs(change - budget) > PPL_TOL:
             assert ppl.passed == (change <= budget), (ppl.figures, change)
+    return ours
+
+
+def greedy_loop(model: Path, prompts: list[list[int]], *, pad: int, calls: int,
+                forced: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Our own greedy loop over an ONNX graph with past key/values, as transformers' generate() feeds one: the
+    prompts left-padded, position ids ``cumsum(mask) - 1`` (1 on the padding), then one token per call with the
+    graph's ``present.*`` fed back as ``past_key_values.*``; ``forced`` feeds given tokens instead of the
+    graph's own. Returns (its arg-max at each step [prompts, calls + 1], the logits of each step)."""
+    sess = _session(model)
+    width = max(len(p) for p in prompts)
+    ids = np.array([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=np.int64)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
+    past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    past = {i.name: np.zeros([len(prompts), i.shape[1], 0, i.shape[3]], np.float32) for i in past_inputs}
+    pos = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+    chosen, logits = [], []
+    for step in range(calls + 1):
+        out = _run(sess, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past})
+        last = out["logits"][:, -1, :].astype(np.float64)
+        logits.append(last)
+        chosen.append(last.argmax(axis=1))
+        past = {i.name: out[i.name.replace("past_key_values.", "present.")] for i in past_inputs}
+        ids = (forced[:, step] if forced is not None else chosen[-1])[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+        pos = mask.sum(axis=1, keepdims=True) - 1
+    return np.stack(chosen, axis=1), logits
+
+
+def assert_decode_is_independent(report: Any, reference: Path, candidate: Path) -> dict[str, dict[str, float]]:
+    """The decode-step and generation figures (and verdicts, away from their thresholds) are the ones our own
+    greedy loops give on the prompts the report names."""
+    meta = report.extra["decode"]
+    prompts, k, n = meta["prompt_ids"], meta["decode_steps"], meta["generate"]
+    config = json.loads((reference.parent / "config.json").read_text())
+    pad = config.get("pad_token_id") if isinstance(config.get("pad_token_id"), int) else 0
+    calls = max(k, n - 1)
+    ref_tokens, ref_logits = greedy_loop(reference, prompts, pad=pad, calls=calls)
+    cand_tokens, cand_logits = greedy_loop(candidate, prompts, pad=pad, calls=calls, forced=ref_tokens)
+    checks = {c.name: c for c in report.checks}
+    ours: dict[str, dict[str, float]] = {}
+    if k and "decode.steps" in checks:
+        hits = sum(int((r.argmax(axis=1) == c.argmax(axis=1)).sum()) for r, c in zip(ref_logits[1:k + 1],
+                                                                                    cand_logits[1:k + 1], strict=True))
+        rows = k * len(prompts)
+        ours["decode.steps"] = {"top1_agreement": hits / rows, "rows": rows}
+        assert abs(checks["decode.steps"].figures["top1_agreement"] - hits / rows) <= 1 / rows + 1e-9
+    if n and "generation" in checks:
+        figs = checks["generation"].figures
+        firsts = []
+        for m in range(len(prompts)):
+            parts = np.flatnonzero(ref_tokens[m, :n] != cand_tokens[m, :n])
+            firsts.append(int(parts[0]) if parts.size else None)
+            reported = figs["per_prompt"][m]["first_divergence"]
+            if reported != firsts[-1]:
+                # Only a near-tie (another thread split flips one arg-max) may make two honest runs differ.
+                step = min(s for s in (reported, firsts[-1]) if s is not None)
+                top2 = np.sort(cand_logits[step][m])[-2:]
+                assert top2[1] - top2[0] < 1e-4, (m, reported, firsts[-1])
+        agreement = float(np.mean([1.0 if f is None else f / n for f in firsts]))
+        ours["generation"] = {"agreement": agreement}
+        limit = figs["min_agreement"]
+        if figs["ties"] == 0 and abs(agreement - figs["agreement"]) < 1e-9 and limit is not None:
+            assert checks["generation"].passed == (agreement >= limit), (figs, agreement)
     return ours
 
 

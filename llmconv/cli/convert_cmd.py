@@ -33,6 +33,8 @@ def command(
                                                                  "(ONNX export needs the architecture).")] = None,
     external_data: Annotated[bool, typer.Option("--external-data", help="ONNX: always store weights in an "
                                                                          "external data file.")] = False,
+    decode_steps: o.DecodeSteps = None,
+    generate: o.Generate = None,
     verify: o.Verify = True,
     force: o.Force = False,
     quiet: o.Quiet = False,
@@ -45,6 +47,9 @@ def command(
     export_options = {k: v for k, v in (("task", task), ("opset", opset), ("config", config)) if v}
     if external_data:
         export_options["external_data"] = True
+    for key, value in (("decode_steps", decode_steps), ("generate", generate)):
+        if value is not None:
+            export_options[key] = value
     total = 0
     if not (quiet or json_output) and err.is_terminal:
         with registry.open_checkpoint(src) as s:

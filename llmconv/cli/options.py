@@ -31,3 +31,14 @@ Inputs = Annotated[Path | None, typer.Option(
 MaxPplIncrease = Annotated[float | None, typer.Option(
     "--max-ppl-increase", help="With --text: largest relative perplexity increase accepted, e.g. 0.02 for +2% "
                                "(default: the profile's budget, e.g. fp16 0.005, int8 0.02, int4 0.1; prune 0.5).")]
+DecodeSteps = Annotated[int | None, typer.Option(
+    "--decode-steps", metavar="K", min=0,
+    help="Causal LMs: decode K tokens through each model's own KV cache after a left-padded prefill and compare "
+         "the logits at every step and the caches (default 8; 0 turns it off).")]
+Generate = Annotated[int | None, typer.Option(
+    "--generate", metavar="N", min=0,
+    help="Causal LMs: generate N tokens greedily from each prompt with both models and compare them "
+         "(default 16; 0 turns it off).")]
+Prompts = Annotated[Path | None, typer.Option(
+    "--prompts", metavar="FILE", help="Prompts for the decode and generation checks, one per line, tokenized with "
+                                      "the model's tokenizer (default: cut from --text, else sampled token ids).")]

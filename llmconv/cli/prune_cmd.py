@@ -39,6 +39,8 @@ def command(
     min_top1: Annotated[float | None, typer.Option(
         "--min-top1", help="Quality check: least top-1 agreement with the source's logits (default 0.5).")] = None,
     max_ppl_increase: o.MaxPplIncrease = None,
+    decode_steps: o.DecodeSteps = None,
+    generate: o.Generate = None,
     provider: o.Provider = "cpu",
     verify: o.Verify = True,
     force: o.Force = False,
@@ -51,7 +53,7 @@ def command(
     report = prune(src, dst, sparsity=sparsity, pattern=pattern, include=include, exclude=exclude, text=text,
                    inputs=inputs,
                    min_top1=min_top1, max_ppl_increase=max_ppl_increase, provider=provider, verify=verify,
-                   force=force)
+                   force=force, decode_steps=decode_steps, generate=generate)
     if json_output:
         print_json(report.to_json())
         return

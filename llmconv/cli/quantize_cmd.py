@@ -47,6 +47,8 @@ def command(
     atol: o.Atol = None,
     rtol: o.Rtol = None,
     provider: o.Provider = "cpu",
+    decode_steps: o.DecodeSteps = None,
+    generate: o.Generate = None,
     cpu: Annotated[str, typer.Option(
         "--cpu", help="int8 for --target cpu: the CPU the settings are for: auto (this one)|avx2|avx512|"
                       "avx512-vnni|arm64. Without VNNI weights are 7-bit (reduce_range); verification runs here."
@@ -67,7 +69,8 @@ def command(
         report = quantize(src, dst, target=target, method=method, calibration=calibration, per_channel=per_channel,
                           block_size=block_size, op_types=types, text=text, inputs=inputs, atol=atol, rtol=rtol,
                           max_ppl_increase=max_ppl_increase, provider=provider,
-                          calibration_samples=calibration_samples, verify=verify, force=force, cpu=cpu)
+                          calibration_samples=calibration_samples, verify=verify, force=force, cpu=cpu,
+                          decode_steps=decode_steps, generate=generate)
     except NotEquivalent as e:
         tried = getattr(e.report, "extra", {}).get("attempts", [])
         if len(tried) > 1 and not json_output:

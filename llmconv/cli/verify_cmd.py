@@ -90,12 +90,39 @@ def render_report(report: Any, *, console: Console = out) -> None:
             console.print(f"perplexity: reference {fmt_num(f['reference_ppl'])}, candidate "
                           f"{fmt_num(f['candidate_ppl'])}, change {change} (budget {f['budget']:.2%}, "
                           f"{f['tokens']} tokens)")
+    for ch in report.checks:
+        if ch.name == "generation":
+            console.print(escape(generation_line(ch.figures)))
+        elif ch.name == "decode.steps" and not ch.passed and ch.figures.get("first_failing_step"):
+            console.print(f"decode: first step out of the profile: {ch.figures['first_failing_step']} of "
+                          f"{len(ch.figures.get('steps') or [])}")
+    loc = report.extra.get("localization")
+    if isinstance(loc, dict) and loc.get("summary"):
+        console.print(f"[bold]where they part[/]: {escape(str(loc['summary']))}")
     for key, value in report.extra.items():
+        if key == "localization":
+            continue
         if isinstance(value, dict):
             console.print(f"{key}: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={fmt_num(v)}"
                                                  for k, v in value.items()))
     for note in report.notes:
         console.print(f"note: {escape(note)}")
+
+
+def generation_line(f: dict[str, Any]) -> str:
+    """One line on greedy generation: how many prompts stayed identical and where the others parted."""
+    rows = f.get("per_prompt") or []
+    parted = [r for r in rows if r.get("first_divergence") is not None]
+    line = (f"generation: {f.get('prompts')} prompts x {f.get('new_tokens')} tokens, {f.get('identical')} identical, "
+            f"agreement {fmt_num(f.get('agreement'))}")
+    if f.get("min_agreement") is not None:
+        line += f" (min {fmt_num(f['min_agreement'])})"
+    if parted:
+        line += "; parted: " + ", ".join(f"prompt {r['prompt']} at token {r['first_divergence']}"
+                                         + (" (a tie)" if r.get("tie") else "") for r in parted[:6])
+        if len(parted) > 6:
+            line += f" and {len(parted) - 6} more"
+    return line
 
 
 def command(
@@ -114,6 +141,12 @@ def command(
     samples: Annotated[int, typer.Option("--samples", help="Synthetic inputs: number of batches.", min=1)] = 2,
     seed: Annotated[int, typer.Option("--seed", help="Synthetic inputs: random seed.")] = 0,
     max_ppl_increase: o.MaxPplIncrease = None,
+    decode_steps: o.DecodeSteps = None,
+    generate: o.Generate = None,
+    prompts: o.Prompts = None,
+    localize: Annotated[bool, typer.Option(
+        "--localize", help="When the models differ, name the first node (ONNX vs ONNX) or decoder layer (PyTorch "
+                           "vs ONNX) whose output leaves the profile.")] = False,
     provider: o.Provider = "cpu",
     json_output: o.Json = False,
     junit: o.Junit = None,
@@ -130,13 +163,15 @@ def command(
         outputs_options.update(batch=batch, seq_len=seq_len, samples=samples, seed=seed, provider=provider)
         if max_ppl_increase is not None:
             outputs_options["max_ppl_increase"] = max_ppl_increase
+        outputs_options.update(decode_steps=decode_steps, generate=generate, prompts=prompts, localize=localize)
     if junit is None:
         report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol, **outputs_options)
     else:
         from llmconv.errors import LlmconvError
         from llmconv.verification.junit import check_report_path, write_junit, write_junit_error
 
-        check_report_path(junit, models=[reference, candidate], reads={"--inputs": inputs, "--text": text})
+        check_report_path(junit, models=[reference, candidate], reads={"--inputs": inputs, "--text": text,
+                                                                         "--prompts": prompts})
         try:
             report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol,
                             **outputs_options)

@@ -26,7 +26,8 @@ __all__ = ["to_onnx"]
 
 def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | str, dtype: str, verify: bool,
             force: bool, task: str | None = None, opset: int | None = None, config: str | Path | None = None,
-            external_data: bool = False, provider: str = "cpu") -> ConvertReport:
+            external_data: bool = False, provider: str = "cpu", decode_steps: int | None = None,
+            generate: int | None = None) -> ConvertReport:
     """Export a Hugging Face model to ONNX, verify it against PyTorch, then put it in place.
 
     Args:
@@ -98,7 +99,8 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
 
             # The hf folder itself, so that messages name it (the runner makes its own view of it).
             reference = src if fmt_name == "hf" else folder
-            verification = compare_outputs(reference, model_path, profile="auto", provider=provider, task=plan.task)
+            verification = compare_outputs(reference, model_path, profile="auto", provider=provider, task=plan.task,
+                                           decode_steps=decode_steps, generate=generate)
             verification.reference, verification.candidate = str(src), str(dst)
             if not verification.passed:
                 raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "

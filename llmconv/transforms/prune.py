@@ -239,7 +239,8 @@ def prune(src: str | Path, dst: str | Path, *, sparsity: float | None = None, pa
           include: list[str] | None = None, exclude: list[str] | None = None, text: str | Path | None = None,
           inputs: str | Path | None = None,
           min_top1: float | None = None, max_ppl_increase: float | None = None, provider: str = "cpu",
-          verify: bool = True, force: bool = False, progress: Any = None) -> PruneReport:
+          verify: bool = True, force: bool = False, progress: Any = None, decode_steps: int | None = None,
+          generate: int | None = None) -> PruneReport:
     """Magnitude-prune the linear-layer weights of ``src`` and write the result at ``dst``.
 
     Args:
@@ -259,6 +260,8 @@ def prune(src: str | Path, dst: str | Path, *, sparsity: float | None = None, pa
         verify: check the written output (tensors, pattern, quality) before renaming it into place.
         force: replace an existing destination.
         progress: called with bytes written (weight formats).
+        decode_steps: causal LMs: cached decode steps the quality check compares (None: 8, 0: off).
+        generate: causal LMs: greedy tokens per prompt the quality check reports (None: 16, 0: off).
     Returns:
         A PruneReport.
     Raises:
@@ -286,7 +289,7 @@ def prune(src: str | Path, dst: str | Path, *, sparsity: float | None = None, pa
     thresholds = {"min_top1": DEFAULT_MIN_TOP1 if min_top1 is None else min_top1,
                   "max_ppl_increase": DEFAULT_MAX_PPL_INCREASE if max_ppl_increase is None else max_ppl_increase}
     selection = {"include": list(include or []), "exclude": list(exclude or [])}
-    checks = {"text": text, "inputs": inputs}
+    checks = {"text": text, "inputs": inputs, "decode_steps": decode_steps, "generate": generate}
     if (text is not None or inputs is not None) and fmt.name not in ("hf", "onnx"):
         raise UsageError(f"--text/--inputs run the model, and a bare {fmt.name} weights file cannot run",
                          path=src_path,
@@ -481,7 +484,8 @@ def _quality(reference: Path, candidate: Path, *, checks: dict[str, Any], thresh
     """Compare outputs and judge them by the pruning thresholds, not by a numeric tolerance profile."""
     from llmconv.verification.outputs import compare_outputs
 
-    options: dict[str, Any] = {"provider": provider}
+    options: dict[str, Any] = {"provider": provider, "decode_steps": checks.get("decode_steps"),
+                               "generate": checks.get("generate")}
     if checks["inputs"] is not None:
         options["inputs"] = Path(checks["inputs"])
     if checks["text"] is not None:
@@ -511,7 +515,7 @@ def judge_quality(report: VerifyReport, *, min_top1: float | None, max_ppl_incre
             f["budget"] = max_ppl_increase
             ok = change is not None and not math.isnan(change) and change <= max_ppl_increase
             reason = "" if ok else f"perplexity rose by {change:.2%}, past the {max_ppl_increase:.2%} budget"
-        elif c.name == "logits" and "top1_agreement" in f and min_top1 is not None:
+        elif c.name in ("logits", "decode.steps", "text.logits") and "top1_agreement" in f and min_top1 is not None:
             f["min_top1"] = min_top1
             top1 = f["top1_agreement"]
             if ok and top1 < min_top1:

@@ -298,7 +298,8 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
              atol: float | None = None,
              rtol: float | None = None, max_ppl_increase: float | None = None, provider: str = "cpu",
              calibration_samples: int | None = None, seed: int = 0, verify: bool = True, force: bool = False,
-             progress: Any = None, cpu: str = "auto") -> QuantizeReport:
+             progress: Any = None, cpu: str = "auto", decode_steps: int | None = None,
+             generate: int | None = None) -> QuantizeReport:
     """Quantize ``src`` for ``target`` and write it at ``dst``, verified against the source first.
 
     Args:
@@ -328,6 +329,8 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
         progress: called with bytes written (weights casts).
         cpu: int8 for ``--target cpu``: the CPU the settings are for (``auto``: this one; ``avx2``,
             ``avx512``, ``avx512-vnni``, ``arm64``). Without VNNI the weights are 7-bit (``reduce_range``).
+        decode_steps: causal LMs: cached decode steps the verification compares (None: 8, 0: off).
+        generate: causal LMs: greedy tokens per prompt the verification compares (None: 16, 0: off).
     Returns:
         A QuantizeReport.
     Raises:
@@ -373,10 +376,11 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                                  rtol=rtol,
                                  max_ppl_increase=max_ppl_increase, provider=provider,
                                  calibration_samples=calibration_samples, seed=seed, verify=verify, force=force,
-                                 cpu=cpu, fallback=method == "auto")
+                                 cpu=cpu, fallback=method == "auto", decode_steps=decode_steps, generate=generate)
     else:
         for flag, given in (("--calibration", calibration), ("--per-channel", per_channel),
                             ("--op-types", op_types), ("--text", text), ("--inputs", inputs),
+                            ("--decode-steps", decode_steps), ("--generate", generate),
                             ("--block-size", block_size), ("--calibration-samples", calibration_samples)):
             if given is not None and given is not False:
                 raise UsageError(f"{flag} does not apply to a {resolved} cast of weights")
@@ -425,7 +429,8 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
                     calibration: Path | None, per_channel: bool, block_size: int, op_types: list[str] | None,
                     text: Any, inputs: Any, atol: float | None, rtol: float | None, max_ppl_increase: float | None,
                     provider: str, calibration_samples: int, seed: int, verify: bool,
-                    force: bool, cpu: str = "auto", fallback: bool = False) -> QuantizeReport:
+                    force: bool, cpu: str = "auto", fallback: bool = False, decode_steps: int | None = None,
+                    generate: int | None = None) -> QuantizeReport:
     from llmconv.formats.onnx import model_file
     from llmconv.transforms import graph as g
     from llmconv.transforms.common import (
@@ -457,7 +462,8 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
     with build_scratch(dst_path, src=src_path) as scratch:
         companions_from: Path
         if fmt.name == "hf":
-            ref_file = _export(src_path, scratch / "fp32", fmt=fmt, verify=verify, provider=provider)
+            ref_file = _export(src_path, scratch / "fp32", fmt=fmt, verify=verify, provider=provider,
+                               decode_steps=decode_steps, generate=generate)
             notes.append(f"exported {src_path} to ONNX first; sizes and verification are against that fp32 graph")
             from llmconv.export.tasks import code_note
 
@@ -509,7 +515,8 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             if verify:
                 verification = _verify_outputs(ref_file, out_file, profile=PROFILES[method], atol=atol, rtol=rtol,
                                                text=text, inputs=inputs, provider=provider,
-                                               max_ppl_increase=max_ppl_increase)
+                                               max_ppl_increase=max_ppl_increase, decode_steps=decode_steps,
+                                               generate=generate)
                 verification.reference, verification.candidate = str(src_path), str(dst_path)
                 rename_paths(verification, {out_file: dst_path / out_name if folder_out else dst_path,
                                             out_dir: dst_path if folder_out else dst_path.parent, **renames})
@@ -650,14 +657,16 @@ def _best(attempts: list[Attempt]) -> int:
     return min(range(len(attempts)), key=lambda i: (attempts[i].shortfall, i))
 
 
-def _export(src_path: Path, out_dir: Path, *, fmt: Any, verify: bool, provider: str) -> Path:
+def _export(src_path: Path, out_dir: Path, *, fmt: Any, verify: bool, provider: str,
+            decode_steps: int | None = None, generate: int | None = None) -> Path:
     """hf folder -> fp32 ONNX in ``out_dir`` (through llmconv.export, itself verified against PyTorch)."""
     from llmconv.export import to_onnx
     from llmconv.formats.onnx import model_file
 
     out_dir.mkdir(parents=True)
     target = out_dir / "model.onnx"
-    to_onnx(src_path, target, src_format=fmt, dtype="keep", verify=verify, force=True, provider=provider)
+    to_onnx(src_path, target, src_format=fmt, dtype="keep", verify=verify, force=True, provider=provider,
+            decode_steps=decode_steps, generate=generate)
     return model_file(target if target.exists() else out_dir)
 
 
@@ -875,10 +884,11 @@ def _count_ops(before: Any, after: Any) -> dict[str, Any]:
 
 
 def _verify_outputs(reference: Path, candidate: Path, *, profile: str, atol: float | None, rtol: float | None,
-                    text: Any, inputs: Any, provider: str, max_ppl_increase: float | None) -> VerifyReport:
+                    text: Any, inputs: Any, provider: str, max_ppl_increase: float | None,
+                    decode_steps: int | None = None, generate: int | None = None) -> VerifyReport:
     from llmconv.verification.outputs import compare_outputs
 
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"decode_steps": decode_steps, "generate": generate}
     if text is not None:
         options["text"] = Path(text)
     if inputs is not None:

@@ -12,7 +12,20 @@ from llmconv.verification.report import VerifyReport
 
 
 def _figures(figs: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in figs.items())
+    return ", ".join(f"{k}={_compact(k, v)}" for k, v in figs.items())
+
+
+def _compact(key: str, value: object) -> object:
+    """Lists of per-prompt and per-step figures, one short item each."""
+    if key == "per_prompt" and isinstance(value, list):
+        return "[" + "; ".join(f"prompt {r.get('prompt')}: " + ("identical" if r.get("first_divergence") is None
+                                                                else f"parts at token {r['first_divergence']}"
+                                                                + (" (tie)" if r.get("tie") else ""))
+                               + f", agreement {r.get('agreement'):.3f}" for r in value) + "]"
+    if key == "steps" and isinstance(value, list):
+        return "[" + "; ".join(f"step {r.get('step')}: max_abs {r.get('max_abs'):.3g}, top1 {r.get('top1_agreement')}"
+                               + ("" if r.get("passed") else " FAIL") for r in value) + "]"
+    return value
 
 
 def check_report_path(path: str | Path, *, models: list[str | Path | None],

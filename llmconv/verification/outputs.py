@@ -8,8 +8,11 @@ come. Peak memory is therefore one model plus one set of outputs.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from llmconv.errors import InputError, UsageError
 from llmconv.export.tasks import base_task, is_causal
@@ -21,7 +24,9 @@ DEFAULT_PPL_WINDOW = 1024  # tokens per window when neither model says how many 
 def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", atol: float | None = None,
                     rtol: float | None = None, inputs: Path | None = None, text: Path | None = None, batch: int = 2,
                     seq_len: int = 16, samples: int = 2, seed: int = 0, provider: str = "cpu",
-                    max_ppl_increase: float | None = None, task: str | None = None) -> VerifyReport:
+                    max_ppl_increase: float | None = None, task: str | None = None,
+                    decode_steps: int | None = None, generate: int | None = None, prompts: Path | None = None,
+                    localize: bool = False) -> VerifyReport:
     """Run both models on the same inputs and compare the outputs they share.
 
     Args:
@@ -41,8 +46,14 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         max_ppl_increase: perplexity budget as a fraction (0.02 = 2 %), overriding the profile's.
         task: the task both models are for, when the caller knows it (the exporter does); by default
             it is read from the ONNX graph's outputs and the hf folder's config.
+        decode_steps: causal LMs: cached decode steps compared after the prefill (None: the default, 0: off).
+        generate: causal LMs: greedy tokens generated and compared per prompt (None: the default, 0: off).
+        prompts: a text file of prompts, one per line, for the decode and generation checks.
+        localize: when the models differ, name the first node (ONNX vs ONNX) or decoder layer (PyTorch vs
+            ONNX) whose output leaves the profile (``report.extra["localization"]``).
     Returns:
-        A VerifyReport in outputs mode: one check per shared output, plus ``perplexity`` with ``text``.
+        A VerifyReport in outputs mode: one check per shared output; for causal LMs ``decode.prefill``,
+        ``decode.steps``, ``decode.cache`` and ``generation``; with ``text``, ``text.logits`` and ``perplexity``.
     Raises:
         UsageError: the models cannot be run on common inputs (no shared outputs, ``text`` with a
             model that is not a causal LM, a sequence longer than the model's positions, ...).
@@ -119,11 +130,24 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     if text is not None:
         texts = _tokenize_both(Path(text), ref_sig, cand_sig, ref_task, cand_task, notes)
     window = min(positions) if positions else DEFAULT_PPL_WINDOW
+    dplan = _decode_plan(ref_sig, cand_sig, ref_task, cand_task, shared, decode_steps=decode_steps,
+                         generate=generate, prompts=prompts, texts=texts, seq_len=seq_len, seed=seed, notes=notes)
 
-    ref_results, ref_nll, ref_label = _run_side(ref_sig, ref_task, feeds, shared, provider=provider,
-                                                tokens=texts[0] if texts else None, window=window)
-    comparisons = {o: OutputComparison(o, profile=prof, logits=o in ("logits", "start_logits", "end_logits"))
+    text_ref: list[Any] = []
+    ref_results, ref_nll, ref_label, ref_trace = _run_side(
+        ref_sig, ref_task, feeds, shared, provider=provider, tokens=texts[0] if texts else None, window=window,
+        on_text=_keeper(text_ref), decode=dplan, keep_prefill_cache=localize)
+    # With a text, top-k agreement and KL are judged on its tokens (text.logits), not on random ids.
+    forward_prof = replace(prof, min_top1=None, min_top5=None, max_kl=None) if texts is not None else prof
+    comparisons = {o: OutputComparison(o, profile=forward_prof, logits=o in ("logits", "start_logits", "end_logits"))
                    for o in shared}
+    text_cmp = OutputComparison("text.logits", profile=prof, logits=True)
+    same_text = texts is not None and texts[0] == texts[1]
+
+    def fold_text(i: int, logits: Any) -> None:
+        if same_text and i < len(text_ref):
+            text_cmp.add(text_ref[i], logits)
+            text_ref[i] = None
 
     sliding = _sliding_window(ref_sig, cand_sig)
     trimmed: set[int] = set()
@@ -138,9 +162,25 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
             comparisons[o].add(a, b)
         ref_results[i] = {}  # free the reference's copy as soon as it is compared
 
-    _, cand_nll, cand_label = _run_side(cand_sig, cand_task, feeds, shared, provider=provider,
-                                        tokens=texts[1] if texts else None, window=window, sink=fold)
+    _, cand_nll, cand_label, cand_trace = _run_side(
+        cand_sig, cand_task, feeds, shared, provider=provider, tokens=texts[1] if texts else None, window=window,
+        sink=fold, on_text=fold_text, decode=dplan, reference=ref_trace)
     checks = [comparisons[o].check() for o in shared]
+    if dplan is not None and ref_trace is not None and cand_trace is not None:
+        from llmconv.verification.decode import decode_checks
+
+        decode_found, decode_notes = decode_checks(ref_trace[0], cand_trace[0], cand_trace[1], dplan, profile=prof,
+                                                   sliding=sliding)
+        checks += decode_found
+        notes += decode_notes
+    if texts is not None:
+        if same_text and text_cmp.n:
+            checks.append(text_cmp.check())
+            if len(text_ref) < _windows(len(texts[0]), window):
+                notes.append(f"text.logits compared the first {sum(1 for _ in text_ref)} windows of the text; "
+                             "perplexity covers all of it")
+        elif not same_text:
+            notes.append("the two tokenizers split the text differently: only perplexity compares them on it")
     if trimmed:
         notes.append(f"sliding window {sliding}: the PyTorch cache keeps only the last {min(trimmed)} positions "
                      "of a layer's keys and values, the ONNX graph all of them; present.* were compared on the "
@@ -152,9 +192,114 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     report = VerifyReport(mode="outputs", profile=prof.name, reference=str(reference), candidate=str(candidate),
                           checks=checks, inputs=meta, notes=notes)
     report.extra["thresholds"] = prof.thresholds()
+    if dplan is not None:
+        report.extra["decode"] = dplan.meta()
     # What actually ran each side: for onnxruntime, the execution provider the session reports.
     report.extra["runners"] = {"reference": ref_label, "candidate": cand_label}
+    if not report.passed:
+        if localize:
+            report.extra["localization"] = _localize(ref_sig, cand_sig, feeds, dplan, ref_trace, prof, provider)
+        else:
+            notes.append("to name the first layer or node where the two models part, rerun verify with --localize")
     return report
+
+
+TEXT_LOGITS_BYTES = 256 << 20  # the reference's logits on the text kept for text.logits, at most
+
+
+def _keeper(store: list[Any]) -> Any:
+    """Keeps the reference's logits of each text window, up to TEXT_LOGITS_BYTES in all."""
+    used = [0]
+
+    def keep(i: int, logits: Any) -> None:
+        if used[0] + logits.nbytes <= TEXT_LOGITS_BYTES:
+            store.append(logits)
+            used[0] += logits.nbytes
+
+    return keep
+
+
+def _windows(n_tokens: int, window: int) -> int:
+    return sum(1 for start in range(0, n_tokens, window) if n_tokens - start >= 2)
+
+
+def _decode_plan(ref_sig: Any, cand_sig: Any, ref_task: str, cand_task: str, shared: list[str], *,
+                 decode_steps: int | None, generate: int | None, prompts: Path | None,
+                 texts: tuple[list[int], list[int]] | None, seq_len: int, seed: int, notes: list[str]) -> Any:
+    """The decode and generation checks' prompts, for a pair of causal LMs; None when they do not apply."""
+    from llmconv.verification.decode import (
+        DEFAULT_DECODE_STEPS,
+        DEFAULT_GENERATE,
+        make_plan,
+        read_prompts,
+        text_prompts,
+    )
+
+    k = DEFAULT_DECODE_STEPS if decode_steps is None else decode_steps
+    n = DEFAULT_GENERATE if generate is None else generate
+    causal = is_causal(ref_task) and is_causal(cand_task) and "logits" in shared
+    if not causal:
+        if prompts is not None:
+            raise UsageError("--prompts feeds the generation check, which needs two causal language models",
+                             path=Path(prompts))
+        return None
+    if k == 0 and n == 0:
+        if prompts is not None:
+            raise UsageError("--prompts with --decode-steps 0 and --generate 0: nothing would use them",
+                             path=Path(prompts))
+        notes.append("the cached decode loop and generation were not checked (--decode-steps 0 --generate 0)")
+        return None
+    vocabs = [v for v in (ref_sig.vocab_size, cand_sig.vocab_size) if v]
+    if not vocabs:
+        raise UsageError("cannot tell the model's vocabulary size to make prompts", path=cand_sig.path,
+                         hint="give config.json beside the model")
+    positions = [p for p in (ref_sig.max_positions, cand_sig.max_positions) if p]
+    pads = [s.pad_token_id for s in (ref_sig, cand_sig) if s.pad_token_id is not None]
+    common = {"vocab_size": min(vocabs), "max_positions": min(positions) if positions else None,
+              "pad_id": pads[0] if pads else None, "decode_steps": k, "generate": n, "seq_len": seq_len, "seed": seed}
+    if prompts is not None:
+        folder = ref_sig.tokenizer_dir or cand_sig.tokenizer_dir
+        if folder is None:
+            raise UsageError("--prompts needs a tokenizer, and neither model's folder has tokenizer files",
+                             path=Path(prompts), hint="copy tokenizer.json / tokenizer_config.json beside the model")
+        from llmconv.export.tasks import open_tokenizer
+
+        tok = open_tokenizer(folder)
+        ids = read_prompts(Path(prompts), lambda line: tok(line)["input_ids"])
+        return make_plan(**common, prompt_ids=ids, source=f"--prompts {prompts}")
+    if texts is not None:
+        return make_plan(**common, prompt_ids=text_prompts(texts[0], seq_len=seq_len), source="--text")
+    return make_plan(**common)
+
+
+def _localize(ref_sig: Any, cand_sig: Any, feeds: list[dict[str, Any]], dplan: Any, ref_trace: Any, prof: Any,
+              provider: str) -> dict[str, Any]:
+    """Where the two models part: the decode feeds when there are some (prefill, then the first cached step
+    with the reference's cache), else the first forward input."""
+    from llmconv.verification.decode import positions
+    from llmconv.verification.inputs import empty_past
+    from llmconv.verification.localize import localize
+
+    past = next((s.past for s in (ref_sig, cand_sig) if s.past is not None), None)
+    labelled: list[tuple[str, dict[str, Any]]] = []
+    valid: list[Any] = []
+    if dplan is not None and ref_trace is not None:
+        trace = ref_trace[0]
+        mask = dplan.mask
+        prefill = {"input_ids": dplan.ids, "attention_mask": mask, "position_ids": positions(mask),
+                   **empty_past(past, mask.shape[0])}
+        labelled.append(("prefill", prefill))
+        valid.append(mask)
+        if trace.prefill_cache and dplan.calls:
+            full = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
+            step = {"input_ids": trace.tokens[:, :1].astype(np.int64), "attention_mask": full,
+                    "position_ids": full.sum(axis=1, keepdims=True).astype(np.int64) - 1, **trace.prefill_cache}
+            labelled.append(("decode step 1", step))
+            valid.append(None)
+    else:
+        labelled.append(("input 1", feeds[0]))
+        valid.append(feeds[0].get("attention_mask"))
+    return localize(ref_sig, cand_sig, labelled, profile=prof, provider=provider, valid=valid)
 
 
 def _sliding_window(*sigs: Any) -> int | None:
@@ -202,14 +347,20 @@ def _planned_outputs(sig: Any, task: str) -> list[str]:
 
 
 def _run_side(sig: Any, task: str, feeds: list[dict[str, Any]], names: list[str], *, provider: str,
-              tokens: list[int] | None, window: int,
-              sink: Any = None) -> tuple[list[dict[str, Any]], Any, str]:
-    """Load one model, run every feed (and the perplexity windows), release it; the last item is what ran it."""
+              tokens: list[int] | None, window: int, sink: Any = None, on_text: Any = None, decode: Any = None,
+              reference: Any = None, keep_prefill_cache: bool = False) -> tuple[list[dict[str, Any]], Any, str, Any]:
+    """Load one model, run every feed, the perplexity windows and the decode loop, release it.
+
+    Returns:
+        (outputs per feed unless ``sink`` takes them, the summed NLL on the text, what ran it, and the
+        decode loop's (trace, freely generated tokens) or None).
+    """
     from llmconv.verification.runners import open_runner
 
     runner = open_runner(sig, task=task, provider=provider)
     results: list[dict[str, Any]] = []
     nll = None
+    traced = None
     try:
         for i, feed in enumerate(feeds):
             out = runner.run(feed, names)
@@ -218,14 +369,20 @@ def _run_side(sig: Any, task: str, feeds: list[dict[str, Any]], names: list[str]
             else:
                 sink(i, out)
         if tokens is not None:
-            nll = _nll(runner, sig, tokens, window)
+            nll = _nll(runner, sig, tokens, window, on_logits=on_text)
+        if decode is not None:
+            from llmconv.verification.decode import decode_side
+
+            traced = decode_side(runner, sig, decode, reference[0] if reference is not None else None,
+                                 keep_prefill_cache=keep_prefill_cache)
     finally:
         runner.close()
-    return results, nll, runner.label
+    return results, nll, runner.label, traced
 
 
-def _nll(runner: Any, sig: Any, tokens: list[int], window: int) -> tuple[float, int]:
-    """Summed NLL over non-overlapping windows of ``window`` tokens, with no cache (empty past)."""
+def _nll(runner: Any, sig: Any, tokens: list[int], window: int, *, on_logits: Any = None) -> tuple[float, int]:
+    """Summed NLL over non-overlapping windows of ``window`` tokens, with no cache (empty past);
+    ``on_logits(i, logits)`` gets each window's logits predicting its next tokens."""
     import numpy as np
 
     from llmconv.verification.inputs import empty_past
@@ -244,6 +401,8 @@ def _nll(runner: Any, sig: Any, tokens: list[int], window: int) -> tuple[float, 
         feed.update(empty_past(sig.past, 1))
         logits = runner.run(feed, ["logits"])["logits"][0]
         total += token_nll(logits[:-1], ids[0, 1:])
+        if on_logits is not None:
+            on_logits(start // window, np.asarray(logits[:-1], dtype=np.float32))
         count += n - 1
     return total, count
 

@@ -78,6 +78,8 @@ class OutputsProfile:
         min_top5: lowest top-5 agreement allowed (logits).
         max_kl: highest mean KL divergence allowed (logits).
         max_ppl_increase: highest relative perplexity increase allowed (``--text``).
+        min_generation: lowest mean greedy-generation agreement allowed (the share of the generated tokens
+            a prompt keeps before it parts from the reference).
     """
 
     name: str
@@ -88,6 +90,7 @@ class OutputsProfile:
     min_top5: float | None
     max_kl: float | None
     max_ppl_increase: float
+    min_generation: float | None = None
 
     @property
     def elementwise(self) -> bool:
@@ -96,17 +99,18 @@ class OutputsProfile:
     def thresholds(self) -> dict[str, float]:
         """The tests this profile applies, for the report."""
         out = {"atol": self.atol, "rtol": self.rtol, "min_cosine": self.min_cosine, "min_top1": self.min_top1,
-               "min_top5": self.min_top5, "max_kl": self.max_kl, "max_ppl_increase": self.max_ppl_increase}
+               "min_top5": self.min_top5, "max_kl": self.max_kl, "max_ppl_increase": self.max_ppl_increase,
+               "min_generation": self.min_generation}
         return {k: v for k, v in out.items() if v is not None}
 
 
 OUTPUT_PROFILES: dict[str, OutputsProfile] = {
-    "exact": OutputsProfile("exact", 0.0, 0.0, None, None, None, None, 0.0),
-    "fp32": OutputsProfile("fp32", 1e-4, 1e-4, 0.99999, None, None, None, 0.001),
-    "fp16": OutputsProfile("fp16", None, None, 0.999, 0.95, 0.99, 0.01, 0.005),
-    "bf16": OutputsProfile("bf16", None, None, 0.995, 0.90, 0.98, 0.05, 0.01),
-    "int8": OutputsProfile("int8", None, None, 0.99, 0.90, 0.97, 0.1, 0.02),
-    "int4": OutputsProfile("int4", None, None, 0.95, 0.75, 0.90, 0.5, 0.10),
+    "exact": OutputsProfile("exact", 0.0, 0.0, None, None, None, None, 0.0, 1.0),
+    "fp32": OutputsProfile("fp32", 1e-4, 1e-4, 0.99999, None, None, None, 0.001, 1.0),
+    "fp16": OutputsProfile("fp16", None, None, 0.999, 0.95, 0.99, 0.01, 0.005, 0.8),
+    "bf16": OutputsProfile("bf16", None, None, 0.995, 0.90, 0.98, 0.05, 0.01, 0.6),
+    "int8": OutputsProfile("int8", None, None, 0.99, 0.90, 0.97, 0.1, 0.02, 0.4),
+    "int4": OutputsProfile("int4", None, None, 0.95, 0.75, 0.90, 0.5, 0.10, 0.25),
 }
 
 

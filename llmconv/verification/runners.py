@@ -592,6 +592,23 @@ class TorchRunner:
                         result[name] = t.float().numpy()
         return result
 
+    def forward_cached(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]:
+        """One step of ``generate()``: the new tokens, the full attention mask, their position ids (when the
+        model's forward takes them, as ``prepare_inputs_for_generation`` gives them) and the cache (None
+        at the prefill). Returns the logits of the new tokens and the cache to feed back."""
+        import torch
+
+        kwargs: dict[str, Any] = {"input_ids": torch.from_numpy(np.ascontiguousarray(ids)),
+                                  "attention_mask": torch.from_numpy(np.ascontiguousarray(mask))}
+        if "position_ids" in self.accepts:
+            kwargs["position_ids"] = torch.from_numpy(np.ascontiguousarray(pos))
+        with torch.inference_mode():
+            out = self.model(**kwargs, past_key_values=cache, use_cache=True, return_dict=True)
+        if out.past_key_values is None:
+            raise Unsupported("the model returned no cache with use_cache=True", path=self.sig.path,
+                              hint="verify with --decode-steps 0 --generate 0")
+        return out.logits.float().numpy(), out.past_key_values
+
     def close(self) -> None:
         del self.model  # reference counting frees the weights (measured: no cycle keeps them)
 

@@ -29,7 +29,7 @@ def test_export_file_human_output(fx, cli, tmp_path):
             "--external-data")
     assert r.exit_code == 0, r.output
     assert "converted" in r.stdout and "(onnx)" in r.stdout
-    assert "verified: the 1 check passed (outputs, fp32)" in r.stdout
+    assert "verified: all 4 checks passed (outputs, fp32)" in r.stdout  # logits, decode.prefill/steps, generation
     assert sorted(p.name for p in tmp_path.iterdir()) == ["phi3.onnx", "phi3.onnx_data"]
 
 

@@ -24,7 +24,10 @@ def test_equivalent_table_and_exit_0(gpt2, cli):
     hf, onnx_dir = gpt2
     r = cli("verify", hf, onnx_dir / "model.onnx")
     assert r.exit_code == 0, r.output
-    for text in ("outputs · profile fp32 · 5 checks", "logits", "present.1.value", "EQUIVALENT: all 5 checks passed",
+    for text in ("outputs · profile fp32 · 9 checks", "logits", "present.1.value", "decode.steps", "decode.cache",
+                 "generation: 8 prompts x 16 tokens, 8 identical, agreement 1 (min 1)",
+                 "decode: prompts=8, prompt_lengths=[16, 14, 12, 10, 8, 6, 4, 2], left_padded=7, decode_steps=8",
+                 "EQUIVALENT: all 9 checks passed",
                  "note: profile auto -> fp32 (candidate: float32)",
                  "runners: reference=torch (text-generation-with-past), candidate=onnxruntime"):
         assert text in r.stdout, text
@@ -41,10 +44,18 @@ def test_json_and_junit(gpt2, cli, tmp_path):
     assert out["profile"] == "fp32" and out["reference"] == str(hf) and out["candidate"] == str(onnx_dir)
     assert out["inputs"] == {"batch": 1, "seq_len": 9, "samples": 3, "seed": 5}
     assert [c["name"] for c in out["checks"]][:2] == ["logits", "present.0.key"]
-    assert all(list(c) == CHECK_KEYS for c in out["checks"])
+    assert all(list(c) == CHECK_KEYS for c in out["checks"][:5])
+    assert [c["name"] for c in out["checks"][5:]] == ["decode.prefill", "decode.steps", "decode.cache", "generation"]
+    gen = out["checks"][-1]
+    assert gen["prompts"] == 8 and gen["new_tokens"] == 16 and gen["identical"] == 8 and gen["agreement"] == 1.0
+    assert [p["first_divergence"] for p in gen["per_prompt"]] == [None] * 8
+    assert out["decode"]["prompt_lengths"] == [9, 7, 6, 5, 4, 3, 2, 1]  # cut from --seq-len 9
     assert out["checks"][0]["shape"] == [1, 9, 1024]
     suite = ET.parse(junit).getroot().find("testsuite")
-    assert suite.get("tests") == "5" and suite.get("failures") == "0"
+    assert suite.get("tests") == "9" and suite.get("failures") == "0"
+    gen_case = suite.findall("testcase")[-1]
+    assert gen_case.get("name") == "generation" and "prompt 7: identical, agreement 1.000" in gen_case.find(
+        "system-out").text
     assert [tc.get("name") for tc in suite.findall("testcase")][0] == "logits"
 
 
@@ -61,7 +72,8 @@ def test_not_equivalent_exit_1(gpt2, fx, cli, tmp_path):
     failure = ET.parse(junit).getroot().find("testsuite/testcase/failure")
     assert failure is not None and "max_abs=" in failure.get("message")
     r = cli("verify", fx("gpt2-hf"), broken)
-    assert r.exit_code == 1 and "NOT EQUIVALENT: 5 of 5 checks failed (first: logits:" in r.stdout
+    assert r.exit_code == 1 and "NOT EQUIVALENT: 8 of 9 checks failed (first: logits:" in r.stdout
+    assert "rerun verify with --localize" in r.stdout
 
 
 def test_text_perplexity_and_budget_flag(gpt2, cli, tmp_path):

@@ -35,11 +35,11 @@ def text_file(tmp_path_factory) -> Path:
 def test_any_pair_of_runners(llama):
     hf, with_past, no_past = llama
     r = compare_outputs(with_past, no_past)  # ONNX vs ONNX: the logits they share
-    assert r.passed and [c.name for c in r.checks] == ["logits"]
+    assert r.passed and [c.name for c in r.checks] == ["logits", "decode.prefill", "decode.steps", "generation"]
     assert any("outputs only the reference has (not compared): present.0.key" in n for n in r.notes)
     r = compare_outputs(hf, hf, profile="exact")  # hf vs hf in PyTorch, caches included
-    assert r.passed and r.profile == "exact" and len(r.checks) == 5
-    assert all(c.figures["max_abs"] == 0.0 for c in r.checks)
+    assert r.passed and r.profile == "exact" and len(r.checks) == 9
+    assert all(c.figures["max_abs"] == 0.0 for c in r.checks if c.name != "generation")
     r = compare_outputs(no_past, hf)  # ONNX reference, hf candidate
     assert r.passed and r.extra["runners"] == {"reference": "onnxruntime (CPUExecutionProvider, text-generation)",
                                                "candidate": "torch (text-generation)"}
@@ -51,8 +51,10 @@ def test_report_matches_the_contract(llama):
     out = r.to_json()
     assert out["schema"] == "llmconv.verify/1" and out["mode"] == "outputs" and out["profile"] == "fp32"
     assert out["inputs"] == {"batch": 3, "seq_len": 12, "samples": 3, "seed": 7}
-    for c in out["checks"]:
+    for c in out["checks"][:5]:  # the forward outputs; the decode checks add their own figures
         assert list(c) == CHECK_KEYS, list(c)
+    assert [c["name"] for c in out["checks"][5:]] == ["decode.prefill", "decode.steps", "decode.cache", "generation"]
+    assert list(out["checks"][5])[:len(CHECK_KEYS)] == CHECK_KEYS
     logits = out["checks"][0]
     assert logits["name"] == "logits" and logits["shape"] == [3, 12, 1024] and logits["dtype"] == "float32"
     assert logits["top1_agreement"] == 1.0 and logits["top5_agreement"] == 1.0 and 0 <= logits["kl"] < 1e-9
@@ -80,7 +82,9 @@ def test_broken_candidates_fail(llama, fx, fixture, expect):
         # The changed element is lm_head[100, 3]: the worst logit is token 100.
         assert logits.figures["worst_index"][2] == 100
         assert 1e-4 < logits.figures["max_abs"] < 1e-2
-        assert all(c.passed for c in r.checks[1:])  # the caches do not see the head
+        # The caches do not see the head; every logits check does.
+        kept = ("present" in c.name or c.name == "decode.cache" for c in r.checks[1:-1])
+        assert all(c.passed == k for c, k in zip(r.checks[1:-1], kept, strict=True)), r.summary()
     if fixture == "llama-hf-nan":
         assert logits.figures["nan"] == 2 * 16 * 1024 + 2 * 8 * 1024
 

@@ -1,0 +1,477 @@
+"""The cached decode loop and greedy generation, run the way ``generate()`` runs a causal LM.
+
+A batch of prompts is left-padded (as ``generate()`` wants for decoder-only models), its attention mask
+and position ids built by transformers' own rule (``cumsum(mask) - 1``, padded positions set to 1), and
+prefilled with an empty cache. Then each side decodes one token at a time, feeding back its own cache:
+``present.*`` into ``past_key_values.*`` for an ONNX graph, the transformers cache object for PyTorch; a
+graph that takes no past recomputes the whole sequence at every step, as ``ORTModelForCausalLM`` does
+with ``use_cache=False``.
+
+The reference decodes greedily and its tokens are kept. The candidate is then fed the reference's
+tokens (teacher forcing), so that its logits at every step are computed on the same context and can be
+compared with the profile's metrics; the first step where its own greedy choice differs is where its
+free generation would part from the reference's. Only when some prompt parts does the candidate also
+generate freely, for the agreement figures. Generation runs the full number of tokens past any
+end-of-sequence token: both models are compared at every step.
+
+Peak memory: one model, plus logits of the prompts and of every step, plus one cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmconv.errors import InputError, Unsupported, UsageError
+from llmconv.verification.metrics import OutputComparison
+from llmconv.verification.profiles import OutputsProfile
+from llmconv.verification.report import Check
+
+DEFAULT_DECODE_STEPS = 8
+DEFAULT_GENERATE = 16
+DEFAULT_PROMPTS = 8
+MAX_PROMPTS = 32
+
+
+@dataclass
+class DecodePlan:
+    """The prompts, left-padded, and how far to decode.
+
+    Attributes:
+        ids: token ids [prompts, length], left-padded with ``pad_id``.
+        mask: attention mask [prompts, length]: 0 on the padding.
+        decode_steps: cached forward calls whose logits are compared (K).
+        generate: greedy tokens compared per prompt (N).
+        source: where the prompts came from, in words.
+        pad_id: the id the padding holds.
+    """
+
+    ids: np.ndarray
+    mask: np.ndarray
+    decode_steps: int
+    generate: int
+    source: str
+    pad_id: int
+
+    @property
+    def calls(self) -> int:
+        """Decode calls after the prefill: enough for K compared steps and N - 1 tokens after the first."""
+        return max(self.decode_steps, self.generate - 1, 0)
+
+    def meta(self) -> dict[str, Any]:
+        lengths = [int(n) for n in self.mask.sum(axis=1)]
+        return {"prompts": len(lengths), "prompt_lengths": lengths, "left_padded": sum(n < self.mask.shape[1]
+                                                                                        for n in lengths),
+                "decode_steps": self.decode_steps, "generate": self.generate, "source": self.source,
+                "prompt_ids": [[int(t) for t in row[row_mask == 1]] for row, row_mask in zip(self.ids, self.mask,
+                                                                                             strict=True)]}
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids as ``generate()`` builds them: ``cumsum(mask) - 1``, and 1 where the mask is 0."""
+    pos = np.cumsum(mask, axis=-1, dtype=np.int64) - 1
+    pos[mask == 0] = 1
+    return pos
+
+
+def make_plan(*, vocab_size: int, max_positions: int | None, pad_id: int | None, decode_steps: int, generate: int,
+              seq_len: int, seed: int, prompt_ids: list[list[int]] | None = None,
+              source: str = "sampled ids") -> DecodePlan:
+    """The prompts of the decode and generation checks, left-padded into one batch.
+
+    Args:
+        vocab_size: ids are drawn (or must lie) below this.
+        max_positions: the models' position count: a prompt plus every decoded token must fit.
+        pad_id: the id padding holds (the model's pad token; 0 when it names none).
+        decode_steps: K, compared cached steps.
+        generate: N, compared greedy tokens.
+        seq_len: the longest sampled prompt; the others are 3/4, 1/2 and 1/4 of it (so three rows are padded).
+        seed: random seed of sampled prompts.
+        prompt_ids: the prompts as token ids (from ``--prompts`` or ``--text``), instead of sampled ones.
+        source: where ``prompt_ids`` came from, for the report.
+    Returns:
+        A DecodePlan.
+    Raises:
+        UsageError: negative counts, or no room for the prompts and the decoded tokens in the positions.
+    Example:
+        >>> make_plan(vocab_size=100, max_positions=None, pad_id=0, decode_steps=8, generate=16, seq_len=8,
+        ...           seed=0).mask.sum(axis=1).tolist()
+        [8, 6, 4, 2]
+    """
+    if decode_steps < 0 or generate < 0:
+        raise UsageError("--decode-steps and --generate must be 0 or more")
+    calls = max(decode_steps, generate - 1, 0)
+    room = None if max_positions is None else max_positions - calls
+    if room is not None and room < 1:
+        raise UsageError(f"the model has {max_positions} positions: no room for a prompt and {calls} decoded tokens",
+                         hint=f"use --decode-steps/--generate of at most {max_positions - 2}")
+    pad = pad_id if pad_id is not None and 0 <= pad_id < vocab_size else 0
+    if prompt_ids is None:
+        longest = max(1, seq_len if room is None else min(seq_len, room))
+        lengths = [max(1, longest * k // DEFAULT_PROMPTS) for k in range(DEFAULT_PROMPTS, 0, -1)]
+        rng = np.random.default_rng(seed + 7919)  # not the forward inputs' draws
+        prompt_ids = []
+        for n in lengths:
+            row = rng.integers(0, max(vocab_size - 1, 1), size=n, dtype=np.int64)
+            if vocab_size >= 2:
+                row += row >= pad  # no pad id inside a prompt
+            prompt_ids.append([int(t) for t in row])
+    else:
+        if not prompt_ids:
+            raise UsageError("no prompts to generate from")
+        for p in prompt_ids:
+            if not p:
+                raise UsageError("a prompt tokenizes to no tokens")
+            if min(p) < 0 or max(p) >= vocab_size:
+                raise UsageError(f"a prompt holds token ids outside the vocabulary [0, {vocab_size})")
+        if room is not None:
+            prompt_ids = [p[-room:] for p in prompt_ids]  # keep each prompt's end: that is what is continued
+    width = max(len(p) for p in prompt_ids)
+    ids = np.full((len(prompt_ids), width), pad, dtype=np.int64)
+    mask = np.zeros((len(prompt_ids), width), dtype=np.int64)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return DecodePlan(ids=ids, mask=mask, decode_steps=decode_steps, generate=generate, source=source, pad_id=pad)
+
+
+def read_prompts(path: Path, encode: Any) -> list[list[int]]:
+    """The prompts of a ``--prompts`` file (one per non-empty line), tokenized with ``encode`` (text -> ids)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError("no such prompts file", path=Path(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the prompts file as UTF-8: {e}", path=Path(path)) from None
+    lines = [ln for ln in lines if ln.strip()]
+    if not lines:
+        raise UsageError("the prompts file has no prompt (one per line)", path=Path(path))
+    if len(lines) > MAX_PROMPTS:
+        raise UsageError(f"the prompts file has {len(lines)} prompts; at most {MAX_PROMPTS} run in one batch",
+                         path=Path(path), hint=f"keep {MAX_PROMPTS} lines or fewer")
+    return [list(encode(ln)) for ln in lines]
+
+
+def text_prompts(tokens: list[int], *, seq_len: int) -> list[list[int]]:
+    """Prompts cut from a tokenized text: 4 windows spread over it, of 4/4 .. 1/4 of ``seq_len`` tokens."""
+    out = []
+    n = len(tokens)
+    for k in range(DEFAULT_PROMPTS):
+        length = max(1, min(n, seq_len * (DEFAULT_PROMPTS - k) // DEFAULT_PROMPTS))
+        start = (n - length) * k // max(DEFAULT_PROMPTS - 1, 1)
+        out.append(tokens[start:start + length])
+    return out
+
+
+# ---- one side's loop ------------------------------------------------------------------------------
+
+
+@dataclass
+class Trace:
+    """What one side's decode loop gave.
+
+    Attributes:
+        prefill: logits at the prompts' real positions [tokens, vocab].
+        steps: logits predicting each token: [calls + 1] arrays [prompts, vocab] (index 0: from the prefill).
+        tokens: the side's own greedy choice at each step [prompts, calls + 1].
+        cache: (key, value) per layer after the last call, or None for a side without a cache.
+        prefill_cache: the past after the prefill, as the graph inputs ``past_key_values.*`` (for localizing).
+    """
+
+    prefill: np.ndarray
+    steps: list[np.ndarray] = field(default_factory=list)
+    tokens: np.ndarray | None = None
+    cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+    prefill_cache: dict[str, np.ndarray] | None = None
+
+
+class _OrtPast:
+    """An ONNX graph with past key/values: its ``present.*`` are fed back."""
+
+    def __init__(self, runner: Any, sig: Any) -> None:
+        self.runner, self.sig = runner, sig
+        self.pairs = []  # (past input, present output)
+        for k, v in sig.past.names:
+            for name in (k, v):
+                present = name.replace("past_key_values.", "present.", 1)
+                if present not in runner.outputs:
+                    raise Unsupported(f"the graph takes {name} but gives no {present} to feed back",
+                                      path=sig.model_path, hint="export it with optimum's -with-past task, or verify "
+                                                                "with --decode-steps 0 --generate 0")
+                self.pairs.append((name, present))
+        self.past: dict[str, np.ndarray] | None = None
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        from llmconv.verification.inputs import empty_past
+
+        feed = _plain_feed(self.sig.inputs, ids, mask, pos)
+        feed.update(self.past if self.past is not None else empty_past(self.sig.past, ids.shape[0]))
+        out = self.runner.run(feed, ["logits", *(p for _, p in self.pairs)])
+        self.past = {name: out[present] for name, present in self.pairs}
+        return out["logits"]
+
+    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        assert self.past is not None
+        return [(self.past[k], self.past[v]) for k, v in self.sig.past.names]
+
+    def feed_past(self) -> dict[str, np.ndarray]:
+        return dict(self.past or {})
+
+
+class _OrtRecompute:
+    """A graph without a cache: the whole sequence runs again at every step."""
+
+    def __init__(self, runner: Any, sig: Any) -> None:
+        self.runner, self.sig = runner, sig
+        self.ids: np.ndarray | None = None
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        self.ids = ids if self.ids is None else np.concatenate([self.ids, ids], axis=1)
+        feed = _plain_feed(self.sig.inputs, self.ids, mask, positions(mask))
+        return self.runner.run(feed, ["logits"])["logits"][:, -ids.shape[1]:]
+
+    def cache(self) -> None:
+        return None
+
+    def feed_past(self) -> dict[str, np.ndarray]:
+        return {}
+
+
+class _Torch:
+    """A transformers model fed back its own cache object, with the inputs ``generate()`` gives it."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.state: Any = None
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        logits, self.state = self.runner.forward_cached(ids, mask, pos, self.state)
+        return logits
+
+    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        from llmconv.verification.runners import _cache_layers
+
+        return [(k.float().numpy(), v.float().numpy()) for k, v in _cache_layers(self.state)]
+
+    def feed_past(self) -> dict[str, np.ndarray]:
+        return {f"past_key_values.{i}.{label}": t for i, (k, v) in enumerate(self.cache())
+                for label, t in (("key", k), ("value", v))}
+
+
+def _plain_feed(takes: set[str], ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
+    feed = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in takes:
+        feed["position_ids"] = pos
+    if "token_type_ids" in takes:
+        feed["token_type_ids"] = np.zeros_like(ids)
+    return feed
+
+
+def _stepper(runner: Any, sig: Any) -> Any:
+    if runner.kind == "torch":
+        return _Torch(runner)
+    if sig.past is not None:
+        return _OrtPast(runner, sig)
+    return _OrtRecompute(runner, sig)
+
+
+def run_loop(runner: Any, sig: Any, plan: DecodePlan, *, calls: int, forced: np.ndarray | None = None,
+             keep_prefill_cache: bool = False) -> Trace:
+    """Prefill the prompts, then ``calls`` decode steps through the side's own cache.
+
+    Args:
+        runner: an open runner (``runners.open_runner``).
+        sig: its signature.
+        plan: the prompts.
+        calls: decode calls after the prefill.
+        forced: tokens to feed [prompts, >= calls] (teacher forcing); None feeds the side's own greedy choice.
+        keep_prefill_cache: keep the past after the prefill as graph inputs (for localizing a failure).
+    Returns:
+        A Trace.
+    """
+    side = _stepper(runner, sig)
+    mask = plan.mask
+    logits = np.asarray(side.forward(plan.ids, mask, positions(mask)), dtype=np.float32)
+    trace = Trace(prefill=logits[mask == 1])
+    current = logits[:, -1, :]
+    trace.steps.append(current)
+    chosen = [current.argmax(axis=-1)]
+    if keep_prefill_cache:
+        trace.prefill_cache = side.feed_past()
+    ones = np.ones((mask.shape[0], 1), dtype=mask.dtype)
+    for s in range(calls):
+        token = forced[:, s] if forced is not None else chosen[-1]
+        mask = np.concatenate([mask, ones], axis=1)
+        pos = mask.sum(axis=1, keepdims=True).astype(np.int64) - 1
+        current = np.asarray(side.forward(token[:, None].astype(np.int64), mask, pos)[:, -1, :], dtype=np.float32)
+        trace.steps.append(current)
+        chosen.append(current.argmax(axis=-1))
+    trace.tokens = np.stack(chosen, axis=1)
+    trace.cache = side.cache()
+    return trace
+
+
+def decode_side(runner: Any, sig: Any, plan: DecodePlan, reference: Trace | None = None,
+                *, keep_prefill_cache: bool = False) -> tuple[Trace, np.ndarray | None]:
+    """One side's part: the reference decodes greedily; the candidate is teacher-forced on the reference's
+    tokens and, when its own choice parts from them within the generated tokens, also generates freely.
+
+    Returns:
+        (trace, the candidate's freely generated tokens [prompts, N] or None when they equal the reference's).
+    """
+    if reference is None:
+        return run_loop(runner, sig, plan, calls=plan.calls, keep_prefill_cache=keep_prefill_cache), None
+    assert reference.tokens is not None
+    trace = run_loop(runner, sig, plan, calls=plan.calls, forced=reference.tokens)
+    assert trace.tokens is not None
+    n = plan.generate
+    if n and (trace.tokens[:, :n] != reference.tokens[:, :n]).any():
+        free = run_loop(runner, sig, plan, calls=n - 1)
+        assert free.tokens is not None
+        return trace, free.tokens[:, :n]
+    return trace, None
+
+
+# ---- comparing the two sides ----------------------------------------------------------------------
+
+
+def decode_checks(ref: Trace, cand: Trace, free: np.ndarray | None, plan: DecodePlan, *, profile: OutputsProfile,
+                  sliding: int | None = None) -> tuple[list[Check], list[str]]:
+    """The decode-loop checks: ``decode.prefill``, ``decode.steps``, ``decode.cache`` and ``generation``.
+
+    Args:
+        ref: the reference's trace.
+        cand: the candidate's, teacher-forced on the reference's tokens.
+        free: the candidate's own greedy tokens when they part from the reference's, else None.
+        plan: the prompts and counts.
+        profile: the thresholds.
+        sliding: the sliding window of the models, if any (a cache may keep only the last positions).
+    Returns:
+        (checks, notes).
+    """
+    notes: list[str] = []
+    checks: list[Check] = []
+    prefill = OutputComparison("decode.prefill", profile=profile, logits=True)
+    prefill.add(ref.prefill, cand.prefill)
+    checks.append(prefill.check())
+    k = plan.decode_steps
+    if k:
+        checks.append(_steps_check(ref.steps[1:k + 1], cand.steps[1:k + 1], profile))
+        if ref.cache is not None and cand.cache is not None:
+            checks.append(_cache_check(ref.cache, cand.cache, plan, profile, sliding, notes))
+        else:
+            side = "reference" if ref.cache is None else "candidate"
+            notes.append(f"the {side} takes no past key/values: it recomputed the whole sequence at every decode "
+                         "step, and no cache was compared")
+    if plan.generate:
+        checks.append(generation_check(ref, cand, free, plan, profile))
+    return checks, notes
+
+
+def _steps_check(ref: list[np.ndarray], cand: list[np.ndarray], profile: OutputsProfile) -> Check:
+    total = OutputComparison("decode.steps", profile=profile, logits=True)
+    per_step = []
+    for i, (a, b) in enumerate(zip(ref, cand, strict=True), start=1):
+        total.add(a, b)
+        one = OutputComparison("step", profile=profile, logits=True)
+        one.add(a, b)
+        f = one.figures()
+        per_step.append({"step": i, "max_abs": f["max_abs"], "cosine": f["cosine"],
+                         "top1_agreement": f["top1_agreement"], "kl": f["kl"], "passed": one.check().passed})
+    check = total.check()
+    check.figures["shape"] = [len(ref), *ref[0].shape] if ref else None
+    check.figures["steps"] = per_step
+    first = next((s["step"] for s in per_step if not s["passed"]), None)
+    check.figures["first_failing_step"] = first
+    if not check.passed and first is not None:
+        check.reason += f" (first at decode step {first} of {len(per_step)})"
+    return check
+
+
+def _cache_check(ref: list[tuple[np.ndarray, np.ndarray]], cand: list[tuple[np.ndarray, np.ndarray]],
+                 plan: DecodePlan, profile: OutputsProfile, sliding: int | None, notes: list[str]) -> Check:
+    if len(ref) != len(cand):
+        return Check("decode.cache", False, {}, f"the candidate's cache has {len(cand)} layers, the reference's "
+                                                f"{len(ref)}")
+    calls = plan.calls
+    mask = np.concatenate([plan.mask, np.ones((plan.mask.shape[0], calls), dtype=plan.mask.dtype)], axis=1)
+    total = OutputComparison("decode.cache", profile=profile, logits=False)
+    first_bad = None
+    trimmed = 0
+    for i, (kv_r, kv_c) in enumerate(zip(ref, cand, strict=True)):
+        for label, a, b in (("key", kv_r[0], kv_c[0]), ("value", kv_r[1], kv_c[1])):
+            if a.ndim != 4 or b.ndim != 4:
+                total.add(a, b)
+                continue
+            n = min(a.shape[2], b.shape[2])
+            if a.shape[2] != b.shape[2] and sliding:
+                trimmed = n
+            # [prompts, heads, positions, dim] -> the real positions only; padding holds whatever each side made.
+            keep = mask[:, -n:] == 1
+            a = a[:, :, -n:, :].transpose(0, 2, 1, 3)[keep]
+            b = b[:, :, -n:, :].transpose(0, 2, 1, 3)[keep]
+            total.add(a, b)
+            if first_bad is None:
+                one = OutputComparison(f"present.{i}.{label}", profile=profile, logits=False)
+                one.add(a, b)
+                if not one.check().passed:
+                    first_bad = f"present.{i}.{label}"
+    if trimmed:
+        notes.append(f"sliding window {sliding}: one side's cache keeps only the last {trimmed} positions; the "
+                     "decode caches were compared on the positions both keep")
+    check = total.check()
+    check.figures["layers"] = len(ref)
+    check.figures["positions"] = int(mask.shape[1])
+    check.figures["first_failing"] = first_bad
+    if not check.passed and first_bad:
+        check.reason += f" (first: {first_bad})"
+    return check
+
+
+def generation_check(ref: Trace, cand: Trace, free: np.ndarray | None, plan: DecodePlan,
+                     profile: OutputsProfile) -> Check:
+    """Greedy generation of N tokens per prompt: where each prompt first parts, and how much agrees.
+
+    A prompt's ``agreement`` is the share of the N tokens generated before it parts (1.0 when identical);
+    ``token_agreement`` the share of positions holding the same token in the two free generations. A part
+    at a step where the reference's two candidates for the token are within the profile's elementwise
+    tolerance of each other is a tie (numerical noise decides it), and counts as agreeing.
+    """
+    n = plan.generate
+    assert ref.tokens is not None and cand.tokens is not None
+    r, c_forced = ref.tokens[:, :n], cand.tokens[:, :n]
+    c_free = free if free is not None else r
+    rows = []
+    for m in range(r.shape[0]):
+        parts = np.flatnonzero(r[m] != c_forced[m])
+        first = int(parts[0]) if parts.size else None
+        tie = False
+        if first is not None and profile.elementwise:
+            logits = ref.steps[first][m].astype(np.float64)
+            a, b = int(r[m, first]), int(c_forced[m, first])
+            tie = bool(logits[a] - logits[b] <= (profile.atol or 0.0) + (profile.rtol or 0.0) * abs(logits[a]))
+        agreement = 1.0 if first is None or tie else first / n
+        row = {"prompt": m, "prompt_tokens": int(plan.mask[m].sum()), "first_divergence": first,
+               "agreement": agreement, "token_agreement": float((c_free[m] == r[m]).mean()), "tie": tie}
+        if first is not None:
+            row["reference_tokens"] = [int(t) for t in r[m]]
+            row["candidate_tokens"] = [int(t) for t in c_free[m]]
+        rows.append(row)
+    identical = sum(1 for row in rows if row["first_divergence"] is None)
+    ties = sum(1 for row in rows if row["tie"])
+    mean = float(np.mean([row["agreement"] for row in rows]))
+    limit = profile.min_generation
+    figs: dict[str, Any] = {"prompts": len(rows), "new_tokens": n, "identical": identical, "ties": ties,
+                            "agreement": mean,
+                            "token_agreement": float(np.mean([row["token_agreement"] for row in rows])),
+                            "min_agreement": limit, "per_prompt": rows}
+    reason = ""
+    if limit is not None and mean < limit:
+        parted = [row for row in rows if row["first_divergence"] is not None and not row["tie"]]
+        where = ", ".join(f"prompt {row['prompt']} at token {row['first_divergence']}" for row in parted[:4])
+        reason = (f"greedy generation agreement {mean:.3f} < {limit:g}: {len(parted)} of {len(rows)} prompts part "
+                  f"from the reference within {n} tokens ({where})")
+    return Check("generation", not reason, figs, reason)
