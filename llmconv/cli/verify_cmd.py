@@ -93,9 +93,6 @@ def render_report(report: Any, *, console: Console = out) -> None:
     for ch in report.checks:
         if ch.name == "generation":
             console.print(escape(generation_line(ch.figures)))
-        elif ch.name == "decode.steps" and not ch.passed and ch.figures.get("first_failing_step"):
-            console.print(f"decode: first step out of the profile: {ch.figures['first_failing_step']} of "
-                          f"{len(ch.figures.get('steps') or [])}")
     loc = report.extra.get("localization")
     if isinstance(loc, dict) and loc.get("summary"):
         console.print(f"[bold]where they part[/]: {escape(str(loc['summary']))}")
@@ -103,8 +100,10 @@ def render_report(report: Any, *, console: Console = out) -> None:
         if key == "localization":
             continue
         if isinstance(value, dict):
+            # Long lists (the prompts' token ids) are for --json.
+            shown = {k: v for k, v in value.items() if not (isinstance(v, list) and v and isinstance(v[0], list))}
             console.print(f"{key}: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={fmt_num(v)}"
-                                                 for k, v in value.items()))
+                                                 for k, v in shown.items()))
     for note in report.notes:
         console.print(f"note: {escape(note)}")
 

@@ -25,8 +25,8 @@ def test_equivalent_table_and_exit_0(gpt2, cli):
     r = cli("verify", hf, onnx_dir / "model.onnx")
     assert r.exit_code == 0, r.output
     for text in ("outputs · profile fp32 · 9 checks", "logits", "present.1.value", "decode.steps", "decode.cache",
-                 "generation: 8 prompts x 16 tokens, 8 identical, agreement 1 (min 1)",
-                 "decode: prompts=8, prompt_lengths=[16, 14, 12, 10, 8, 6, 4, 2], left_padded=7, decode_steps=8",
+                 "generation: 4 prompts x 6 tokens, 4 identical, agreement 1 (min 1)",
+                 "decode: prompts=4, prompt_lengths=[8, 6, 4, 2], left_padded=3, decode_steps=4",
                  "EQUIVALENT: all 9 checks passed",
                  "note: profile auto -> fp32 (candidate: float32)",
                  "runners: reference=torch (text-generation-with-past), candidate=onnxruntime"):
@@ -47,14 +47,14 @@ def test_json_and_junit(gpt2, cli, tmp_path):
     assert all(list(c) == CHECK_KEYS for c in out["checks"][:5])
     assert [c["name"] for c in out["checks"][5:]] == ["decode.prefill", "decode.steps", "decode.cache", "generation"]
     gen = out["checks"][-1]
-    assert gen["prompts"] == 8 and gen["new_tokens"] == 16 and gen["identical"] == 8 and gen["agreement"] == 1.0
-    assert [p["first_divergence"] for p in gen["per_prompt"]] == [None] * 8
-    assert out["decode"]["prompt_lengths"] == [9, 7, 6, 5, 4, 3, 2, 1]  # cut from --seq-len 9
+    assert gen["prompts"] == 4 and gen["new_tokens"] == 6 and gen["identical"] == 4 and gen["agreement"] == 1.0
+    assert [p["first_divergence"] for p in gen["per_prompt"]] == [None] * 4
+    assert out["decode"]["prompt_lengths"] == [8, 6, 4, 2]  # at most 8 tokens
     assert out["checks"][0]["shape"] == [1, 9, 1024]
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite.get("tests") == "9" and suite.get("failures") == "0"
     gen_case = suite.findall("testcase")[-1]
-    assert gen_case.get("name") == "generation" and "prompt 7: identical, agreement 1.000" in gen_case.find(
+    assert gen_case.get("name") == "generation" and "prompt 3: identical, agreement 1.000" in gen_case.find(
         "system-out").text
     assert [tc.get("name") for tc in suite.findall("testcase")][0] == "logits"
 

@@ -43,7 +43,7 @@ def test_export_is_verified_against_pytorch(exported, name, task):
         assert names == ["logits", "decode.prefill", "decode.steps", "generation"]
     for c in v.checks:
         if c.name == "generation":
-            assert c.figures["identical"] == c.figures["prompts"] == 8 and c.figures["agreement"] == 1.0
+            assert c.figures["identical"] == c.figures["prompts"] == 4 and c.figures["agreement"] == 1.0
             continue
         # The fp32 export matches PyTorch to float rounding (FIELD-NOTES: < 5e-7 on these models).
         assert c.figures["max_abs"] < 5e-6, (c.name, c.figures)

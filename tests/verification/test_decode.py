@@ -48,9 +48,10 @@ def test_a_graph_that_zeroes_its_past_fails_only_through_the_cache(request, arch
     assert all(checks[n].passed for n in (*FORWARD, "decode.prefill"))
     steps = checks["decode.steps"]
     assert not steps.passed and steps.figures["first_failing_step"] == 1
-    assert "first at decode step 1 of 8" in steps.reason
+    assert "first at decode step 1 of 4" in steps.reason
     assert steps.figures["steps"][0]["max_abs"] > 1e-3
-    assert not checks["generation"].passed and checks["generation"].figures["agreement"] < 1.0
+    if arch == "llama":  # the random tiny GPT-2 repeats its favourite token with or without a past
+        assert not checks["generation"].passed and checks["generation"].figures["agreement"] < 1.0
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -63,7 +64,7 @@ def test_a_graph_that_ignores_the_attention_mask_fails_on_the_left_padded_rows(r
     # decode.prefill compares the real positions only: the padded rows' own tokens see the padding.
     assert "beyond atol 0.0001" in checks["decode.prefill"].reason
     assert not checks["generation"].passed or not checks["decode.steps"].passed
-    assert report.extra["decode"]["left_padded"] == 7
+    assert report.extra["decode"]["left_padded"] == 3
 
 
 def test_cache_check_names_the_layer_whose_cache_differs(llama, tmp_path):
@@ -72,7 +73,7 @@ def test_cache_check_names_the_layer_whose_cache_differs(llama, tmp_path):
     report = compare_outputs(onnx_dir, broken)
     cache = _checks(report)["decode.cache"]
     assert not cache.passed and cache.figures["first_failing"] == "present.1.key", cache.figures
-    assert cache.figures["layers"] == 2 and cache.figures["positions"] == 16 + 15
+    assert cache.figures["layers"] == 2 and cache.figures["positions"] == 8 + 5  # the longest prompt, then 5 calls
 
 
 def test_loop_gives_the_tokens_of_transformers_generate_and_optimum_ort_generate(llama):
@@ -116,7 +117,7 @@ def test_generation_figures_count_where_each_prompt_parts(llama, tmp_path):
     report = compare_outputs(onnx_dir, broken, profile="int4", generate=10)
     gen = _checks(report)["generation"]
     rows = gen.figures["per_prompt"]
-    assert gen.figures["prompts"] == len(rows) == 8 and gen.figures["new_tokens"] == 10
+    assert gen.figures["prompts"] == len(rows) == 4 and gen.figures["new_tokens"] == 10
     for row in rows:
         first = row["first_divergence"]
         if first is None:
@@ -144,14 +145,14 @@ def test_prompts_file_and_text_prompts(gpt2, tmp_path):
     text.write_text(" ".join(f"w{i % 1000}" for i in range(300)), encoding="utf-8")
     report = compare_outputs(hf, onnx_dir, text=text)
     checks = _checks(report)
-    assert report.extra["decode"]["source"] == "--text" and report.extra["decode"]["prompts"] == 8
+    assert report.extra["decode"]["source"] == "--text" and report.extra["decode"]["prompts"] == 4
     assert checks["text.logits"].passed and checks["text.logits"].figures["top1_agreement"] == 1.0
     assert checks["text.logits"].figures["shape"][0] == 127  # one window of the 128 positions, next-token logits
 
 
 def test_text_figures_are_the_ones_the_verdict_uses(tmp_path):
     """A graph whose position embeddings beyond 32 are scrambled runs right on every random-id input (16 tokens,
-    31 with decoding) and wrong on a real text's 256-token windows: the text's top-1 must fail it."""
+    13 with decoding) and wrong on a real text's 256-token windows: the text's top-1 must fail it."""
     from pathlib import Path
 
     from llmconv.export import to_onnx
@@ -210,7 +211,7 @@ def test_cli_flags_json_and_localize_hint(llama, cli, tmp_path):
     assert 'name="generation"' in xml and "parts at token" in xml
     r = cli("verify", hf, broken)
     assert r.exit_code == 1
-    assert "generation: 8 prompts x 16 tokens" in r.stdout and "parted: prompt" in r.stdout
+    assert "generation: 4 prompts x 6 tokens" in r.stdout and "parted: prompt" in r.stdout
     r = cli("verify", hf, broken, "--decode-steps", "0", "--generate", "0")
     assert r.exit_code == 0, r.output
 
@@ -220,7 +221,7 @@ def test_convert_gate_runs_the_decode_loop(fx, cli, tmp_path):
     assert r.exit_code == 0, r.output
     checks = json.loads(r.stdout)["verification"]["checks"]
     assert [c["name"] for c in checks][-4:] == ["decode.prefill", "decode.steps", "decode.cache", "generation"]
-    assert checks[-1]["new_tokens"] == 5 and checks[-1]["identical"] == 8
+    assert checks[-1]["new_tokens"] == 5 and checks[-1]["identical"] == 4
     r = cli("convert", fx("qwen2-hf"), tmp_path / "w.safetensors", "--generate", "5")
     assert r.exit_code == 2 and "apply to an ONNX export's verification" in r.output
 
