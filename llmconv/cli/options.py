@@ -34,11 +34,11 @@ MaxPplIncrease = Annotated[float | None, typer.Option(
 DecodeSteps = Annotated[int | None, typer.Option(
     "--decode-steps", metavar="K", min=0,
     help="Causal LMs: decode K tokens through each model's own KV cache after a left-padded prefill and compare "
-         "the logits at every step and the caches (default 8; 0 turns it off).")]
+         "the logits at every step and the caches (default 4; 0 turns it off).")]
 Generate = Annotated[int | None, typer.Option(
     "--generate", metavar="N", min=0,
     help="Causal LMs: generate N tokens greedily from each prompt with both models and compare them "
-         "(default 16; 0 turns it off).")]
+         "(default 6; 0 turns it off).")]
 Prompts = Annotated[Path | None, typer.Option(
     "--prompts", metavar="FILE", help="Prompts for the decode and generation checks, one per line, tokenized with "
                                       "the model's tokenizer (default: cut from --text, else sampled token ids).")]

@@ -52,7 +52,7 @@ def render_report(report: Any, *, console: Console = out) -> None:
     title = (f"{len(fails)} failing of {len(report.checks)} checks" if fails
              else f"{len(report.checks)} checks")
     table = Table(title=f"{report.mode} · profile {report.profile} · {title}", title_justify="left")
-    table.add_column("name", overflow="fold", min_width=16)
+    table.add_column("name", overflow="fold", min_width=18)
     present = [c for c in cols if any(_figure(ch.figures, c) is not None for ch in shown)]
     for c in present:
         table.add_column(_HEADERS.get(c, c), justify="right", no_wrap=True)

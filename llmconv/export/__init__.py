@@ -95,12 +95,12 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
                          "the installed onnxruntime loads")
         verification = None
         if verify:
-            from llmconv.verification.outputs import compare_outputs
+            from llmconv.verification.outputs import GATE_HINT, compare_outputs
 
             # The hf folder itself, so that messages name it (the runner makes its own view of it).
             reference = src if fmt_name == "hf" else folder
             verification = compare_outputs(reference, model_path, profile="auto", provider=provider, task=plan.task,
-                                           decode_steps=decode_steps, generate=generate)
+                                           decode_steps=decode_steps, generate=generate, failure_hint=GATE_HINT)
             verification.reference, verification.candidate = str(src), str(dst)
             if not verification.passed:
                 raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "

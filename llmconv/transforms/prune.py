@@ -260,8 +260,8 @@ def prune(src: str | Path, dst: str | Path, *, sparsity: float | None = None, pa
         verify: check the written output (tensors, pattern, quality) before renaming it into place.
         force: replace an existing destination.
         progress: called with bytes written (weight formats).
-        decode_steps: causal LMs: cached decode steps the quality check compares (None: 8, 0: off).
-        generate: causal LMs: greedy tokens per prompt the quality check reports (None: 16, 0: off).
+        decode_steps: causal LMs: cached decode steps the quality check compares (None: 4, 0: off).
+        generate: causal LMs: greedy tokens per prompt the quality check reports (None: 6, 0: off).
     Returns:
         A PruneReport.
     Raises:
@@ -482,9 +482,10 @@ def _add_pattern_checks(report: VerifyReport, tensors: list[PrunedTensor], *, pa
 def _quality(reference: Path, candidate: Path, *, checks: dict[str, Any], thresholds: dict[str, float | None],
              provider: str) -> VerifyReport:
     """Compare outputs and judge them by the pruning thresholds, not by a numeric tolerance profile."""
-    from llmconv.verification.outputs import compare_outputs
+    from llmconv.verification.outputs import GATE_HINT, compare_outputs
 
-    options: dict[str, Any] = {"provider": provider, "decode_steps": checks.get("decode_steps"),
+    # The int4 profile's verdict is not prune's: the hint goes on only if the quality check fails.
+    options: dict[str, Any] = {"provider": provider, "failure_hint": "", "decode_steps": checks.get("decode_steps"),
                                "generate": checks.get("generate")}
     if checks["inputs"] is not None:
         options["inputs"] = Path(checks["inputs"])
@@ -492,7 +493,10 @@ def _quality(reference: Path, candidate: Path, *, checks: dict[str, Any], thresh
         options["text"] = Path(checks["text"])
         options["max_ppl_increase"] = thresholds["max_ppl_increase"]
     raw = compare_outputs(reference, candidate, profile="int4", **options)
-    return judge_quality(raw, min_top1=thresholds["min_top1"], max_ppl_increase=thresholds["max_ppl_increase"])
+    judged = judge_quality(raw, min_top1=thresholds["min_top1"], max_ppl_increase=thresholds["max_ppl_increase"])
+    if not judged.passed:
+        judged.notes.append(GATE_HINT)
+    return judged
 
 
 def judge_quality(report: VerifyReport, *, min_top1: float | None, max_ppl_increase: float | None) -> VerifyReport:

@@ -95,7 +95,8 @@ class Attempt:
         """Each check's quality figures (cosine, top-1/top-5, KL, perplexity change)."""
         out: dict[str, dict[str, float]] = {}
         for c in self.verification.checks if self.verification is not None else []:
-            figs = {k: c.figures[k] for k in ("cosine", "top1_agreement", "top5_agreement", "kl", "relative_change")
+            figs = {k: c.figures[k] for k in ("cosine", "top1_agreement", "top5_agreement", "kl", "relative_change",
+                                              "agreement")
                     if c.figures.get(k) is not None}
             if figs:
                 out[c.name] = {k: round(float(v), 6) for k, v in figs.items()}
@@ -115,8 +116,8 @@ class Attempt:
 
 def shortfall(v: VerifyReport) -> float:
     """The worst of a verification's figures relative to its profile's limit: ``(1 - cosine) / (1 - min)``,
-    the same for top-1/top-5, ``KL / max``, ``ppl change / budget``; inf for a check failed otherwise (NaN,
-    shapes)."""
+    the same for top-1/top-5 and generation agreement, ``KL / max``, ``ppl change / budget``; inf for a check
+    failed otherwise (NaN, shapes)."""
     th = v.extra.get("thresholds", {})
     worst = 0.0
     for c in v.checks:
@@ -127,6 +128,8 @@ def shortfall(v: VerifyReport) -> float:
                 ratios.append((1.0 - f[key]) / max(1.0 - th[limit], 1e-12))
         if f.get("kl") is not None and th.get("max_kl"):
             ratios.append(f["kl"] / th["max_kl"])
+        if c.name == "generation" and f.get("agreement") is not None and th.get("min_generation") is not None:
+            ratios.append((1.0 - f["agreement"]) / max(1.0 - th["min_generation"], 1e-12))
         if c.name == "perplexity" and f.get("relative_change") is not None:
             ratios.append(f["relative_change"] / max(f.get("budget") or 0.0, 1e-12))
         check_worst = max(ratios, default=0.0)
@@ -329,8 +332,8 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
         progress: called with bytes written (weights casts).
         cpu: int8 for ``--target cpu``: the CPU the settings are for (``auto``: this one; ``avx2``,
             ``avx512``, ``avx512-vnni``, ``arm64``). Without VNNI the weights are 7-bit (``reduce_range``).
-        decode_steps: causal LMs: cached decode steps the verification compares (None: 8, 0: off).
-        generate: causal LMs: greedy tokens per prompt the verification compares (None: 16, 0: off).
+        decode_steps: causal LMs: cached decode steps the verification compares (None: 4, 0: off).
+        generate: causal LMs: greedy tokens per prompt the verification compares (None: 6, 0: off).
     Returns:
         A QuantizeReport.
     Raises:
@@ -886,9 +889,9 @@ def _count_ops(before: Any, after: Any) -> dict[str, Any]:
 def _verify_outputs(reference: Path, candidate: Path, *, profile: str, atol: float | None, rtol: float | None,
                     text: Any, inputs: Any, provider: str, max_ppl_increase: float | None,
                     decode_steps: int | None = None, generate: int | None = None) -> VerifyReport:
-    from llmconv.verification.outputs import compare_outputs
+    from llmconv.verification.outputs import GATE_HINT, compare_outputs
 
-    options: dict[str, Any] = {"decode_steps": decode_steps, "generate": generate}
+    options: dict[str, Any] = {"decode_steps": decode_steps, "generate": generate, "failure_hint": GATE_HINT}
     if text is not None:
         options["text"] = Path(text)
     if inputs is not None:

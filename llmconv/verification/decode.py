@@ -35,6 +35,15 @@ DEFAULT_GENERATE = 6
 DECODE_PROMPT_LEN = 8  # longest sampled prompt: the prefill is a forward pass of every prompt at this width
 DEFAULT_PROMPTS = 4
 MAX_PROMPTS = 32
+PREFILL_KEEP = 16  # prefill logits kept per prompt (its last positions): long prompts of a large vocabulary add up
+# The candidate's cached steps against its own pass over the whole sequence without a cache: the same model, so
+# quantization error cancels out. Measured on the trained GPT-2: fp32, fp16 and int4 (weight-only) graphs agree
+# to KL < 1e-8; int8-dynamic (activation scales per tensor, so they depend on the sequence) to KL 2-4e-4, cosine
+# 0.99998 (0.99985 on the random tiny Llama, whose logits are small); a graph whose position ids are off by one
+# once the cache is not empty gives KL 0.009-0.011, one that swaps two layers' caches 0.17-0.22, a zeroed past
+# 0.35-0.47. KL decides; the cosine floor only catches what KL cannot see (a uniformly scaled output).
+CONSISTENCY_MIN_COSINE = 0.999
+CONSISTENCY_MAX_KL = 2e-3
 
 
 @dataclass
@@ -109,7 +118,8 @@ def make_plan(*, vocab_size: int, max_positions: int | None, pad_id: int | None,
     room = None if max_positions is None else max_positions - calls
     if room is not None and room < 1:
         raise UsageError(f"the model has {max_positions} positions: no room for a prompt and {calls} decoded tokens",
-                         hint=f"use --decode-steps/--generate of at most {max_positions - 2}")
+                         hint=f"use --decode-steps of at most {max_positions - 1} and --generate of at most "
+                              f"{max_positions}")
     pad = pad_id if pad_id is not None and 0 <= pad_id < vocab_size else 0
     if prompt_ids is None:
         longest = max(1, min(seq_len, DECODE_PROMPT_LEN) if room is None else min(seq_len, DECODE_PROMPT_LEN, room))
@@ -129,8 +139,18 @@ def make_plan(*, vocab_size: int, max_positions: int | None, pad_id: int | None,
                 raise UsageError("a prompt tokenizes to no tokens")
             if min(p) < 0 or max(p) >= vocab_size:
                 raise UsageError(f"a prompt holds token ids outside the vocabulary [0, {vocab_size})")
-        if room is not None:
+        if room is not None and any(len(p) > room for p in prompt_ids):
             prompt_ids = [p[-room:] for p in prompt_ids]  # keep each prompt's end: that is what is continued
+            source += f" (prompts cut to their last {room} tokens: the model has {max_positions} positions)"
+    if len({len(p) for p in prompt_ids}) == 1 and (room is None or room >= 2):
+        # generate() left-pads the shorter prompts of a batch: make one, so that a padded row is always decoded.
+        first = prompt_ids[0]
+        if len(first) >= 2:
+            prompt_ids = [*prompt_ids, first[len(first) // 2:]]
+            source += " (+ the second half of the first prompt, so that a row is left-padded)"
+        else:
+            prompt_ids = [*prompt_ids, first * 2]
+            source += " (+ the first prompt twice, so that the others are left-padded)"
     width = max(len(p) for p in prompt_ids)
     ids = np.full((len(prompt_ids), width), pad, dtype=np.int64)
     mask = np.zeros((len(prompt_ids), width), dtype=np.int64)
@@ -181,6 +201,8 @@ class Trace:
         tokens: the side's own greedy choice at each step [prompts, calls + 1].
         cache: (key, value) per layer after the last call, or None for a side without a cache.
         prefill_cache: the past after the prefill, as the graph inputs ``past_key_values.*`` (for localizing).
+        recomputed: the same side's logits for the decoded positions from one pass over the whole sequence
+            with no cache [prompts, calls, vocab] (the candidate's, for the consistency check), or None.
     """
 
     prefill: np.ndarray
@@ -188,6 +210,7 @@ class Trace:
     tokens: np.ndarray | None = None
     cache: list[tuple[np.ndarray, np.ndarray]] | None = None
     prefill_cache: dict[str, np.ndarray] | None = None
+    recomputed: np.ndarray | None = None
 
 
 class _OrtPast:
@@ -297,7 +320,8 @@ def run_loop(runner: Any, sig: Any, plan: DecodePlan, *, calls: int, forced: np.
     side = _stepper(runner, sig)
     mask = plan.mask
     logits = np.asarray(side.forward(plan.ids, mask, positions(mask)), dtype=np.float32)
-    trace = Trace(prefill=logits[mask == 1])
+    width = mask.shape[1]
+    trace = Trace(prefill=logits[(mask == 1) & (np.arange(width) >= width - PREFILL_KEEP)[None, :]])
     current = logits[:, -1, :]
     trace.steps.append(current)
     chosen = [current.argmax(axis=-1)]
@@ -329,6 +353,8 @@ def decode_side(runner: Any, sig: Any, plan: DecodePlan, reference: Trace | None
     assert reference.tokens is not None
     trace = run_loop(runner, sig, plan, calls=plan.calls, forced=reference.tokens)
     assert trace.tokens is not None
+    if plan.decode_steps and trace.cache is not None:
+        trace.recomputed = recompute(runner, sig, plan, reference.tokens[:, :plan.decode_steps])
     n = plan.generate
     if n and (trace.tokens[:, :n] != reference.tokens[:, :n]).any():
         free = run_loop(runner, sig, plan, calls=n - 1)
@@ -337,11 +363,20 @@ def decode_side(runner: Any, sig: Any, plan: DecodePlan, reference: Trace | None
     return trace, None
 
 
+def recompute(runner: Any, sig: Any, plan: DecodePlan, tokens: np.ndarray) -> np.ndarray:
+    """Logits predicting the token after each of ``tokens`` from one pass over prompts + tokens with an empty
+    cache: what the cached steps fed these tokens must give [prompts, len(tokens[0]), vocab]."""
+    ids = np.concatenate([plan.ids, tokens.astype(np.int64)], axis=1)
+    mask = np.concatenate([plan.mask, np.ones(tokens.shape, dtype=plan.mask.dtype)], axis=1)
+    logits = _stepper(runner, sig).forward(ids, mask, positions(mask))
+    return np.asarray(logits[:, -tokens.shape[1]:, :], dtype=np.float32)
+
+
 # ---- comparing the two sides ----------------------------------------------------------------------
 
 
 def decode_checks(ref: Trace, cand: Trace, free: np.ndarray | None, plan: DecodePlan, *, profile: OutputsProfile,
-                  sliding: int | None = None) -> tuple[list[Check], list[str]]:
+                  sliding: int | None = None, own_positions: bool = False) -> tuple[list[Check], list[str]]:
     """The decode-loop checks: ``decode.prefill``, ``decode.steps``, ``decode.cache`` and ``generation``.
 
     Args:
@@ -351,6 +386,9 @@ def decode_checks(ref: Trace, cand: Trace, free: np.ndarray | None, plan: Decode
         plan: the prompts and counts.
         profile: the thresholds.
         sliding: the sliding window of the models, if any (a cache may keep only the last positions).
+        own_positions: a side is a graph that takes no position ids and counts them itself, from the start
+            of the row, padding included: its rotary keys on a left-padded row are turned by a constant angle
+            that attention does not see, so caches are compared on the rows without padding.
     Returns:
         (checks, notes).
     """
@@ -362,8 +400,15 @@ def decode_checks(ref: Trace, cand: Trace, free: np.ndarray | None, plan: Decode
     k = plan.decode_steps
     if k:
         checks.append(_steps_check(ref.steps[1:k + 1], cand.steps[1:k + 1], profile))
+        if cand.recomputed is not None:
+            checks.append(_consistency_check(cand, k, profile))
         if ref.cache is not None and cand.cache is not None:
-            checks.append(_cache_check(ref.cache, cand.cache, plan, profile, sliding, notes))
+            rows = plan.mask.all(axis=1) if own_positions else np.ones(plan.mask.shape[0], dtype=bool)
+            if own_positions:
+                notes.append(f"a graph takes no position_ids: decode.cache compares only the prompts without padding "
+                             f"({int(rows.sum())} of {len(rows)}); on a padded row its positions count the padding, "
+                             "which turns its rotary keys by a constant angle that attention does not see")
+            checks.append(_cache_check(ref.cache, cand.cache, plan, profile, sliding, notes, rows))
         else:
             side = "reference" if ref.cache is None else "candidate"
             notes.append(f"the {side} takes no past key/values: it recomputed the whole sequence at every decode "
@@ -401,8 +446,37 @@ def _first_step_out(a: np.ndarray, b: np.ndarray, profile: OutputsProfile) -> in
     return None
 
 
+def _consistency_check(cand: Trace, k: int, profile: OutputsProfile) -> Check:
+    """``decode.consistency``: the candidate's logits through its own cache against its own logits from one pass
+    without a cache, on the same tokens. Quantization cancels out (the same model on both sides), so this catches
+    a cache, mask or position fault at any precision: fp32's tolerances for the elementwise profiles (exact, fp32,
+    --atol), else cosine and KL limits set from measurements (CONSISTENCY_MIN_COSINE, CONSISTENCY_MAX_KL)."""
+    from dataclasses import replace
+
+    assert cand.recomputed is not None
+    if profile.elementwise:  # exact, fp32 or a user's --atol: two computations of one model differ in rounding
+        from llmconv.verification.profiles import outputs_profile
+
+        prof = replace(outputs_profile("fp32"), name=profile.name)
+    else:
+        prof = replace(profile, min_cosine=CONSISTENCY_MIN_COSINE, min_top1=None, min_top5=None,
+                       max_kl=CONSISTENCY_MAX_KL)
+    comparison = OutputComparison("decode.consistency", profile=prof, logits=True)
+    cached = np.stack(cand.steps[1:k + 1], axis=1)  # [prompts, steps, vocab]
+    comparison.add(cand.recomputed, cached)
+    check = comparison.check()
+    if not check.passed:
+        check.reason += ("; the candidate's cached steps disagree with its own pass over the whole sequence: its "
+                         "past key/values, attention mask or position ids are handled wrongly once the cache is "
+                         "not empty")
+    check.figures["limits"] = {"min_cosine": prof.min_cosine, "max_kl": prof.max_kl} if not prof.elementwise else \
+        {"atol": prof.atol, "rtol": prof.rtol}
+    return check
+
+
 def _cache_check(ref: list[tuple[np.ndarray, np.ndarray]], cand: list[tuple[np.ndarray, np.ndarray]],
-                 plan: DecodePlan, profile: OutputsProfile, sliding: int | None, notes: list[str]) -> Check:
+                 plan: DecodePlan, profile: OutputsProfile, sliding: int | None, notes: list[str],
+                 rows: np.ndarray) -> Check:
     if len(ref) != len(cand):
         return Check("decode.cache", False, {}, f"the candidate's cache has {len(cand)} layers, the reference's "
                                                 f"{len(ref)}")
@@ -420,7 +494,7 @@ def _cache_check(ref: list[tuple[np.ndarray, np.ndarray]], cand: list[tuple[np.n
             if a.shape[2] != b.shape[2] and sliding:
                 trimmed = n
             # [prompts, heads, positions, dim] -> the real positions only; padding holds whatever each side made.
-            keep = mask[:, -n:] == 1
+            keep = (mask[:, -n:] == 1) & rows[:, None]
             a = a[:, :, -n:, :].transpose(0, 2, 1, 3)[keep]
             b = b[:, :, -n:, :].transpose(0, 2, 1, 3)[keep]
             total.add(a, b)

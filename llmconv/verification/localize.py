@@ -590,6 +590,7 @@ class _Walk:
     feeds_tried: int = 0
     compared: int = 0
     skipped: int = 0
+    skipped_names: list[str] = field(default_factory=list)
     first: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     total: int = 0
@@ -598,11 +599,13 @@ class _Walk:
         self.feed = label
         self.feeds_tried += 1
         self.compared = self.skipped = 0
+        self.skipped_names = []
 
     def compare(self, point: _Point, ref: np.ndarray, cand: np.ndarray, mask: np.ndarray | None) -> bool:
         """Fold one pair in; True when it left the profile (and is now ``first``)."""
         if ref.shape != cand.shape:
             self.skipped += 1
+            self.skipped_names.append(f"{point.tensor} {list(ref.shape)} vs {list(cand.shape)}")
             return False
         check = _judge(point.tensor, ref, cand, mask, self.profile)
         if check is None:
@@ -622,14 +625,17 @@ class _Walk:
             self.feed = None
         return {"method": self.method, "reference": str(self.ref_sig.path), "candidate": str(self.cand_sig.path),
                 "profile": self.profile.name, "feed": self.feed, "feeds_tried": self.feeds_tried,
-                "compared": self.compared, "skipped": self.skipped, "first": self.first, "notes": self.notes,
+                "compared": self.compared, "skipped": self.skipped, "skipped_shapes": self.skipped_names[:20],
+                "first": self.first, "notes": self.notes,
                 "summary": self._summary(nodes)}
 
     def _summary(self, nodes: int | None) -> str:
         p = self.profile.name
         what = "shared tensors" if self.method == "shared tensors" else "places (embeddings, layers, head)"
         if self.first is None:
-            shapes = f", {self.skipped} skipped (shapes differ)" if self.skipped else ""
+            shown = "; ".join(self.skipped_names[:4]) + (" ..." if len(self.skipped_names) > 4 else "")
+            shapes = f", {self.skipped} skipped (shapes differ: {shown})" if self.skipped_names else (
+                f", {self.skipped} skipped" if self.skipped else "")
             feeds = f"{self.feeds_tried} feed" + ("s" if self.feeds_tried != 1 else "")
             return f"nothing compared left the {p} profile: {self.compared} {what} agree on {feeds}{shapes}"
         f = self.first

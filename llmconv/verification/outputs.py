@@ -26,7 +26,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
                     seq_len: int = 16, samples: int = 2, seed: int = 0, provider: str = "cpu",
                     max_ppl_increase: float | None = None, task: str | None = None,
                     decode_steps: int | None = None, generate: int | None = None, prompts: Path | None = None,
-                    localize: bool = False) -> VerifyReport:
+                    localize: bool = False, failure_hint: str | None = None) -> VerifyReport:
     """Run both models on the same inputs and compare the outputs they share.
 
     Args:
@@ -51,6 +51,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         prompts: a text file of prompts, one per line, for the decode and generation checks.
         localize: when the models differ, name the first node (ONNX vs ONNX) or decoder layer (PyTorch vs
             ONNX) whose output leaves the profile (``report.extra["localization"]``).
+        failure_hint: the note a failed report carries when ``localize`` is off (default: rerun verify with
+            --localize; a command whose output is not kept says how to keep it first).
     Returns:
         A VerifyReport in outputs mode: one check per shared output; for causal LMs ``decode.prefill``,
         ``decode.steps``, ``decode.cache`` and ``generation``; with ``text``, ``text.logits`` and ``perplexity``.
@@ -146,7 +148,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
 
     def fold_text(i: int, logits: Any) -> None:
         if same_text and i < len(text_ref):
-            text_cmp.add(text_ref[i], logits)
+            kept = text_ref[i]
+            text_cmp.add(kept, logits[:len(kept)])
             text_ref[i] = None
 
     sliding = _sliding_window(ref_sig, cand_sig)
@@ -169,16 +172,21 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     if dplan is not None and ref_trace is not None and cand_trace is not None:
         from llmconv.verification.decode import decode_checks
 
+        own = any(sig.kind == "onnxruntime" and "position_ids" not in sig.inputs for sig in (ref_sig, cand_sig))
         decode_found, decode_notes = decode_checks(ref_trace[0], cand_trace[0], cand_trace[1], dplan, profile=prof,
-                                                   sliding=sliding)
+                                                   sliding=sliding, own_positions=own)
         checks += decode_found
         notes += decode_notes
     if texts is not None:
         if same_text and text_cmp.n:
-            checks.append(text_cmp.check())
-            if len(text_ref) < _windows(len(texts[0]), window):
-                notes.append(f"text.logits compared the first {sum(1 for _ in text_ref)} windows of the text; "
-                             "perplexity covers all of it")
+            text_check = text_cmp.check()
+            text_check.figures["shape"] = [text_cmp.rows, text_check.figures["shape"][-1]]  # every position compared
+            checks.append(text_check)
+            predicted = len(texts[0]) - _windows(len(texts[0]), window)
+            if text_cmp.rows < predicted:
+                notes.append(f"text.logits compared the first {text_cmp.rows} of the text's {predicted} predicted "
+                             f"tokens (the reference's logits kept for it are capped at {TEXT_LOGITS_BYTES >> 20} MB); "
+                             "perplexity covers all of them")
         elif not same_text:
             notes.append("the two tokenizers split the text differently: only perplexity compares them on it")
     if trimmed:
@@ -192,29 +200,53 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     report = VerifyReport(mode="outputs", profile=prof.name, reference=str(reference), candidate=str(candidate),
                           checks=checks, inputs=meta, notes=notes)
     report.extra["thresholds"] = prof.thresholds()
+    if dplan is None or not dplan.generate:
+        report.extra["thresholds"].pop("min_generation", None)
     if dplan is not None:
         report.extra["decode"] = dplan.meta()
+        decoded = dplan.mask.shape[1] + dplan.calls
+        if sliding and sliding >= decoded:
+            notes.append(f"sliding window {sliding}: the decoded sequences ({decoded} positions) never reach it; "
+                         "use --prompts with longer prompts, or --decode-steps, to cross it")
+        if not report.extra["decode"]["left_padded"]:
+            notes.append("every prompt has the same length: no left-padded row was decoded (use --seq-len 4 or "
+                         "more, or --prompts of different lengths)")
     # What actually ran each side: for onnxruntime, the execution provider the session reports.
     report.extra["runners"] = {"reference": ref_label, "candidate": cand_label}
     if not report.passed:
         if localize:
-            report.extra["localization"] = _localize(ref_sig, cand_sig, feeds, dplan, ref_trace, prof, provider)
+            from llmconv.errors import LlmconvError
+
+            try:
+                report.extra["localization"] = _localize(ref_sig, cand_sig, feeds, dplan, ref_trace, prof, provider)
+            except LlmconvError as e:  # the verdict stands; only the search for where failed
+                report.extra["localization"] = {"first": None, "error": str(e),
+                                                "summary": f"could not localize the difference: {e}"}
         else:
-            notes.append("to name the first layer or node where the two models part, rerun verify with --localize")
+            if failure_hint != "":  # "" asks for no hint: the caller judges the report itself
+                notes.append(failure_hint or LOCALIZE_HINT)
     return report
 
 
+LOCALIZE_HINT = "to name the first layer or node where the two models part, rerun verify with --localize"
+# For the gate of a command that writes nothing when verification fails.
+GATE_HINT = ("to name the first layer or node where the models part, write the output with --no-verify, then run "
+             "llmconv verify SRC DST --localize")
 TEXT_LOGITS_BYTES = 256 << 20  # the reference's logits on the text kept for text.logits, at most
 
 
 def _keeper(store: list[Any]) -> Any:
-    """Keeps the reference's logits of each text window, up to TEXT_LOGITS_BYTES in all."""
+    """Keeps the reference's logits of each text window, up to TEXT_LOGITS_BYTES in all (the last window kept
+    may be cut: at least one position's logits are always kept, so text.logits always judges some tokens)."""
     used = [0]
 
     def keep(i: int, logits: Any) -> None:
-        if used[0] + logits.nbytes <= TEXT_LOGITS_BYTES:
-            store.append(logits)
-            used[0] += logits.nbytes
+        row = logits.nbytes // max(len(logits), 1)
+        room = max((TEXT_LOGITS_BYTES - used[0]) // max(row, 1), 0 if store else 1)
+        if room and len(store) == i:
+            kept = logits[:room]
+            store.append(kept)
+            used[0] += kept.nbytes
 
     return keep
 
@@ -242,6 +274,8 @@ def _decode_plan(ref_sig: Any, cand_sig: Any, ref_task: str, cand_task: str, sha
         if prompts is not None:
             raise UsageError("--prompts feeds the generation check, which needs two causal language models",
                              path=Path(prompts))
+        if decode_steps or generate:
+            notes.append("--decode-steps and --generate apply to causal language models only: not checked")
         return None
     if k == 0 and n == 0:
         if prompts is not None:
@@ -290,7 +324,8 @@ def _localize(ref_sig: Any, cand_sig: Any, feeds: list[dict[str, Any]], dplan: A
                    **empty_past(past, mask.shape[0])}
         labelled.append(("prefill", prefill))
         valid.append(mask)
-        if trace.prefill_cache and dplan.calls:
+        own = any(s.kind == "onnxruntime" and "position_ids" not in s.inputs for s in (ref_sig, cand_sig))
+        if trace.prefill_cache and dplan.calls and not own:  # the other side's cache is turned differently
             full = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
             step = {"input_ids": trace.tokens[:, :1].astype(np.int64), "attention_mask": full,
                     "position_ids": full.sum(axis=1, keepdims=True).astype(np.int64) - 1, **trace.prefill_cache}

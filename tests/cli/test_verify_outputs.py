@@ -14,6 +14,9 @@ from tests.export import _exports
 CHECK_KEYS = ["name", "passed", "shape", "dtype", "max_abs", "mean_abs", "max_rel", "cosine", "top1_agreement",
               "top5_agreement", "kl", "nan", "inf", "atol", "rtol", "worst_index"]
 
+DECODE_CHECKS = ["decode.prefill", "decode.steps", "decode.consistency",
+                 "decode.cache", "generation"]
+
 
 @pytest.fixture(scope="module")
 def gpt2(fixtures_dir, fx):
@@ -24,10 +27,10 @@ def test_equivalent_table_and_exit_0(gpt2, cli):
     hf, onnx_dir = gpt2
     r = cli("verify", hf, onnx_dir / "model.onnx")
     assert r.exit_code == 0, r.output
-    for text in ("outputs · profile fp32 · 9 checks", "logits", "present.1.value", "decode.steps", "decode.cache",
+    for text in ("outputs · profile fp32 · 10 checks", "logits", "present.1.value", "decode.steps", "decode.cache",
                  "generation: 4 prompts x 6 tokens, 4 identical, agreement 1 (min 1)",
                  "decode: prompts=4, prompt_lengths=[8, 6, 4, 2], left_padded=3, decode_steps=4",
-                 "EQUIVALENT: all 9 checks passed",
+                 "EQUIVALENT: all 10 checks passed",
                  "note: profile auto -> fp32 (candidate: float32)",
                  "runners: reference=torch (text-generation-with-past), candidate=onnxruntime"):
         assert text in r.stdout, text
@@ -45,14 +48,14 @@ def test_json_and_junit(gpt2, cli, tmp_path):
     assert out["inputs"] == {"batch": 1, "seq_len": 9, "samples": 3, "seed": 5}
     assert [c["name"] for c in out["checks"]][:2] == ["logits", "present.0.key"]
     assert all(list(c) == CHECK_KEYS for c in out["checks"][:5])
-    assert [c["name"] for c in out["checks"][5:]] == ["decode.prefill", "decode.steps", "decode.cache", "generation"]
+    assert [c["name"] for c in out["checks"][5:]] == DECODE_CHECKS
     gen = out["checks"][-1]
     assert gen["prompts"] == 4 and gen["new_tokens"] == 6 and gen["identical"] == 4 and gen["agreement"] == 1.0
     assert [p["first_divergence"] for p in gen["per_prompt"]] == [None] * 4
     assert out["decode"]["prompt_lengths"] == [8, 6, 4, 2]  # at most 8 tokens
     assert out["checks"][0]["shape"] == [1, 9, 1024]
     suite = ET.parse(junit).getroot().find("testsuite")
-    assert suite.get("tests") == "9" and suite.get("failures") == "0"
+    assert suite.get("tests") == "10" and suite.get("failures") == "0"
     gen_case = suite.findall("testcase")[-1]
     assert gen_case.get("name") == "generation" and "prompt 3: identical, agreement 1.000" in gen_case.find(
         "system-out").text
@@ -72,7 +75,7 @@ def test_not_equivalent_exit_1(gpt2, fx, cli, tmp_path):
     failure = ET.parse(junit).getroot().find("testsuite/testcase/failure")
     assert failure is not None and "max_abs=" in failure.get("message")
     r = cli("verify", fx("gpt2-hf"), broken)
-    assert r.exit_code == 1 and "NOT EQUIVALENT: 8 of 9 checks failed (first: logits:" in r.stdout
+    assert r.exit_code == 1 and "NOT EQUIVALENT: 8 of 10 checks failed (first: logits:" in r.stdout
     assert "rerun verify with --localize" in r.stdout
 
 

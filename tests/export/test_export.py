@@ -38,7 +38,7 @@ def test_export_is_verified_against_pytorch(exported, name, task):
         assert names == ["last_hidden_state"]
     elif task is None:  # the cached decode loop and generation, through the graph's own past
         assert names == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")] + [
-            "decode.prefill", "decode.steps", "decode.cache", "generation"]
+            "decode.prefill", "decode.steps", "decode.consistency", "decode.cache", "generation"]
     else:  # no past: the graph recomputes the sequence at each step, and there is no cache to compare
         assert names == ["logits", "decode.prefill", "decode.steps", "generation"]
     for c in v.checks:

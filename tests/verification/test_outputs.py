@@ -17,6 +17,9 @@ from tests.export._exports import by_shape, edit_initializers
 CHECK_KEYS = ["name", "passed", "shape", "dtype", "max_abs", "mean_abs", "max_rel", "cosine", "top1_agreement",
               "top5_agreement", "kl", "nan", "inf", "atol", "rtol", "worst_index"]
 
+DECODE_CHECKS = ["decode.prefill", "decode.steps", "decode.consistency",
+                 "decode.cache", "generation"]
+
 
 @pytest.fixture(scope="module")
 def llama(exported, fx):
@@ -38,8 +41,11 @@ def test_any_pair_of_runners(llama):
     assert r.passed and [c.name for c in r.checks] == ["logits", "decode.prefill", "decode.steps", "generation"]
     assert any("outputs only the reference has (not compared): present.0.key" in n for n in r.notes)
     r = compare_outputs(hf, hf, profile="exact")  # hf vs hf in PyTorch, caches included
-    assert r.passed and r.profile == "exact" and len(r.checks) == 9
-    assert all(c.figures["max_abs"] == 0.0 for c in r.checks if c.name != "generation")
+    assert r.passed and r.profile == "exact" and len(r.checks) == 10
+    # The same model on both sides: bit-exact, but for its cached steps against its own pass without a cache.
+    assert all(c.figures["max_abs"] == 0.0 for c in r.checks if c.name not in ("generation", "decode.consistency"))
+    consistency = next(c for c in r.checks if c.name == "decode.consistency")
+    assert consistency.passed and consistency.figures["max_abs"] < 1e-5
     r = compare_outputs(no_past, hf)  # ONNX reference, hf candidate
     assert r.passed and r.extra["runners"] == {"reference": "onnxruntime (CPUExecutionProvider, text-generation)",
                                                "candidate": "torch (text-generation)"}
@@ -53,7 +59,7 @@ def test_report_matches_the_contract(llama):
     assert out["inputs"] == {"batch": 3, "seq_len": 12, "samples": 3, "seed": 7}
     for c in out["checks"][:5]:  # the forward outputs; the decode checks add their own figures
         assert list(c) == CHECK_KEYS, list(c)
-    assert [c["name"] for c in out["checks"][5:]] == ["decode.prefill", "decode.steps", "decode.cache", "generation"]
+    assert [c["name"] for c in out["checks"][5:]] == DECODE_CHECKS
     assert list(out["checks"][5])[:len(CHECK_KEYS)] == CHECK_KEYS
     logits = out["checks"][0]
     assert logits["name"] == "logits" and logits["shape"] == [3, 12, 1024] and logits["dtype"] == "float32"
@@ -83,7 +89,7 @@ def test_broken_candidates_fail(llama, fx, fixture, expect):
         assert logits.figures["worst_index"][2] == 100
         assert 1e-4 < logits.figures["max_abs"] < 1e-2
         # The caches do not see the head; every logits check does.
-        kept = ("present" in c.name or c.name == "decode.cache" for c in r.checks[1:-1])
+        kept = ("present" in c.name or c.name in ("decode.cache", "decode.consistency") for c in r.checks[1:-1])
         assert all(c.passed == k for c, k in zip(r.checks[1:-1], kept, strict=True)), r.summary()
     if fixture == "llama-hf-nan":
         assert logits.figures["nan"] == 2 * 16 * 1024 + 2 * 8 * 1024
