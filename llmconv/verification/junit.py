@@ -85,6 +85,9 @@ def write_junit(report: VerifyReport, path: Path, *, seconds: float = 0.0) -> No
     props = ET.SubElement(suite, "properties")
     for k, v in (("reference", report.reference), ("candidate", report.candidate), ("profile", report.profile)):
         ET.SubElement(props, "property", name=k, value=str(v))
+    loc = report.extra.get("localization")
+    if isinstance(loc, dict) and loc.get("summary"):
+        ET.SubElement(props, "property", name="localization", value=str(loc["summary"]))
     classname = f"llmconv.verify.{report.mode}"
     for c in cases:
         tc = ET.SubElement(suite, "testcase", classname=classname, name=c.name)

@@ -245,8 +245,10 @@ def test_localize_names_the_perturbed_matmul_of_a_quantized_graph(llama, cli, tm
     # The shared tensor is the float MatMul's output, which the quantized graph keeps by name.
     assert "layers.0/mlp/down_proj" in first["tensor"], first
     assert "layers.0/mlp/down_proj" in loc["summary"]
-    r = cli("verify", onnx_dir, broken, "--localize")
+    junit = tmp_path / "loc.xml"
+    r = cli("verify", onnx_dir, broken, "--localize", "--junit", junit)
     assert "where they part" in r.stdout and "down_proj" in r.stdout
+    assert 'name="localization"' in junit.read_text() and "down_proj" in junit.read_text()
 
 
 def test_localize_names_the_layer_of_an_hf_to_onnx_fault(llama, cli, tmp_path):
