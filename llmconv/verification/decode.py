@@ -38,10 +38,11 @@ MAX_PROMPTS = 32
 PREFILL_KEEP = 16  # prefill logits kept per prompt (its last positions): long prompts of a large vocabulary add up
 # The candidate's cached steps against its own pass over the whole sequence without a cache: the same model, so
 # quantization error cancels out. Measured on the trained GPT-2: fp32, fp16 and int4 (weight-only) graphs agree
-# to KL < 1e-8; int8-dynamic (activation scales per tensor, so they depend on the sequence) to KL 2-4e-4, cosine
-# 0.99998 (0.99985 on the random tiny Llama, whose logits are small); a graph whose position ids are off by one
-# once the cache is not empty gives KL 0.009-0.011, one that swaps two layers' caches 0.17-0.22, a zeroed past
-# 0.35-0.47. KL decides; the cosine floor only catches what KL cannot see (a uniformly scaled output).
+# to KL < 1e-8 (int4: 6e-6 on an emulated AVX2 CPU); int8-dynamic (activation scales per tensor, so they depend
+# on the sequence) to KL 2-4e-4, cosine 0.99998 (0.99985 on the random tiny Llama, whose logits are small); a
+# graph whose position ids are off by one once the cache is not empty gives KL 0.009-0.011, one that swaps two
+# layers' caches 0.17-0.22, a zeroed past 0.35-0.47. KL decides; the cosine floor only catches what KL cannot
+# see (a uniformly scaled output).
 CONSISTENCY_MIN_COSINE = 0.999
 CONSISTENCY_MAX_KL = 2e-3
 
