@@ -55,7 +55,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
             --localize; a command whose output is not kept says how to keep it first).
     Returns:
         A VerifyReport in outputs mode: one check per shared output; for causal LMs ``decode.prefill``,
-        ``decode.steps``, ``decode.cache`` and ``generation``; with ``text``, ``text.logits`` and ``perplexity``.
+        ``decode.steps``, ``decode.consistency``, ``decode.cache`` and ``generation``; with ``text``,
+        ``text.logits`` and ``perplexity``.
     Raises:
         UsageError: the models cannot be run on common inputs (no shared outputs, ``text`` with a
             model that is not a causal LM, a sequence longer than the model's positions, ...).
