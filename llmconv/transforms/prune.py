@@ -484,8 +484,7 @@ def _quality(reference: Path, candidate: Path, *, checks: dict[str, Any], thresh
     """Compare outputs and judge them by the pruning thresholds, not by a numeric tolerance profile."""
     from llmconv.verification.outputs import GATE_HINT, compare_outputs
 
-    # The int4 profile's verdict is not prune's: the hint goes on only if the quality check fails.
-    options: dict[str, Any] = {"provider": provider, "failure_hint": "", "decode_steps": checks.get("decode_steps"),
+    options: dict[str, Any] = {"provider": provider, "decode_steps": checks.get("decode_steps"),
                                "generate": checks.get("generate")}
     if checks["inputs"] is not None:
         options["inputs"] = Path(checks["inputs"])

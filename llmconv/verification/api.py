@@ -63,7 +63,10 @@ def verify(reference: str | Path, candidate: str | Path, *, mode: str = "auto", 
             report.extra["thresholds"] = {"atol": atol or 0.0, "rtol": rtol or 0.0}
         return report
     if chosen == "outputs":
-        from llmconv.verification.outputs import compare_outputs
+        from llmconv.verification.outputs import LOCALIZE_HINT, compare_outputs
 
-        return compare_outputs(ref_path, cand_path, profile=profile, atol=atol, rtol=rtol, **outputs_options)
+        report = compare_outputs(ref_path, cand_path, profile=profile, atol=atol, rtol=rtol, **outputs_options)
+        if not report.passed and not outputs_options.get("localize"):
+            report.notes.append(LOCALIZE_HINT)
+        return report
     raise UsageError(f"unknown --mode {mode!r}", hint="use auto, weights or outputs")

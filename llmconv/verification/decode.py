@@ -233,7 +233,7 @@ class _OrtPast:
     def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
         from llmconv.verification.inputs import empty_past
 
-        feed = _plain_feed(self.sig.inputs, ids, mask, pos)
+        feed = plain_feed(self.sig.inputs, ids, mask, pos)
         feed.update(self.past if self.past is not None else empty_past(self.sig.past, ids.shape[0]))
         out = self.runner.run(feed, ["logits", *(p for _, p in self.pairs)])
         self.past = {name: out[present] for name, present in self.pairs}
@@ -256,7 +256,7 @@ class _OrtRecompute:
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
         self.ids = ids if self.ids is None else np.concatenate([self.ids, ids], axis=1)
-        feed = _plain_feed(self.sig.inputs, self.ids, mask, positions(mask))
+        feed = plain_feed(self.sig.inputs, self.ids, mask, positions(mask))
         return self.runner.run(feed, ["logits"])["logits"][:, -ids.shape[1]:]
 
     def cache(self) -> None:
@@ -287,7 +287,13 @@ class _Torch:
                 for label, t in (("key", k), ("value", v))}
 
 
-def _plain_feed(takes: set[str], ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
+def counts_own_positions(*sigs: Any) -> bool:
+    """Whether a side is a graph that takes no position_ids: it counts positions itself, padding included."""
+    return any(sig.kind == "onnxruntime" and "position_ids" not in sig.inputs for sig in sigs)
+
+
+def plain_feed(takes: set[str], ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
+    """Token ids and mask, with the position ids and token type ids a graph that takes them needs."""
     feed = {"input_ids": ids, "attention_mask": mask}
     if "position_ids" in takes:
         feed["position_ids"] = pos

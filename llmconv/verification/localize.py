@@ -21,7 +21,6 @@ outputs mode used, so "leaves the profile" means here what it means in the verdi
 from __future__ import annotations
 
 import contextlib
-import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -212,74 +211,27 @@ class _MarkedSession:
     """
 
     def __init__(self, graph: _Graph, names: list[str], *, provider: str) -> None:
-        import warnings
-
         from onnx import helper
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
         from llmconv.formats.onnx import load_proto
-        from llmconv.verification.runners import (
-            _failure_reason,
-            _onnxruntime,
-            _ort_message,
-            _ort_threads,
-            _providers,
-            _stderr_kept,
-            provider_failed,
-        )
+        from llmconv.verification.runners import ort_session
 
-        ort = _onnxruntime()
-        self.path, self._state = graph.path, ort_state
+        self.path = graph.path
         model = load_proto(graph.path)
         have = {o.name for o in model.graph.output}
         model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in have)
         data = model.SerializeToString()
         del model
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        threads = _ort_threads()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        # Relative external-data locations resolve against the model's folder, and only inside it.
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                         str(graph.path.parent))
-        providers = _providers(provider)
-        banner = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(banner), _stderr_kept(provider == "cuda") as logged, \
-                    warnings.catch_warnings(record=True) as warned:
-                warnings.simplefilter("always")
-                self.session = ort.InferenceSession(data, options, providers=providers)
-        except (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.InvalidProtobuf,
-                ort_state.NoSuchFile, ort_state.NotImplemented, UnicodeDecodeError) as e:
-            raise Unsupported(f"onnxruntime cannot load the model with its tensors marked as outputs: "
-                              f"{_ort_message(e)}", path=graph.path) from None
-        del data
-        active = self.session.get_providers()
-        if not active or active[0] != providers[0]:
-            del self.session
-            log = [banner.getvalue(), *(str(w.message) for w in warned), logged.getvalue()]
-            raise provider_failed(provider, _failure_reason(ort.get_available_providers(), providers[0],
-                                                            active[0] if active else None, "\n".join(log)))
-        self._message = _ort_message
+        self.session = ort_session(data, path=graph.path, provider=provider,
+                                   what="the model with its tensors marked as outputs")
         self.types = {o.name: o.type for o in self.session.get_outputs()}
 
     def run(self, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """The tensors ``names`` (as float32) for ``feed``, of which only the graph's inputs are given."""
-        from llmconv.verification.runners import _ORT_TYPES
+        from llmconv.verification.runners import run_session
 
-        wants = {i.name: _ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
-        missing = [n for n in wants if n not in feed]
-        if missing:
-            raise UsageError(f"the graph needs inputs the feed does not hold: {', '.join(missing)}", path=self.path)
-        given = {n: (np.ascontiguousarray(feed[n], dtype=t) if t is not None else feed[n]) for n, t in wants.items()}
-        s = self._state
-        try:
-            values = self.session.run(names, given)
-        except (s.Fail, s.InvalidArgument, s.RuntimeException, UnicodeDecodeError) as e:
-            raise Unsupported(f"onnxruntime failed to run the model: {self._message(e)}", path=self.path) from None
-        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(names, values, strict=True)}
+        out = run_session(self.session, feed, names, path=self.path)
+        return {n: np.asarray(v, dtype=np.float32) for n, v in out.items()}
 
     def close(self) -> None:
         del self.session

@@ -26,7 +26,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
                     seq_len: int = 16, samples: int = 2, seed: int = 0, provider: str = "cpu",
                     max_ppl_increase: float | None = None, task: str | None = None,
                     decode_steps: int | None = None, generate: int | None = None, prompts: Path | None = None,
-                    localize: bool = False, failure_hint: str | None = None) -> VerifyReport:
+                    localize: bool = False) -> VerifyReport:
     """Run both models on the same inputs and compare the outputs they share.
 
     Args:
@@ -51,8 +51,6 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         prompts: a text file of prompts, one per line, for the decode and generation checks.
         localize: when the models differ, name the first node (ONNX vs ONNX) or decoder layer (PyTorch vs
             ONNX) whose output leaves the profile (``report.extra["localization"]``).
-        failure_hint: the note a failed report carries when ``localize`` is off (default: rerun verify with
-            --localize; a command whose output is not kept says how to keep it first).
     Returns:
         A VerifyReport in outputs mode: one check per shared output; for causal LMs ``decode.prefill``,
         ``decode.steps``, ``decode.consistency``, ``decode.cache`` and ``generation``; with ``text``,
@@ -171,11 +169,11 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         sink=fold, on_text=fold_text, decode=dplan, reference=ref_trace)
     checks = [comparisons[o].check() for o in shared]
     if dplan is not None and ref_trace is not None and cand_trace is not None:
-        from llmconv.verification.decode import decode_checks
+        from llmconv.verification.decode import counts_own_positions, decode_checks
 
-        own = any(sig.kind == "onnxruntime" and "position_ids" not in sig.inputs for sig in (ref_sig, cand_sig))
         decode_found, decode_notes = decode_checks(ref_trace[0], cand_trace[0], cand_trace[1], dplan, profile=prof,
-                                                   sliding=sliding, own_positions=own)
+                                                   sliding=sliding,
+                                                   own_positions=counts_own_positions(ref_sig, cand_sig))
         checks += decode_found
         notes += decode_notes
     if texts is not None:
@@ -214,23 +212,19 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
                          "more, or --prompts of different lengths)")
     # What actually ran each side: for onnxruntime, the execution provider the session reports.
     report.extra["runners"] = {"reference": ref_label, "candidate": cand_label}
-    if not report.passed:
-        if localize:
-            from llmconv.errors import LlmconvError
+    if not report.passed and localize:
+        from llmconv.errors import LlmconvError
 
-            try:
-                report.extra["localization"] = _localize(ref_sig, cand_sig, feeds, dplan, ref_trace, prof, provider)
-            except LlmconvError as e:  # the verdict stands; only the search for where failed
-                report.extra["localization"] = {"first": None, "error": str(e),
-                                                "summary": f"could not localize the difference: {e}"}
-        else:
-            if failure_hint != "":  # "" asks for no hint: the caller judges the report itself
-                notes.append(failure_hint or LOCALIZE_HINT)
+        try:
+            report.extra["localization"] = _localize(ref_sig, cand_sig, feeds, dplan, ref_trace, prof, provider)
+        except LlmconvError as e:  # the verdict stands; only the search for where failed
+            report.extra["localization"] = {"first": None, "error": str(e),
+                                            "summary": f"could not localize the difference: {e}"}
     return report
 
 
+# The note a failed verification carries: verify's, and that of a command that keeps nothing when its gate fails.
 LOCALIZE_HINT = "to name the first layer or node where the two models part, rerun verify with --localize"
-# For the gate of a command that writes nothing when verification fails.
 GATE_HINT = ("to name the first layer or node where the models part, write the output with --no-verify, then run "
              "llmconv verify SRC DST --localize")
 TEXT_LOGITS_BYTES = 256 << 20  # the reference's logits on the text kept for text.logits, at most
@@ -311,7 +305,7 @@ def _localize(ref_sig: Any, cand_sig: Any, feeds: list[dict[str, Any]], dplan: A
               provider: str) -> dict[str, Any]:
     """Where the two models part: the decode feeds when there are some (prefill, then the first cached step
     with the reference's cache), else the first forward input."""
-    from llmconv.verification.decode import positions
+    from llmconv.verification.decode import counts_own_positions, positions
     from llmconv.verification.inputs import empty_past
     from llmconv.verification.localize import localize
 
@@ -325,8 +319,8 @@ def _localize(ref_sig: Any, cand_sig: Any, feeds: list[dict[str, Any]], dplan: A
                    **empty_past(past, mask.shape[0])}
         labelled.append(("prefill", prefill))
         valid.append(mask)
-        own = any(s.kind == "onnxruntime" and "position_ids" not in s.inputs for s in (ref_sig, cand_sig))
-        if trace.prefill_cache and dplan.calls and not own:  # the other side's cache is turned differently
+        # A graph that counts its own positions turns its rotary keys otherwise than the other side's cache.
+        if trace.prefill_cache and dplan.calls and not counts_own_positions(ref_sig, cand_sig):
             full = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
             step = {"input_ids": trace.tokens[:, :1].astype(np.int64), "attention_mask": full,
                     "position_ids": full.sum(axis=1, keepdims=True).astype(np.int64) - 1, **trace.prefill_cache}
@@ -419,8 +413,8 @@ def _run_side(sig: Any, task: str, feeds: list[dict[str, Any]], names: list[str]
 def _nll(runner: Any, sig: Any, tokens: list[int], window: int, *, on_logits: Any = None) -> tuple[float, int]:
     """Summed NLL over non-overlapping windows of ``window`` tokens, with no cache (empty past);
     ``on_logits(i, logits)`` gets each window's logits predicting its next tokens."""
-    import numpy as np
 
+    from llmconv.verification.decode import plain_feed, positions
     from llmconv.verification.inputs import empty_past
     from llmconv.verification.metrics import token_nll
 
@@ -431,9 +425,8 @@ def _nll(runner: Any, sig: Any, tokens: list[int], window: int, *, on_logits: An
             continue
         ids = np.asarray(chunk, dtype=np.int64)[None, :]
         n = ids.shape[1]
-        feed: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        if "position_ids" in sig.inputs:  # a PyTorch model counts its own
-            feed["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+        mask = np.ones_like(ids)
+        feed = plain_feed(sig.inputs, ids, mask, positions(mask))  # position ids only for a graph that takes them
         feed.update(empty_past(sig.past, 1))
         logits = runner.run(feed, ["logits"])["logits"][0]
         total += token_nll(logits[:-1], ids[0, 1:])

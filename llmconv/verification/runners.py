@@ -343,58 +343,88 @@ class OrtRunner:
     kind = "onnxruntime"
 
     def __init__(self, sig: Signature, *, provider: str, task: str | None = None) -> None:
-        ort = _onnxruntime()
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-
-        providers = _providers(provider)
-        options = ort.SessionOptions()
-        options.log_severity_level = 4  # its errors reach us as exceptions; printed they are noise
-        threads = _ort_threads()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         self.sig = sig
-        banner = io.StringIO()
-        try:
-            # On a ValueError onnxruntime prints an "EP Error" banner to stdout and retries on the same CPU
-            # provider: that would land in front of --json's one object. What it logs when a provider fails
-            # to start goes to stderr; for CUDA we keep it, as the reason we give.
-            with contextlib.redirect_stdout(banner), _stderr_kept(provider == "cuda") as logged, \
-                    warnings.catch_warnings(record=True) as warned:
-                warnings.simplefilter("always")
-                self.session = ort.InferenceSession(str(sig.model_path), options, providers=providers)
-        except (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.InvalidProtobuf,
-                ort_state.NoSuchFile, ort_state.NotImplemented, UnicodeDecodeError) as e:
-            raise Unsupported(f"onnxruntime cannot load the model: {_ort_message(e)}", path=sig.model_path) from None
-        active = self.session.get_providers()
-        self.provider = active[0] if active else "CPUExecutionProvider"
-        if providers[0] != self.provider:
-            del self.session
-            log = [banner.getvalue(), *(str(w.message) for w in warned), logged.getvalue()]
-            raise provider_failed(provider, _failure_reason(ort.get_available_providers(), providers[0],
-                                                             self.provider, "\n".join(log)))
+        self.session = ort_session(sig.model_path, path=sig.model_path, provider=provider)
+        self.provider = self.session.get_providers()[0]
         self.label = f"onnxruntime ({self.provider}, {task or sig.task or 'unknown task'})"
-        self._types = {i.name: _ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self._ort_state = ort_state
 
     def run(self, feed: dict[str, Any], names: list[str]) -> dict[str, np.ndarray]:
-        missing = [n for n in self._types if n not in feed]
-        if missing:
-            raise UsageError(f"the graph needs inputs llmconv cannot make: {', '.join(missing)}",
-                             path=self.sig.model_path, hint="give them with --inputs FILE.npz")
-        feeds = {n: (np.ascontiguousarray(feed[n], dtype=t) if t is not None else feed[n])
-                 for n, t in self._types.items()}
-        s = self._ort_state
-        try:
-            values = self.session.run(names, feeds)
-        except (s.Fail, s.InvalidArgument, s.RuntimeException, UnicodeDecodeError) as e:
-            raise Unsupported(f"onnxruntime failed to run the model: {_ort_message(e)}",
-                              path=self.sig.model_path) from None
-        return dict(zip(names, values, strict=True))
+        return run_session(self.session, feed, names, path=self.sig.model_path)
 
     def close(self) -> None:
         del self.session  # reference counting frees it; gc.collect() would cost ~0.3 s for nothing
+
+
+def ort_session(model: Path | bytes, *, path: Path, provider: str, what: str = "the model") -> Any:
+    """An onnxruntime session with llmconv's options (``LLMCONV_ORT_THREADS``, quiet logs) on ``provider``.
+
+    Args:
+        model: the ``.onnx`` file, or a serialized proto whose external data lie in ``path``'s folder
+            (relative locations resolve there, and only inside it).
+        path: the model's file, for messages and its external data.
+        provider: ``cpu`` or ``cuda``.
+        what: how messages name the model.
+    Returns:
+        The InferenceSession, running on the provider asked for.
+    Raises:
+        Unsupported: onnxruntime cannot load the model, or did not start the provider (it would have
+            fallen back to the CPU, silently).
+    """
+    ort = _onnxruntime()
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    providers = _providers(provider)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # its errors reach us as exceptions; printed they are noise
+    threads = _ort_threads()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if isinstance(model, bytes):
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    banner = io.StringIO()
+    try:
+        # On a ValueError onnxruntime prints an "EP Error" banner to stdout and retries on the same CPU
+        # provider: that would land in front of --json's one object. What it logs when a provider fails
+        # to start goes to stderr; for CUDA we keep it, as the reason we give.
+        with contextlib.redirect_stdout(banner), _stderr_kept(provider == "cuda") as logged, \
+                warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                           providers=providers)
+    except (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.InvalidProtobuf,
+            ort_state.NoSuchFile, ort_state.NotImplemented, UnicodeDecodeError) as e:
+        raise Unsupported(f"onnxruntime cannot load {what}: {_ort_message(e)}", path=path) from None
+    active = session.get_providers()
+    if not active or active[0] != providers[0]:
+        del session
+        log = [banner.getvalue(), *(str(w.message) for w in warned), logged.getvalue()]
+        raise provider_failed(provider, _failure_reason(ort.get_available_providers(), providers[0],
+                                                        active[0] if active else None, "\n".join(log)))
+    return session
+
+
+def run_session(session: Any, feed: dict[str, Any], names: list[str], *, path: Path) -> dict[str, np.ndarray]:
+    """``names`` from ``session`` on the graph inputs of ``feed`` (cast to the types the graph takes).
+
+    Raises:
+        UsageError: the feed lacks an input the graph takes.
+        Unsupported: onnxruntime failed to run it.
+    """
+    from onnxruntime.capi import onnxruntime_pybind11_state as s
+
+    types = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
+    missing = [n for n in types if n not in feed]
+    if missing:
+        raise UsageError(f"the graph needs inputs llmconv cannot make: {', '.join(missing)}", path=path,
+                         hint="give them with --inputs FILE.npz")
+    given = {n: (np.ascontiguousarray(feed[n], dtype=t) if t is not None else feed[n]) for n, t in types.items()}
+    try:
+        values = session.run(names, given)
+    except (s.Fail, s.InvalidArgument, s.RuntimeException, UnicodeDecodeError) as e:
+        raise Unsupported(f"onnxruntime failed to run the model: {_ort_message(e)}", path=path) from None
+    return dict(zip(names, values, strict=True))
 
 
 def _ort_message(e: Exception) -> str:

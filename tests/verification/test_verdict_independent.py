@@ -20,6 +20,7 @@ import pytest
 from fixtures import verdict_models
 from llmconv.verification.outputs import compare_outputs
 from llmconv.verification.profiles import outputs_profile
+from tests._lossy import _session
 from tests.export import _exports
 
 MODELS = [f"{a}-hf" for a in _exports.ARCHITECTURES] + list(verdict_models.BUILDERS)
@@ -44,15 +45,6 @@ def exported_pair(fixtures_dir, get_model):
         return get_model(name), out, report
 
     return get
-
-
-def _session(onnx_file: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 4
-    return ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
 
 
 def _inputs(config: dict[str, Any], takes: set[str], *, length: int = 12) -> dict[str, np.ndarray]:
