@@ -31,8 +31,9 @@ DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 # What `--dtype` accepts.
 CAST_TARGETS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# Names that hold a model's output projection; when it is tied to the input embedding, transformers
-# saves the embedding and drops these (save_pretrained), and so do we.
+# Names that hold a model's output projection. Only the fallback where the model's class cannot be read (a
+# bare weights file, no transformers, an unknown model_type): a tied head is then stored as the embedding, as
+# save_pretrained stores GPT-2's and Llama's. With a config, llmconv.architecture says what is tied.
 _OUTPUT_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight", "output.weight", "cls.predictions.decoder.weight",
                          "lm_head.decoder.weight", "output_embeddings.weight")
 
@@ -76,6 +77,9 @@ class TensorSource:
         files: the weight files read (one, or the shards).
         extra_files: files of an hf folder carried over unchanged (config, tokenizer, ...).
         zero_copy: tensors are views of mapped files (a writer may keep them all alive at once).
+
+    Setting ``config`` (the hf reader does, after reading the weights) re-chooses the canonical name of
+    each group of aliases as the model's class does (:func:`retie`): the name ``save_pretrained`` keeps.
     """
 
     format: str
@@ -91,6 +95,13 @@ class TensorSource:
     zero_copy: bool = True
     details: dict[str, Any] = field(default_factory=dict)
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # The readers find aliases from shared storage before they know the config; the stored name of a
+        # group must be the one transformers keeps, or from_pretrained would not find it.
+        if name == "config" and value is not None and self.__dict__.get("aliases"):
+            super().__setattr__("aliases", retie(self.aliases, value))
 
     def names(self) -> list[str]:
         return list(self.infos)
@@ -114,9 +125,9 @@ class TensorSource:
     def canonical_names(self) -> list[str]:
         """Names to store when a format cannot hold aliases (safetensors).
 
-        A tied output head is left out, as ``save_pretrained`` leaves it out, when the model ties it
-        again on load (:func:`left_out_when_tied`); any other alias is kept, and written as a tensor
-        of its own, so that no name is lost.
+        An alias the model ties again on load is left out, as ``save_pretrained`` leaves it out
+        (:func:`left_out_when_tied`); any other alias is kept, and written as a tensor of its own, so
+        that no name is lost.
         """
         dropped = self.left_out()
         return [n for n in self.infos if n not in dropped]
@@ -159,21 +170,58 @@ def ties_on_load(config: dict[str, Any] | None) -> bool:
 def left_out_when_tied(alias: str, canonical: str, config: dict[str, Any] | None) -> bool:
     """Whether ``alias`` (sharing ``canonical``'s storage) may be left out of a file, as transformers does.
 
-    Only an output head tied to a tensor that is not a head qualifies, and only for a model that
-    ties them on load: with a config, the config must say so; a bare weights file (no config) is
-    written the way ``save_pretrained`` would write it, which is what ``from_pretrained`` reads.
+    With a config, the model's class decides (:mod:`llmconv.architecture`): ``alias`` is left out when
+    ``tie_weights()`` makes it the same Parameter as ``canonical``, so ``from_pretrained`` ties it again
+    (BART's ``model.encoder.embed_tokens.weight`` to ``model.shared.weight``; GPT-2's ``lm_head.weight``
+    unless the config says ``tie_word_embeddings: false``).
+
+    Fallback, where the class cannot be read (no transformers, a model_type it does not know, model
+    code) or knows neither name: only an output head (by name, :func:`is_output_head`) tied to a
+    tensor that is not a head qualifies, when the config ties them (:func:`ties_on_load`). A bare
+    weights file (no config) keeps that rule too: it is written the way ``save_pretrained`` would
+    write a GPT-2 or Llama file, which is what ``from_pretrained`` reads.
     """
+    if config is not None:
+        from llmconv.architecture import describe
+
+        arch = describe(config)
+        if arch is not None and (arch.own_name(alias) or arch.own_name(canonical)):
+            return arch.ties(alias, canonical)
     if not is_output_head(alias) or is_output_head(canonical):
         return False
     return config is None or ties_on_load(config)
+
+
+def retie(aliases: dict[str, str], config: dict[str, Any] | None) -> dict[str, str]:
+    """``aliases`` (alias -> canonical) with each group's canonical name the one ``save_pretrained`` keeps.
+
+    The readers group names by shared storage and pick a canonical name by :func:`choose_canonical`
+    without a config; BART's four names would keep ``model.decoder.embed_tokens.weight`` where
+    transformers keeps ``model.shared.weight``. With a config whose class can be read
+    (:func:`llmconv.architecture.describe`), its choice is used; otherwise ``aliases`` is returned as is.
+    """
+    from llmconv.architecture import describe
+
+    arch = describe(config) if aliases and config is not None else None
+    if arch is None:
+        return aliases
+    groups: dict[str, list[str]] = {}
+    for alias, canon in aliases.items():
+        groups.setdefault(canon, [canon]).append(alias)
+    out: dict[str, str] = {}
+    for names in groups.values():
+        known = [n for n in names if arch.own_name(n)]
+        keep = arch.kept(known) if known else choose_canonical(names)
+        out.update({n: keep for n in names if n != keep})
+    return out
 
 
 def find_aliases(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
     """Group names whose tensors are the same view of the same storage.
 
     Returns:
-        alias -> canonical name. The canonical name of a group is the one transformers keeps
-        when it saves tied weights: the input embedding rather than an output head.
+        alias -> canonical name, by :func:`choose_canonical` (the readers know no config yet); setting
+        a source's config re-chooses it as the model's class does (:func:`retie`).
     """
     groups: dict[tuple, list[str]] = {}
     for name, t in named:
@@ -193,7 +241,10 @@ def find_aliases(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
 
 
 def choose_canonical(names: list[str]) -> str:
-    """Of tied names, keep one that is not an output head; then the first in sorted order."""
+    """Of tied names, keep one that is not an output head; then the first in sorted order.
+
+    The rule without a config (or a class to read, :func:`retie`): right for GPT-2 and Llama.
+    """
     heads = [n for n in names if n.endswith(_OUTPUT_HEAD_SUFFIXES)]
     rest = sorted(n for n in names if n not in heads)
     return rest[0] if rest else sorted(names)[0]

@@ -150,11 +150,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         stores_aliases = (dest.weights_format or dest.format.name) == "pytorch"
         dropped = {} if stores_aliases else view.left_out()
         copied = {} if stores_aliases else {a: c for a, c in view.aliases.items() if a not in dropped}
-        for alias, canon in copied.items():
-            extra = human_size(view.infos[alias].nbytes)
-            notes.append(f"{alias} shares storage with {canon}, and safetensors cannot share: it is written as a "
-                         f"copy ({extra}), since " + ("the config does not tie them" if view.config is not None
-                                                       and is_output_head(alias) else "nothing ties it on load"))
+        notes += tie_notes(view, dropped, copied)
         if limit and not dest.folder and view.total_bytes > limit:
             # Checked here, not in the writer, so the message names DST rather than its temporary name.
             raise UsageError(f"--shard-size {shard_size} needs a folder destination (the model is larger than "
@@ -167,6 +163,10 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             verification = None
             if verify:
                 with dest.format.open(tmp) as written:
+                    if written.config is None:
+                        # A bare weights file is this model's, loaded with its config: the ties that let
+                        # names be left out are the config's (what from_pretrained applies to it).
+                        written.config = view.config
                     verification = compare_weights(view, written, profile="exact")
                     verification.reference, verification.candidate = str(src_path), str(dst_path)
                 if not verification.passed:
@@ -181,3 +181,47 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             parameters=view.num_parameters, bytes_written=size, files=rel,
             dtype=dtype if dtype == "keep" else dtype_name(CAST_TARGETS[dtype]), cast=cast,
             dropped_aliases=dropped, notes=notes, verification=verification, seconds=time.perf_counter() - t0)
+
+
+def tie_notes(src: TensorSource, dropped: dict[str, str], copied: dict[str, str]) -> list[str]:
+    """Say which tied names a format without shared storage leaves out, which it writes as copies, and why.
+
+    Args:
+        src: the source (its config says what the model ties, :mod:`llmconv.architecture`).
+        dropped: alias -> the name stored, for the aliases left out.
+        copied: alias -> the name it shares storage with, for the aliases written as tensors of their own.
+    Returns:
+        One note per stored name with left-out aliases, then one per copy.
+    """
+    from llmconv.architecture import describe, unavailable_reason
+
+    arch = describe(src.config) if src.config is not None else None
+    notes = []
+    by_canon: dict[str, list[str]] = {}
+    for alias, canon in dropped.items():
+        by_canon.setdefault(canon, []).append(alias)
+    for canon, aliases in by_canon.items():
+        names = ", ".join(sorted(aliases))
+        if arch is not None and all(arch.ties(a, canon) for a in aliases):
+            why = (f"{arch.model_class} makes {'it' if len(aliases) == 1 else 'them'} one parameter with {canon} "
+                   "(tie_weights), so from_pretrained ties them again on load")
+        elif src.config is not None:
+            why = "the config ties the output head to the input embedding, so from_pretrained ties them again on load"
+        else:
+            why = "no config.json: an output head sharing the embedding's storage is left out, as save_pretrained " \
+                  "leaves out a tied head"
+        notes.append(f"{names} {'is' if len(aliases) == 1 else 'are'} stored once, as {canon}: {why}")
+    for alias, canon in copied.items():
+        extra = human_size(src.infos[alias].nbytes)
+        if arch is not None and (arch.own_name(alias) or arch.own_name(canon)):
+            why = (f"the config does not tie them ({arch.model_class} keeps them as separate parameters), so leaving "
+                   "it out would load it uninitialised")
+        elif src.config is None:
+            why = "there is no config.json to say that the model ties it again on load"
+        elif is_output_head(alias):
+            why = "the config does not tie them"
+        else:
+            why = f"nothing says the model ties it again on load ({unavailable_reason(src.config)})"
+        notes.append(f"{alias} shares storage with {canon} in the source, and safetensors cannot share: it is "
+                     f"written as a copy ({extra}), since {why}")
+    return notes

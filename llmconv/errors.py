@@ -56,6 +56,25 @@ class Unsupported(LlmconvError):
     """A valid input or request that llmconv does not handle (yet)."""
 
 
+class GraphRunError(Unsupported):
+    """onnxruntime loaded an ONNX graph but failed while running it on a feed.
+
+    Attributes:
+        op: the op type of the node that failed (``Split``), when onnxruntime names it.
+        node: that node's name, when onnxruntime names it.
+        detail: onnxruntime's own message (its status message when it names a node).
+        shape: the shape of the feed's main input (``input_ids``, ``pixel_values``), when known.
+    """
+
+    def __init__(self, *, op: str | None, node: str | None, detail: str, shape: list[int] | None = None,
+                 path: str | Path | None = None) -> None:
+        self.op, self.node, self.detail = op, node, detail
+        self.shape = list(shape) if shape is not None else None
+        where = f"{op or 'a'} node {node}: " if node else (f"{op} node: " if op else "")
+        inputs = f" (inputs {self.shape})" if self.shape is not None else ""
+        super().__init__(f"onnxruntime cannot run the graph: {where}{detail}{inputs}", path=path)
+
+
 class MissingDependency(LlmconvError):
     """An optional backend is not installed; the message gives the pip command."""
 

@@ -114,3 +114,32 @@ def test_source_totals_count_tied_tensors_once(fx):
         assert src.num_parameters == 173_824
         assert src.total_bytes == 173_824 * 4
         assert "lm_head.weight" not in src.canonical_names()
+
+
+def _bart_source(config: dict | None) -> TensorSource:
+    shared = torch.zeros(4, 2)
+    names = ["model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+             "lm_head.weight"]
+    sd = dict.fromkeys(names, shared)
+    return TensorSource(format="pytorch", path=Path("m"), infos={n: TensorInfo(n, torch.float32, (4, 2)) for n in sd},
+                        loader=sd.__getitem__, aliases=find_aliases(sd.items()), config=config)
+
+
+def test_a_config_rechooses_the_stored_name_as_the_model_class_does(fx):
+    from llmconv.checkpoint import left_out_when_tied, retie
+
+    bare = _bart_source(None)  # no config: today's rule, by name
+    assert set(bare.aliases.values()) == {"model.decoder.embed_tokens.weight"}
+    assert bare.left_out() == {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+    config = json.loads((fx("bart-hf") / "config.json").read_text())
+    bare.config = config  # what the hf reader does after reading the weights
+    assert set(bare.aliases.values()) == {"model.shared.weight"}
+    assert bare.canonical_names() == ["model.shared.weight"]
+    assert _bart_source(config).aliases == bare.aliases == retie(bare.aliases, config)
+    assert left_out_when_tied("model.encoder.embed_tokens.weight", "model.shared.weight", config)
+    untied = {**json.loads((fx("gpt2-hf") / "config.json").read_text()), "tie_word_embeddings": False}
+    assert not left_out_when_tied("lm_head.weight", "transformer.wte.weight", untied)
+    assert left_out_when_tied("lm_head.weight", "transformer.wte.weight", None)
+    unknown = {"model_type": "no-such-model"}  # the class cannot be read: the name rule and the config's flag
+    assert left_out_when_tied("lm_head.weight", "transformer.wte.weight", unknown)
+    assert not left_out_when_tied("model.encoder.embed_tokens.weight", "model.shared.weight", unknown)

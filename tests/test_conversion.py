@@ -297,3 +297,94 @@ def test_public_api_names_stay_functions():
     for name in ("convert", "inspect", "verify", "quantize", "prune"):
         fn = getattr(llmconv, name)
         assert inspect.isfunction(fn) and fn.__name__ == name, name
+
+
+# ---- encoder-decoders: tied embeddings stored as save_pretrained stores them (issue 10, item 3) ----------
+
+
+def _seq2seq_bin(kind: str, folder: Path, **save: object):
+    """A tiny seeded ``kind`` model saved as pytorch_model.bin (every tied name present, sharing storage), and
+    the names save_pretrained(safe_serialization=True) stores for it."""
+    from safetensors import safe_open
+
+    from fixtures.make_fixtures import tiny_model
+
+    model = tiny_model(kind)
+    model.save_pretrained(folder / "bin", safe_serialization=False, **save)
+    model.save_pretrained(folder / "st", safe_serialization=True)
+    with safe_open(str(folder / "st" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    return model, names
+
+
+def _stored_names(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            names |= set(st.keys())
+    return names
+
+
+def _same_logits_and_no_missing_keys(model, folder: Path) -> None:
+    loaded, info = type(model).from_pretrained(folder, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == [], info
+    ids, dec = torch.tensor([[0, 5, 6, 7, 2]]), torch.tensor([[2, 5, 6]])
+    with torch.no_grad():
+        want = model(input_ids=ids, decoder_input_ids=dec).logits
+        got = loaded.eval()(input_ids=ids, decoder_input_ids=dec).logits
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("kind", "shared"), [("bart", "model.shared.weight"), ("t5", "shared.weight"),
+                                              ("marian", "model.shared.weight"), ("mbart", "model.shared.weight")])
+def test_encoder_decoder_bin_to_safetensors_stores_what_save_pretrained_stores(kind, shared, tmp_path):
+    model, expected = _seq2seq_bin(kind, tmp_path)
+    report = convert(tmp_path / "bin", tmp_path / "out", to="safetensors")
+    assert _stored_names(tmp_path / "out") == expected and shared in expected
+    prefix = "model." if shared.startswith("model.") else ""
+    tied = [f"{prefix}decoder.embed_tokens.weight", f"{prefix}encoder.embed_tokens.weight", "lm_head.weight"]
+    assert report.dropped_aliases == dict.fromkeys(tied, shared)
+    assert report.notes == [f"{', '.join(sorted(tied))} are stored once, as {shared}: {type(model).__name__} makes "
+                            f"them one parameter with {shared} (tie_weights), so from_pretrained ties them again "
+                            "on load"]
+    assert report.verification.passed and sorted(report.verification.tied) == sorted(tied)
+    _same_logits_and_no_missing_keys(model, tmp_path / "out")
+
+
+def test_sharded_bart_bin_and_back_from_safetensors(tmp_path):
+    model, expected = _seq2seq_bin("bart", tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "bin" / "pytorch_model.bin.index.json").is_file()
+    convert(tmp_path / "bin", tmp_path / "out", to="safetensors", shard_size="100KB")
+    assert _stored_names(tmp_path / "out") == expected
+    _same_logits_and_no_missing_keys(model, tmp_path / "out")
+    # save_pretrained's safetensors folder -> .bin -> safetensors: the one stored name all the way.
+    convert(tmp_path / "st", tmp_path / "as-bin", to="pytorch")
+    convert(tmp_path / "as-bin", tmp_path / "again", to="safetensors")
+    assert _stored_names(tmp_path / "again") == expected
+    _same_logits_and_no_missing_keys(model, tmp_path / "again")
+
+
+def test_a_bare_bin_without_config_keeps_todays_rule_and_says_why(tmp_path):
+    """No config, no class to ask: only the output head is left out (by name), the rest are copies."""
+    _seq2seq_bin("bart", tmp_path)
+    report = convert(tmp_path / "bin" / "pytorch_model.bin", tmp_path / "o.safetensors")
+    assert report.dropped_aliases == {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+    assert set(load_file(tmp_path / "o.safetensors")) >= {"model.shared.weight", "model.encoder.embed_tokens.weight"}
+    assert report.notes[0] == ("lm_head.weight is stored once, as model.decoder.embed_tokens.weight: no config.json: "
+                               "an output head sharing the embedding's storage is left out, as save_pretrained "
+                               "leaves out a tied head")
+    assert any(n.startswith("model.shared.weight shares storage with model.decoder.embed_tokens.weight in the "
+                            "source, and safetensors cannot share: it is written as a copy")
+               and n.endswith("there is no config.json to say that the model ties it again on load")
+               for n in report.notes)
+
+
+def test_an_untied_head_is_kept(tmp_path):
+    """mT5 (tie_word_embeddings false): the embed_tokens are tied to shared, lm_head is a weight of its own."""
+    model, expected = _seq2seq_bin("mt5", tmp_path)
+    report = convert(tmp_path / "bin", tmp_path / "out", to="safetensors")
+    assert "lm_head.weight" in expected and _stored_names(tmp_path / "out") == expected
+    assert "lm_head.weight" not in report.dropped_aliases
+    _same_logits_and_no_missing_keys(model, tmp_path / "out")

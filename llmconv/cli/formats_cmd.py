@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
 from rich.table import Table
 
 from llmconv.cli import options as o
 from llmconv.cli.output import out, print_json
 
-HELP = "Show the matrix of supported conversions and transforms."
-EPILOG = "Example: [bold]llmconv formats --json[/]"
+HELP = "Show the matrix of supported conversions and transforms (--models: the architectures tested)."
+EPILOG = "Example: [bold]llmconv formats --json[/], [bold]llmconv formats --models[/]"
+
+Models = Annotated[bool, typer.Option("--models", help="List the architecture x task pairs the test suite exports "
+                                                         "to ONNX and verifies, and those it shows refused.")]
 
 
-def command(json_output: o.Json = False) -> None:
+def command(json_output: o.Json = False, models: Models = False) -> None:
+    if models:
+        _models(json_output)
+        return
     from llmconv.capabilities import matrix
 
     m = matrix()
@@ -31,3 +40,22 @@ def command(json_output: o.Json = False) -> None:
     out.print("[bold]transforms[/]")
     for name, info in m["transforms"].items():
         out.print(f"  {name}: {info}")
+
+
+def _models(json_output: bool) -> None:
+    from llmconv.coverage import CHECKS, MODELS, REFUSED, models_json
+
+    if json_output:
+        print_json(models_json())
+        return
+    t = Table(title="exported to ONNX and verified against PyTorch by the test suite", title_justify="left")
+    for col in ("family", "model_type", "architecture", "task", "exporter"):
+        t.add_column(col)
+    for m in MODELS:
+        t.add_row(m.family, m.model_type, m.architecture, m.task, m.exporter)
+    out.print(t)
+    for family, checks in CHECKS.items():
+        out.print(f"  [bold]{family}[/]: {checks}")
+    out.print("[bold]refused[/] (the export fails, says why, and writes nothing)")
+    for m, why in REFUSED:
+        out.print(f"  {m.model_type} ({m.architecture}): {why}")

@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmconv.errors import DestinationError, InputError, NotEquivalent, Unsupported, UsageError
+from llmconv.errors import DestinationError, GraphRunError, InputError, NotEquivalent, Unsupported, UsageError
 from llmconv.io import atomic_output, check_replaceable
 
 if TYPE_CHECKING:
     from llmconv.conversion import ConvertReport
+    from llmconv.export.exporters import ExportPlan
     from llmconv.formats.registry import Format
+    from llmconv.verification.report import VerifyReport
 
 __all__ = ["to_onnx"]
 
@@ -56,6 +58,7 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
     from llmconv.conversion import ConvertReport
     from llmconv.export.exporters import plan_export, run_export
     from llmconv.export.onnx_post import finalize, rename_model
+    from llmconv.export.tasks import is_seq2seq
     from llmconv.formats.hf import load_config
     from llmconv.transforms.common import install, scratch_near
     from llmconv.transforms.graph import record_data_files
@@ -77,6 +80,10 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
     with contextlib.ExitStack() as stack:
         folder = _model_folder(src, fmt_name, config, stack, notes)
         plan = plan_export(load_config(folder), task=task, opset=opset, path=src)
+        if is_seq2seq(plan.task):
+            return _to_onnx_seq2seq(src, dst, plan, folder, stack, notes, fmt_name=fmt_name, to_file=to_file,
+                                    verify=verify, force=force, external_data=external_data, provider=provider,
+                                    decode_steps=decode_steps, generate=generate, t0=t0)
         if to_file:  # built in a scratch folder, then installed: the data files first, the model last
             scratch = Path(stack.enter_context(scratch_near(dst)))
             out_dir = scratch / "onnx"
@@ -95,17 +102,9 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
                          "the installed onnxruntime loads")
         verification = None
         if verify:
-            from llmconv.verification.outputs import GATE_HINT, compare_outputs
-
             # The hf folder itself, so that messages name it (the runner makes its own view of it).
-            reference = src if fmt_name == "hf" else folder
-            verification = compare_outputs(reference, model_path, profile="auto", provider=provider, task=plan.task,
-                                           decode_steps=decode_steps, generate=generate)
-            verification.reference, verification.candidate = str(src), str(dst)
-            if not verification.passed:
-                verification.notes.append(GATE_HINT)
-                raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "
-                                    "nothing was written", report=verification, path=dst)
+            verification = _gate(src if fmt_name == "hf" else folder, model_path, plan, src=src, dst=dst,
+                                 provider=provider, decode_steps=decode_steps, generate=generate)
         record_data_files(model_path)  # what a later --force onto this model may remove
         if to_file:
             data_files = [model_path.parent / d for d in post["external_data"]]
@@ -130,6 +129,90 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
         dtype="float32", notes=notes, verification=verification, seconds=time.perf_counter() - t0,
         extra={"task": plan.task, "opset": plan.opset, "ir_version": post["ir_version"], "exporter": plan.exporter,
                "external_data": bool(post["external_data"])})
+
+
+def _gate(reference: Path, candidate: Path, plan: ExportPlan, *, src: Path, dst: Path, provider: str,
+          decode_steps: int | None, generate: int | None) -> VerifyReport:
+    """Verify the export (in the scratch folder) against PyTorch; raise, naming ``dst``, when it is not the model."""
+    from llmconv.verification.outputs import GATE_HINT, compare_outputs
+
+    try:
+        verification = compare_outputs(reference, candidate, profile="auto", provider=provider, task=plan.task,
+                                       decode_steps=decode_steps, generate=generate)
+    except GraphRunError as e:
+        raise _does_not_run(e, plan, dst) from None
+    verification.reference, verification.candidate = str(src), str(dst)
+    if not verification.passed:
+        verification.notes.append(GATE_HINT)
+        raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "
+                            "nothing was written", report=verification, path=dst)
+    return verification
+
+
+def _does_not_run(e: GraphRunError, plan: ExportPlan, dst: Path) -> NotEquivalent:
+    """A graph that onnxruntime loads but cannot run on a shape users give it (batch 1, one token): a failed
+    export, exit 1, naming the node, the architecture and the user's destination (never the scratch folder)."""
+    where = f"{e.op} node {e.node}" if e.op and e.node else e.op or e.node or "a node"
+    shape = f", on inputs of shape {e.shape}" if e.shape is not None else ""
+    return NotEquivalent(f"the exported graph does not run in onnxruntime: {where}: {e.detail.rstrip('. ')}{shape} "
+                         f"({plan.model_type}, exported with {plan.exporter} for {plan.task}); nothing was written",
+                         path=dst)
+
+
+def _to_onnx_seq2seq(src: Path, dst: Path, plan: ExportPlan, folder: Path, stack: contextlib.ExitStack,
+                     notes: list[str], *, fmt_name: str, to_file: bool, verify: bool, force: bool,
+                     external_data: bool, provider: str, decode_steps: int | None, generate: int | None,
+                     t0: float) -> ConvertReport:
+    """An encoder-decoder: optimum's layout, ``encoder_model.onnx`` and ``decoder_model_merged.onnx`` (or
+    ``decoder_model.onnx`` without a cache), in a folder that ``ORTModelForSeq2SeqLM.from_pretrained`` loads."""
+    from llmconv.conversion import ConvertReport
+    from llmconv.export.exporters import run_export
+    from llmconv.export.onnx_post import finalize
+    from llmconv.formats.onnx import SEQ2SEQ_DECODERS, SEQ2SEQ_ENCODER
+    from llmconv.transforms.graph import record_data_files
+
+    if to_file:
+        raise UsageError(f"{plan.model_type} is an encoder-decoder: it exports to two graphs ({SEQ2SEQ_ENCODER} and "
+                         f"{SEQ2SEQ_DECODERS[0]}), which need a folder", path=dst,
+                         hint=f"give a destination without the {dst.suffix} extension")
+    out_dir = Path(stack.enter_context(atomic_output(dst, folder=True, force=force)))
+    run_export(plan, folder, out_dir)
+    merged = out_dir / SEQ2SEQ_DECODERS[0]
+    if merged.is_file():
+        # The merged decoder holds both of the others (the first step and the cached ones): shipping them too
+        # would triple the decoder's bytes, and ORTModelForSeq2SeqLM loads the merged one first.
+        for name in SEQ2SEQ_DECODERS[1:]:
+            for p in (out_dir / name, out_dir / f"{name}_data"):
+                p.unlink(missing_ok=True)
+    graphs = [out_dir / n for n in (SEQ2SEQ_ENCODER, *SEQ2SEQ_DECODERS) if (out_dir / n).is_file()]
+    if len(graphs) < 2 or graphs[0].name != SEQ2SEQ_ENCODER:
+        raise Unsupported(f"the {plan.exporter} exporter wrote {', '.join(p.name for p in graphs) or 'no graph'} for "
+                          f"{plan.model_type} ({plan.task}), not an encoder and a decoder", path=src)
+    posts = {}
+    for g in graphs:
+        posts[g.name] = finalize(g, data_name=f"{g.name}_data", external_data=external_data)
+        lowered = posts[g.name]["ir_lowered_from"]
+        if lowered is not None:
+            notes.append(f"{g.name}: IR version lowered from {lowered} to {posts[g.name]['ir_version']}, the highest "
+                         "the installed onnxruntime loads")
+    verification = None
+    if verify:
+        verification = _gate(src if fmt_name == "hf" else folder, out_dir, plan, src=src, dst=dst, provider=provider,
+                             decode_steps=decode_steps, generate=generate)
+    for g in graphs:
+        record_data_files(g)
+    everything = sorted(p for p in out_dir.rglob("*") if p.is_file())
+    first = posts[graphs[0].name]
+    return ConvertReport(
+        source=str(src), destination=str(dst), source_format=fmt_name, destination_format="onnx",
+        weights_format=None, tensors=sum(p["initializers"] for p in posts.values()),
+        parameters=sum(p["parameters"] for p in posts.values()),
+        bytes_written=sum(p.stat().st_size for p in everything),
+        files=[str(dst / p.relative_to(out_dir)) for p in everything], dtype="float32", notes=notes,
+        verification=verification, seconds=time.perf_counter() - t0,
+        extra={"task": plan.task, "opset": plan.opset, "ir_version": first["ir_version"], "exporter": plan.exporter,
+               "external_data": any(p["external_data"] for p in posts.values()),
+               "graphs": [g.name for g in graphs]})
 
 
 def _model_folder(src: Path, fmt_name: str, config: str | Path | None, stack: contextlib.ExitStack,

@@ -23,6 +23,8 @@ _ARCH_SUFFIX_TASKS: tuple[tuple[str, str], ...] = (
     ("ForQuestionAnswering", "question-answering"),
     ("ForMultipleChoice", "multiple-choice"),
     ("ForConditionalGeneration", "text2text-generation"),
+    ("MTModel", "text2text-generation"),  # MarianMTModel
+    ("ForImageClassification", "image-classification"),
     ("Model", "feature-extraction"),
 )
 
@@ -33,9 +35,11 @@ TASK_CLASSES: dict[str, tuple[str, str]] = {
     "fill-mask": ("AutoModelForMaskedLM", "logits"),
     "text-classification": ("AutoModelForSequenceClassification", "logits"),
     "token-classification": ("AutoModelForTokenClassification", "logits"),
+    "text2text-generation": ("AutoModelForSeq2SeqLM", "logits"),
+    "image-classification": ("AutoModelForImageClassification", "logits"),
 }
 
-SUPPORTED_TASKS = sorted({*TASK_CLASSES, "text-generation-with-past"})
+SUPPORTED_TASKS = sorted({*TASK_CLASSES, "text-generation-with-past", "text2text-generation-with-past"})
 
 
 def base_task(task: str) -> str:
@@ -45,6 +49,11 @@ def base_task(task: str) -> str:
 
 def is_causal(task: str) -> bool:
     return base_task(task) == "text-generation"
+
+
+def is_seq2seq(task: str) -> bool:
+    """An encoder-decoder generating text (T5, BART): two graphs, an encoder and a decoder with its cache."""
+    return base_task(task) == "text2text-generation"
 
 
 def task_from_config(config: dict[str, Any]) -> str:

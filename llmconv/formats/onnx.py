@@ -60,6 +60,18 @@ def import_onnx() -> Any:
     return onnx
 
 
+# optimum's layout of an encoder-decoder (T5, BART): one graph per part, in one folder.
+SEQ2SEQ_ENCODER = "encoder_model.onnx"
+SEQ2SEQ_DECODERS = ("decoder_model_merged.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+
+
+def is_seq2seq_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder in optimum's encoder-decoder layout: an encoder graph and a decoder graph."""
+    path = Path(path)
+    return (path.is_dir() and (path / SEQ2SEQ_ENCODER).is_file()
+            and any((path / n).is_file() for n in SEQ2SEQ_DECODERS))
+
+
 def model_file(path: Path) -> Path:
     """The ``.onnx`` file that ``path`` names: the file itself, or the one model in a folder.
 
@@ -81,6 +93,9 @@ def model_file(path: Path) -> Path:
         return found[0]
     if not found:
         raise InputError("folder holds no .onnx model", path=path)
+    if is_seq2seq_folder(path):
+        raise UsageError(f"this is an encoder-decoder: {len(found)} graphs ({', '.join(p.name for p in found[:4])}); "
+                         "this command reads one", path=path, hint=f"name one graph, e.g. {path / SEQ2SEQ_ENCODER}")
     raise UsageError(f"folder holds {len(found)} .onnx models ({', '.join(p.name for p in found[:4])})", path=path,
                      hint="name the one you mean")
 
@@ -667,7 +682,8 @@ class OnnxFormat(Format):
 
     def sniff(self, path: Path, head: bytes) -> bool:
         if path.is_dir():
-            return (path / "model.onnx").is_file() or len([p for p in path.glob("*.onnx") if p.is_file()]) == 1
+            return ((path / "model.onnx").is_file() or len([p for p in path.glob("*.onnx") if p.is_file()]) == 1
+                    or is_seq2seq_folder(path))
         return _looks_like_onnx(head)
 
     def open(self, path: Path) -> TensorSource:

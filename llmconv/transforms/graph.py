@@ -308,11 +308,15 @@ def name_nodes(model: onnx.ModelProto) -> None:
 
 
 def linear_nodes(model: onnx.ModelProto) -> list[LinearNode]:
-    """The graph's linear layers: MatMul/Gemm whose weight is a 2-D float32 initializer."""
-    inits = {t.name: t for t in model.graph.initializer}
+    """The graph's linear layers: MatMul/Gemm whose weight is a 2-D float32 initializer, in the main graph and in
+    the bodies of its If/Loop/Scan nodes (a merged decoder's two branches read the main graph's weights)."""
+    from llmconv.formats.onnx import iter_graphs
+
+    graphs = list(iter_graphs(model.graph))
+    inits = {t.name: t for g in graphs for t in g.initializer}
     outputs = {o.name for o in model.graph.output}
     found = []
-    for node in model.graph.node:
+    for node in (n for g in graphs for n in g.node):
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
         w = inits.get(node.input[1])
@@ -329,7 +333,10 @@ def linear_nodes(model: onnx.ModelProto) -> list[LinearNode]:
 
 
 def op_histogram(model: onnx.ModelProto) -> Counter[str]:
-    return Counter(n.op_type for n in model.graph.node)
+    """Op type -> nodes, subgraphs included."""
+    from llmconv.formats.onnx import iter_graphs
+
+    return Counter(n.op_type for g in iter_graphs(model.graph) for n in g.node)
 
 
 def float_linear_names(model: onnx.ModelProto) -> dict[str, str]:

@@ -12,7 +12,8 @@ Patterns:
 
 By default the linear layers' weights are pruned: 2-D floating-point ``*.weight`` tensors of
 safetensors/PyTorch/hf checkpoints, and the float32 weights of MatMul/Gemm nodes of ONNX graphs.
-Embeddings, the output head (``lm_head``), norms and biases are left alone; ``include`` and
+Embeddings (every ``nn.Embedding`` of the model's class, T5's ``relative_attention_bias`` included), the
+output head (``lm_head``), what is tied to them, norms and biases are left alone; ``include`` and
 ``exclude`` (shell-style name patterns, matched against tensor names and, for ONNX, node names)
 change the selection.
 
@@ -51,6 +52,8 @@ DEFAULT_MAX_PPL_INCREASE = 0.5
 # transformers models whose linear layers are Conv1D: weight [in, out] rather than Linear's [out, in].
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 _CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn"}
+# Embeddings and output heads by name: only where the model's class cannot be read (no config.json, no
+# transformers, an unknown model_type); otherwise llmconv.architecture says which they are.
 _EMBEDDING_RE = re.compile(r"(^|\.)(embed\w*|wte|wpe|\w*_embeddings|shared|embeddings)(\.|$)")
 _HEAD_RE = re.compile(r"(^|\.)(lm_head|embed_out|score|classifier)(\.|$)|^output\.weight$")
 
@@ -86,7 +89,8 @@ class PruneReport:
     Attributes:
         sparsity: the requested fraction (0.5 for 2:4).
         tensors: the pruned tensors, as measured in the written output.
-        skipped: tensors a user pattern selected but that cannot be pruned, with the reason.
+        skipped: tensors a user pattern selected but that cannot be pruned, and the embeddings and
+            output head the default selection leaves alone, each with the reason.
         verification: written tensors equal the pruned ones, and meet the pattern (weights mode).
         quality: the outputs of the pruned model against the source's, judged by ``thresholds``
             (None when the model cannot run: a bare weights file).
@@ -361,7 +365,18 @@ def in_axes(names: list[str], src: TensorSource) -> tuple[dict[str, int], str | 
 
 
 def select_weights(src: TensorSource, *, include: list[str], exclude: list[str]) -> tuple[list[str], list[dict]]:
-    """The names to prune, and the ones a user pattern named that cannot be pruned (with why)."""
+    """The names to prune, and the ones left alone that a user pattern named or that are embeddings (with why).
+
+    By default every 2-D floating-point ``*.weight`` is pruned but the embeddings and the output head:
+    with a config, those the model's class says (:func:`llmconv.architecture.describe`: the parameters of
+    every ``nn.Embedding``, the input and output embeddings, the task head, and whatever is tied to them);
+    without one (a bare weights file), or where the class cannot be read or lacks the name, those the
+    names suggest.
+    ``include`` replaces that default; ``exclude`` is applied last.
+    """
+    from llmconv.architecture import describe
+
+    arch = describe(src.config) if src.config is not None else None
     chosen, skipped = [], []
     for name, info in src.infos.items():
         if name in src.aliases:
@@ -373,8 +388,11 @@ def select_weights(src: TensorSource, *, include: list[str], exclude: list[str])
         if include:
             if not _matches(include, name):
                 continue
-        elif (not name.endswith("weight") or _EMBEDDING_RE.search(name) or _HEAD_RE.search(name)
-              or src.aliases and name in src.aliases.values()):
+        elif not name.endswith("weight"):
+            continue
+        elif (why := _left_alone(name, src, arch)) is not None:
+            if len(info.shape) == 2 and info.dtype.is_floating_point and not _matches(exclude, name):
+                skipped.append({"name": name, "reason": why})
             continue
         if _matches(exclude, name):
             continue
@@ -385,6 +403,29 @@ def select_weights(src: TensorSource, *, include: list[str], exclude: list[str])
             continue
         chosen.append(name)
     return chosen, skipped
+
+
+def _left_alone(name: str, src: TensorSource, arch: Any) -> str | None:
+    """Why the default selection leaves ``name`` alone (an embedding, the output head, tied), or None."""
+    if arch is not None and arch.own_name(name) is not None:
+        if (what := arch.embedding_of(name)) is not None:
+            return f"an embedding of {arch.model_class}: {what}; embeddings are not pruned"
+        if (what := arch.head_of(name)) is not None:
+            return f"{what}; the output head is not pruned"
+    else:
+        from llmconv.architecture import unavailable_reason
+
+        # Names are all there is to go by: no config, a class that cannot be read, or a name it lacks.
+        unknown = (f"{arch.model_class} has no parameter of this name" if arch is not None
+                   else unavailable_reason(src.config))
+        if _EMBEDDING_RE.search(name):
+            return f"an embedding by its name ({unknown}); embeddings are not pruned"
+        if _HEAD_RE.search(name):
+            return f"the output head by its name ({unknown}); the output head is not pruned"
+    tied = sorted(a for a, c in src.aliases.items() if c == name)
+    if tied:
+        return f"shares its storage with {', '.join(tied)}: pruning it would prune {'it' if len(tied) == 1 else 'them'}"
+    return None
 
 
 def _prune_weights(src_path: Path, dst_path: Path, *, fmt: Any, sparsity: float, pattern: str,

@@ -447,6 +447,14 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
     )
 
     g.require_onnx()
+    from llmconv.formats.onnx import is_seq2seq_folder
+    from llmconv.verification.seq2seq import applies as seq2seq_applies
+
+    if is_seq2seq_folder(src_path) or (fmt.name == "hf" and seq2seq_applies(src_path)):
+        return _quantize_seq2seq(src_path, dst_path, fmt=fmt, target=target, method=method, per_channel=per_channel,
+                                 block_size=block_size, op_types=op_types, inputs=inputs, atol=atol, rtol=rtol,
+                                 text=text, provider=provider, verify=verify, force=force, cpu=cpu,
+                                 calibration=calibration, decode_steps=decode_steps, generate=generate)
     folder_out = onnx_destination(dst_path, what=f"the {method} output")
     out_name = "model.onnx" if folder_out else dst_path.name
     if not folder_out:
@@ -571,6 +579,122 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         embeddings_quantized=counts["embeddings_quantized"], ops_before=counts["ops_before"],
         ops_after=counts["ops_after"], options=options, verification=verification, notes=notes,
         attempts=attempts)
+
+
+def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, method: str, per_channel: bool,
+                      block_size: int, op_types: list[str] | None, inputs: Any, atol: float | None,
+                      rtol: float | None, text: Any, provider: str, verify: bool, force: bool, cpu: str,
+                      calibration: Path | None, decode_steps: int | None, generate: int | None) -> QuantizeReport:
+    """An encoder-decoder folder (optimum's layout): every graph quantized with the same setting, the folder
+    verified against the fp32 one as a whole (encoder outputs, the decoder's cached steps, generation).
+
+    The int8 fallbacks (other settings, nodes kept in float) are for single graphs: here one setting is made
+    and judged; int8-static needs calibration feeds for each graph, which are not made for decoders yet.
+    """
+    from llmconv.formats.onnx import SEQ2SEQ_ENCODER
+    from llmconv.transforms import graph as g
+    from llmconv.transforms.common import build_scratch, copy_companions, install, onnx_destination, rename_paths
+    from llmconv.verification.seq2seq import graph_files
+
+    if method == "int8-static":
+        raise Unsupported("int8-static needs calibration inputs for each graph of an encoder-decoder, which llmconv "
+                          "does not make yet", path=src_path, hint="use --method int8-dynamic or int4")
+    if method == "fp16":
+        # Measured with onnxruntime 1.23's converter on T5's merged decoder: with keep_io_types it renames the
+        # producers of the If branches' outputs but not the outputs, and either way it leaves a branch reading a
+        # Cast it put outside; onnxruntime refuses the result.
+        raise Unsupported("fp16 of an encoder-decoder: onnxruntime's float16 converter breaks the merged decoder's "
+                          "If branches (the graph it writes does not load), so llmconv does not offer it yet",
+                          path=src_path, hint="use --method int8-dynamic or int4, or export in fp16 with optimum-cli "
+                                              "export onnx --dtype fp16 (on a GPU)")
+    if text is not None:
+        raise UsageError("--text measures perplexity, which needs a causal language model; this is an "
+                         "encoder-decoder", path=Path(text))
+    if not onnx_destination(dst_path, what=f"the {method} output"):
+        raise UsageError(f"an encoder-decoder is several graphs ({SEQ2SEQ_ENCODER} and a decoder), which need a "
+                         "folder", path=dst_path, hint=f"give a destination without the {dst_path.suffix} extension")
+    notes: list[str] = []
+    plan = _int8_plan(target=target, cpu=cpu, per_channel=per_channel, verify=verify, notes=notes) \
+        if method == "int8-dynamic" else None
+    with build_scratch(dst_path, src=src_path) as scratch:
+        if fmt.name == "hf":
+            from llmconv.export import to_onnx
+            from llmconv.export.tasks import code_note
+
+            ref_dir = scratch / "fp32"
+            to_onnx(src_path, ref_dir, src_format=fmt, dtype="keep", verify=verify, force=True, provider=provider,
+                    decode_steps=decode_steps, generate=generate)
+            notes.append(f"exported {src_path} to ONNX first; sizes and verification are against those fp32 graphs")
+            notes.extend(code_note(src_path))
+            companions_from = src_path
+        else:
+            ref_dir = src_path
+            companions_from = src_path
+        refs = graph_files(ref_dir)
+        out_dir = scratch / "out"
+        out_dir.mkdir()
+        options: dict[str, Any] = {}
+        counts: dict[str, Any] = {"linear_ops": 0, "ops_quantized": Counter(), "embeddings_quantized": 0,
+                                  "ops_before": Counter(), "ops_after": Counter()}
+        size_before = size_after = 0
+        kept: set[Path] = set()
+        for ref in refs:
+            source_model = g.load_model(ref, with_data=False)
+            source_files = [ref, *g.external_data_files(source_model, ref)]
+            size_before += g.files_size(source_files)
+            external = g.needs_external_data(source_model, source_files)
+            out = out_dir / ref.name
+            with g.quiet_onnxruntime():
+                if method == "int8-dynamic":
+                    assert plan is not None
+                    opts = _int8_dynamic(ref, out, source_model, setting=plan.first, op_types=op_types,
+                                         external=external)
+                else:
+                    opts = _int4(ref, out, target=target, block_size=block_size, op_types=op_types,
+                                 external=external, notes=notes)
+            g.record_data_files(out)
+            out_model = g.load_model(out, with_data=False)
+            files = [out, *g.external_data_files(out_model, out)]
+            kept |= {p.resolve() for p in files}
+            for p in out_dir.iterdir():
+                if p.resolve() not in kept:
+                    p.unlink()  # helper files onnxruntime's tools may leave (augmented models)
+            size_after += g.files_size(files)
+            c = _count_ops(source_model, out_model)
+            counts["linear_ops"] += c["linear_ops"]
+            counts["embeddings_quantized"] += c["embeddings_quantized"]
+            for key in ("ops_quantized", "ops_before", "ops_after"):
+                counts[key].update(c[key])
+            options = {**opts, "graphs": [*options.get("graphs", []), ref.name]}
+        cpu_json = plan.cpu_json() if plan is not None else None
+        if cpu_json is not None:
+            options["cpu"] = cpu_json
+        copy_companions(companions_from, out_dir, notes=notes)  # config.json: the decoder's start token
+        verification = None
+        if verify:
+            verification = _verify_outputs(ref_dir, out_dir, profile=PROFILES[method], atol=atol, rtol=rtol,
+                                           text=None, inputs=inputs, provider=provider, max_ppl_increase=None,
+                                           decode_steps=decode_steps, generate=generate)
+            verification.reference, verification.candidate = str(src_path), str(dst_path)
+            rename_paths(verification, {out_dir: dst_path, ref_dir: src_path})
+            if not verification.passed:
+                from llmconv.verification.outputs import GATE_HINT
+
+                verification.notes.append(GATE_HINT)
+                raise NotEquivalent(f"{method} output is not within the {PROFILES[method]} profile: "
+                                    f"{verification.summary()}; nothing was written", report=verification,
+                                    path=dst_path)
+        else:
+            for out in graph_files(out_dir):
+                g.check_loads(out)
+        written = install(out_dir, dst_path, folder=True, force=force, notes=notes)
+    return QuantizeReport(
+        source=str(src_path), destination=str(dst_path), source_format=fmt.name, target=target, method=method,
+        size_before=size_before, size_after=size_after, files=[str(p) for p in written],
+        linear_ops=counts["linear_ops"], ops_quantized=dict(sorted(counts["ops_quantized"].items())),
+        embeddings_quantized=counts["embeddings_quantized"], ops_before=dict(counts["ops_before"]),
+        ops_after=dict(counts["ops_after"]), options=options, verification=verification, notes=notes,
+        attempts=[])
 
 
 # Leaving nodes in float: at most this share of the quantizable nodes, in steps that double (1, 2, 4, ...).
@@ -733,7 +857,9 @@ def _int8_dynamic(src: Path, out: Path, model: Any, *, setting: Any, op_types: l
     _ort_call(src, lambda: quantize_dynamic(
         model_in, out, op_types_to_quantize=list(types), per_channel=setting.per_channel,
         reduce_range=setting.reduce_range, weight_type=weight, use_external_data_format=external,
-        nodes_to_exclude=_excluded(model, setting.exclude), extra_options={"MatMulConstBOnly": True}))
+        nodes_to_exclude=_excluded(model, setting.exclude),
+        # EnableSubgraph: a merged decoder's layers sit in the branches of an If node.
+        extra_options={"MatMulConstBOnly": True, "EnableSubgraph": True}))
     return {"op_types": list(types), "per_channel": setting.per_channel,
             "weight_type": _WEIGHT_TYPES[setting.weight_type], "reduce_range": setting.reduce_range,
             "kept_float": list(setting.exclude),
@@ -790,6 +916,10 @@ def _int4(src: Path, out: Path, *, target: str, block_size: int, op_types: list[
     types = tuple(op_types or DEFAULT_OP_TYPES["int4"])
     model = load_model(src)
     name_nodes(model)
+    if not _linear_selection(model, types) and not ("Gather" in types and _embedding_nodes(model)):
+        # A convolutional network (ResNet's features) keeps its weights in Conv nodes, which MatMulNBits is not.
+        raise Unsupported(f"the graph has no {'/'.join(types)} node with a float32 weight for int4 to quantize"
+                          f"{_weight_ops(model)}", path=src, hint="use --method fp16")
     if "Gemm" in types:
         rewritten = gemm_to_matmul(model)
         if rewritten:
@@ -804,6 +934,12 @@ def _int4(src: Path, out: Path, *, target: str, block_size: int, op_types: list[
         model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=accuracy,
         op_types_to_quantize=ort_types, quant_axes=quant_axes))
     _ort_call(src, quantizer.process)
+    from llmconv.transforms.graph import op_histogram
+
+    made = op_histogram(quantizer.model.model)  # subgraphs too: a merged decoder's layers are in If branches
+    if not (made.get("MatMulNBits") or made.get("GatherBlockQuantized")):
+        raise Unsupported(f"onnxruntime's int4 quantizer took none of the graph's {'/'.join(types)} weights"
+                          f"{_weight_ops(model)}", path=src, hint="use --method fp16 or int8-dynamic")
     quantizer.model.save_model_to_file(str(out), external)
     return {"op_types": list(types), "block_size": block_size, "bits": 4, "symmetric": True,
             "accuracy_level": accuracy or 0,
@@ -811,6 +947,13 @@ def _int4(src: Path, out: Path, *, target: str, block_size: int, op_types: list[
             "kernel": "MatMulNBits (CPU and CUDA execution providers)" + (" for --target gpu" if target == "gpu"
                                                                            else ""),
             "tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"}
+
+
+def _weight_ops(model: Any) -> str:
+    """`` (its weights feed Conv nodes)``: the op types that take the graph's float weight matrices, for messages."""
+    weights = {t.name for t in model.graph.initializer if t.data_type == 1 and len(t.dims) >= 2}
+    ops = sorted({n.op_type for n in model.graph.node if any(i in weights for i in n.input)})
+    return f" (its weights feed {', '.join(ops)} nodes)" if ops else ""
 
 
 def _fp16(src: Path, out: Path, *, external: bool) -> dict[str, Any]:

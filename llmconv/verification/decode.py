@@ -72,8 +72,12 @@ class DecodePlan:
         """Decode calls after the prefill: enough for K compared steps and N - 1 tokens after the first."""
         return max(self.decode_steps, self.generate - 1, 0)
 
+    def prompt_tokens(self) -> list[int]:
+        """The real tokens of each prompt."""
+        return [int(n) for n in self.mask.sum(axis=1)]
+
     def meta(self) -> dict[str, Any]:
-        lengths = [int(n) for n in self.mask.sum(axis=1)]
+        lengths = self.prompt_tokens()
         return {"prompts": len(lengths), "prompt_lengths": lengths, "left_padded": sum(n < self.mask.shape[1]
                                                                                         for n in lengths),
                 "decode_steps": self.decode_steps, "generate": self.generate, "source": self.source,
@@ -159,6 +163,35 @@ def make_plan(*, vocab_size: int, max_positions: int | None, pad_id: int | None,
         ids[i, width - len(p):] = p
         mask[i, width - len(p):] = 1
     return DecodePlan(ids=ids, mask=mask, decode_steps=decode_steps, generate=generate, source=source, pad_id=pad)
+
+
+def prompt_plan(ref: Any, cand: Any, *, decode_steps: int, generate: int, prompts: Path | None,
+                texts: tuple[list[int], list[int]] | None = None, seq_len: int, seed: int) -> DecodePlan:
+    """The decode checks' prompts for two models (their signatures: vocabulary, positions, pad id, tokenizer):
+    ``--prompts`` tokenized with the first side's tokenizer that has files, else windows of ``--text``'s tokens,
+    else sampled ids."""
+    vocabs = [v for v in (ref.vocab_size, cand.vocab_size) if v]
+    if not vocabs:
+        raise UsageError("cannot tell the model's vocabulary size to make prompts", path=cand.path,
+                         hint="give config.json beside the model")
+    found = [p for p in (ref.max_positions, cand.max_positions) if p]
+    pads = [s.pad_token_id for s in (ref, cand) if s.pad_token_id is not None]
+    common = {"vocab_size": min(vocabs), "max_positions": min(found) if found else None,
+              "pad_id": pads[0] if pads else None, "decode_steps": decode_steps, "generate": generate,
+              "seq_len": seq_len, "seed": seed}
+    if prompts is not None:
+        folder = ref.tokenizer_dir or cand.tokenizer_dir
+        if folder is None:
+            raise UsageError("--prompts needs a tokenizer, and neither model's folder has tokenizer files",
+                             path=Path(prompts), hint="copy tokenizer.json / tokenizer_config.json beside the model")
+        from llmconv.export.tasks import open_tokenizer
+
+        tok = open_tokenizer(folder)
+        ids = read_prompts(Path(prompts), lambda line: tok(line)["input_ids"])
+        return make_plan(**common, prompt_ids=ids, source=f"--prompts {prompts}")
+    if texts is not None:
+        return make_plan(**common, prompt_ids=text_prompts(texts[0], seq_len=seq_len), source="--text")
+    return make_plan(**common)
 
 
 def read_prompts(path: Path, encode: Any) -> list[list[int]]:
@@ -303,6 +336,9 @@ def plain_feed(takes: set[str], ids: np.ndarray, mask: np.ndarray, pos: np.ndarr
 
 
 def _stepper(runner: Any, sig: Any) -> Any:
+    make = getattr(runner, "stepper", None)  # an encoder-decoder's (llmconv.verification.seq2seq)
+    if make is not None:
+        return make()
     if runner.kind == "torch":
         return _Torch(runner)
     if sig.past is not None:
@@ -536,6 +572,7 @@ def generation_check(ref: Trace, cand: Trace, free: np.ndarray | None, plan: Dec
     r, c_forced = ref.tokens[:, :n], cand.tokens[:, :n]
     c_free = free if free is not None else r
     rows = []
+    lengths = plan.prompt_tokens()
     for m in range(r.shape[0]):
         parts = np.flatnonzero(r[m] != c_forced[m])
         first = int(parts[0]) if parts.size else None
@@ -545,7 +582,7 @@ def generation_check(ref: Trace, cand: Trace, free: np.ndarray | None, plan: Dec
             a, b = int(r[m, first]), int(c_forced[m, first])
             tie = bool(logits[a] - logits[b] <= (profile.atol or 0.0) + (profile.rtol or 0.0) * abs(logits[a]))
         agreement = 1.0 if first is None or tie else first / n
-        row = {"prompt": m, "prompt_tokens": int(plan.mask[m].sum()), "first_divergence": first,
+        row = {"prompt": m, "prompt_tokens": lengths[m], "first_divergence": first,
                "agreement": agreement, "token_agreement": float((c_free[m] == r[m]).mean()), "tie": tie}
         if first is not None:
             row["reference_tokens"] = [int(t) for t in r[m]]

@@ -62,11 +62,17 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         >>> compare_outputs(Path("gpt2-hf"), Path("gpt2-onnx/model.onnx"), profile="fp32").passed
         True
     """
-    from llmconv.verification.inputs import load_inputs, plan_for, synthetic_inputs
+    from llmconv.verification import seq2seq
+    from llmconv.verification.inputs import feed_shapes, load_inputs, plan_for, synthetic_inputs
     from llmconv.verification.metrics import OutputComparison, perplexity_check
-    from llmconv.verification.profiles import auto_profile, outputs_profile
+    from llmconv.verification.profiles import candidate_profile
     from llmconv.verification.runners import check_provider, describe, settle_task
 
+    if seq2seq.applies(Path(reference), Path(candidate)):
+        return seq2seq.compare(Path(reference), Path(candidate), profile=profile, atol=atol, rtol=rtol, inputs=inputs,
+                               text=text, batch=batch, seq_len=seq_len, samples=samples, seed=seed, provider=provider,
+                               decode_steps=decode_steps, generate=generate, prompts=prompts, localize=localize,
+                               max_ppl_increase=max_ppl_increase)
     ref_sig, cand_sig = describe(Path(reference)), describe(Path(candidate))
     ref_task, cand_task = settle_task(ref_sig, cand_sig)
     if provider != "cpu":
@@ -83,13 +89,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
             cand_task = task
     notes: list[str] = [n for sig in (ref_sig, cand_sig) for n in sig.notes if n]
     notes = list(dict.fromkeys(notes))  # the same folder on both sides: one note
-    if profile == "auto":
-        name = auto_profile(float_dtype=cand_sig.float_dtype, quantization=cand_sig.quantization)
-        why = cand_sig.quantization or cand_sig.float_dtype or "no float weights"
-        notes.append(f"profile auto -> {name} (candidate: {why})")
-    else:
-        name = profile
-    prof = outputs_profile(name, atol=atol, rtol=rtol, max_ppl_increase=max_ppl_increase)
+    prof = candidate_profile(profile, candidate=cand_sig, atol=atol, rtol=rtol, max_ppl_increase=max_ppl_increase,
+                             notes=notes)
 
     vocabs = [v for v in (ref_sig.vocab_size, cand_sig.vocab_size) if v]
     positions = [p for p in (ref_sig.max_positions, cand_sig.max_positions) if p]
@@ -108,9 +109,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
                                  f"{sig.max_positions}", path=sig.path,
                                  hint=f"use --seq-len {sig.max_positions} or less")
         feeds = synthetic_inputs(plan, batch=batch, seq_len=seq_len, samples=samples, seed=seed)
-        meta = {"batch": batch, "seq_len": seq_len, "samples": samples, "seed": seed}
-        if samples < 2:
-            notes.append("one sample: dynamic shapes were tried at one length only (use --samples 2 or more)")
+        meta = {"batch": batch, "seq_len": seq_len, "samples": len(feeds), "seed": seed, "shapes": feed_shapes(feeds)}
         if batch < 2 and samples < 2 and "attention_mask" in plan.wants:
             notes.append("one row in one sample: no padded row was tried (use --batch 2 or --samples 2)")
 
@@ -254,13 +253,7 @@ def _decode_plan(ref_sig: Any, cand_sig: Any, ref_task: str, cand_task: str, sha
                  decode_steps: int | None, generate: int | None, prompts: Path | None,
                  texts: tuple[list[int], list[int]] | None, seq_len: int, seed: int, notes: list[str]) -> Any:
     """The decode and generation checks' prompts, for a pair of causal LMs; None when they do not apply."""
-    from llmconv.verification.decode import (
-        DEFAULT_DECODE_STEPS,
-        DEFAULT_GENERATE,
-        make_plan,
-        read_prompts,
-        text_prompts,
-    )
+    from llmconv.verification.decode import DEFAULT_DECODE_STEPS, DEFAULT_GENERATE, prompt_plan
 
     k = DEFAULT_DECODE_STEPS if decode_steps is None else decode_steps
     n = DEFAULT_GENERATE if generate is None else generate
@@ -278,27 +271,8 @@ def _decode_plan(ref_sig: Any, cand_sig: Any, ref_task: str, cand_task: str, sha
                              path=Path(prompts))
         notes.append("the cached decode loop and generation were not checked (--decode-steps 0 --generate 0)")
         return None
-    vocabs = [v for v in (ref_sig.vocab_size, cand_sig.vocab_size) if v]
-    if not vocabs:
-        raise UsageError("cannot tell the model's vocabulary size to make prompts", path=cand_sig.path,
-                         hint="give config.json beside the model")
-    positions = [p for p in (ref_sig.max_positions, cand_sig.max_positions) if p]
-    pads = [s.pad_token_id for s in (ref_sig, cand_sig) if s.pad_token_id is not None]
-    common = {"vocab_size": min(vocabs), "max_positions": min(positions) if positions else None,
-              "pad_id": pads[0] if pads else None, "decode_steps": k, "generate": n, "seq_len": seq_len, "seed": seed}
-    if prompts is not None:
-        folder = ref_sig.tokenizer_dir or cand_sig.tokenizer_dir
-        if folder is None:
-            raise UsageError("--prompts needs a tokenizer, and neither model's folder has tokenizer files",
-                             path=Path(prompts), hint="copy tokenizer.json / tokenizer_config.json beside the model")
-        from llmconv.export.tasks import open_tokenizer
-
-        tok = open_tokenizer(folder)
-        ids = read_prompts(Path(prompts), lambda line: tok(line)["input_ids"])
-        return make_plan(**common, prompt_ids=ids, source=f"--prompts {prompts}")
-    if texts is not None:
-        return make_plan(**common, prompt_ids=text_prompts(texts[0], seq_len=seq_len), source="--text")
-    return make_plan(**common)
+    return prompt_plan(ref_sig, cand_sig, decode_steps=k, generate=n, prompts=prompts, texts=texts, seq_len=seq_len,
+                       seed=seed)
 
 
 def _localize(ref_sig: Any, cand_sig: Any, feeds: list[dict[str, Any]], dplan: Any, ref_trace: Any, prof: Any,

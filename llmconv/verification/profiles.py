@@ -37,6 +37,7 @@ judge quantized models on a trained checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from llmconv.errors import UsageError
 
@@ -158,3 +159,16 @@ def auto_profile(*, float_dtype: str | None, quantization: str | None) -> str:
     if quantization in ("int4", "int8"):
         return quantization
     return {"float16": "fp16", "bfloat16": "bf16"}.get(float_dtype or "", "fp32")
+
+
+def candidate_profile(profile: str, *, candidate: Any, atol: float | None, rtol: float | None,
+                      max_ppl_increase: float | None, notes: list[str]) -> OutputsProfile:
+    """The outputs profile to judge ``candidate`` by (its signature: ``float_dtype``, ``quantization``): the one
+    named, or for ``auto`` the one its weights call for (``notes`` says which, and why)."""
+    if profile == "auto":
+        name = auto_profile(float_dtype=candidate.float_dtype, quantization=candidate.quantization)
+        why = candidate.quantization or candidate.float_dtype or "no float weights"
+        notes.append(f"profile auto -> {name} (candidate: {why})")
+    else:
+        name = profile
+    return outputs_profile(name, atol=atol, rtol=rtol, max_ppl_increase=max_ppl_increase)

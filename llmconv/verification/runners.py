@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from llmconv.errors import InputError, MissingDependency, Unsupported, UsageError
+from llmconv.errors import GraphRunError, InputError, MissingDependency, Unsupported, UsageError
 from llmconv.export.tasks import (
     TASK_CLASSES,
     base_task,
@@ -37,7 +37,7 @@ from llmconv.export.tasks import (
     task_from_config,
     transformers_view,
 )
-from llmconv.verification.inputs import KNOWN_INPUTS, PastSpec
+from llmconv.verification.inputs import KNOWN_INPUTS, ImageSpec, PastSpec, image_spec, main_shape
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
@@ -72,6 +72,7 @@ class Signature:
         quantization: ``int8``, ``int4`` or None.
         tokenizer_dir: the folder with its tokenizer files, if any.
         pad_token_id: the id its config pads rows with, when it names one.
+        image: for an image model (it takes ``pixel_values``), the images it takes.
     """
 
     path: Path
@@ -90,6 +91,7 @@ class Signature:
     tokenizer_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
     pad_token_id: int | None = None
+    image: ImageSpec | None = None
 
 
 def _max_positions(config: dict[str, Any] | None) -> int | None:
@@ -156,6 +158,10 @@ def _describe_hf(path: Path) -> Signature:
             if info.dtype.is_floating_point and n not in src.aliases:
                 by_dtype[dtype_name(info.dtype)] += info.nbytes
     float_dtype = by_dtype.most_common(1)[0][0] if by_dtype else None
+    if _main_input(config) == "pixel_values":
+        return Signature(path=path, kind="torch", model_path=path, task=task_from_config(config),
+                         inputs={"pixel_values"}, config=config, float_dtype=float_dtype, notes=code_note(path),
+                         image=image_spec(config, path))
     # No position_ids: a PyTorch model computes its own when it is used, by its own rule (RoBERTa counts
     # from pad_token_id + 1, skipping padding). They are fed only when a graph takes them, or the user gave them.
     wants = {"input_ids", "attention_mask"}
@@ -165,6 +171,28 @@ def _describe_hf(path: Path) -> Signature:
                      config=config, vocab_size=config.get("vocab_size"), max_positions=_max_positions(config),
                      float_dtype=float_dtype, tokenizer_dir=_tokenizer_dir(path), notes=code_note(path),
                      pad_token_id=_pad_token_id(config))
+
+
+def _main_input(config: dict[str, Any]) -> str:
+    """The input a model folder's architecture is driven by: its transformers class's ``main_input_name``
+    (``pixel_values`` for ViT, ResNet, ConvNeXt, ...). Only a config that describes images (``num_channels``,
+    ``image_size``) has its class looked up; without the class, such a config with no vocabulary is an image
+    model."""
+    if "num_channels" not in config and "image_size" not in config:
+        return "input_ids"
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    name = None
+    if arch is not None and arch.isidentifier():
+        try:
+            import transformers
+
+            name = getattr(getattr(transformers, arch, None), "main_input_name", None)
+        except ImportError:
+            name = None
+    if isinstance(name, str):
+        return name
+    return "pixel_values" if not config.get("vocab_size") else "input_ids"
 
 
 # Signatures of graphs just written, keyed by (resolved path, size, mtime): the exporter has the proto
@@ -229,6 +257,8 @@ def _signature_from_proto(path: Path, mfile: Path, model: Any) -> Signature:
                 quant = "int8"
     graph_inputs = [v for v in model.graph.input if v.name not in init_names]
     in_types = {v.name: v.type.tensor_type for v in graph_inputs}
+    pixel_dims = ([d.dim_value if d.HasField("dim_value") else None for d in in_types["pixel_values"].shape.dim]
+                  if "pixel_values" in in_types else None)
     outputs = [v.name for v in model.graph.output]
     out_types = {v.name: v.type.tensor_type for v in model.graph.output}
     del model
@@ -275,23 +305,27 @@ def _signature_from_proto(path: Path, mfile: Path, model: Any) -> Signature:
         last = out_types["logits"].shape.dim
         if last and last[-1].HasField("dim_value"):
             vocab = int(last[-1].dim_value)
-    task = _onnx_task(outputs, out_types, config, has_past=past is not None)
+    task = _onnx_task(outputs, out_types, config, has_past=past is not None, inputs=plain)
+    image = image_spec(config, mfile.parent, graph_dims=pixel_dims) if pixel_dims is not None else None
     return Signature(path=path, kind="onnxruntime", model_path=mfile, task=task, inputs=plain,
-                     required=set(in_types), past=past, outputs=outputs, config=config, vocab_size=vocab,
-                     max_positions=_max_positions(config),
+                     required=set(in_types), past=past, outputs=outputs, config=config,
+                     vocab_size=vocab if image is None else None, max_positions=_max_positions(config),
                      float_dtype=by_dtype.most_common(1)[0][0] if by_dtype else None, quantization=quant,
-                     tokenizer_dir=_tokenizer_dir(mfile.parent), pad_token_id=_pad_token_id(config))
+                     tokenizer_dir=_tokenizer_dir(mfile.parent), pad_token_id=_pad_token_id(config), image=image)
 
 
 def _onnx_task(outputs: list[str], out_types: dict[str, Any], config: dict[str, Any] | None, *,
-               has_past: bool) -> str | None:
-    """The task an ONNX graph was exported for, from its outputs (and config.json when it is there)."""
+               has_past: bool, inputs: set[str] | None = None) -> str | None:
+    """The task an ONNX graph was exported for, from its inputs and outputs (and config.json when it is
+    there): a graph of images gives class scores (image-classification) or features."""
     if "last_hidden_state" in outputs:
         base = "feature-extraction"
     elif "logits" in outputs:
         rank = len(out_types["logits"].shape.dim)
         from_config = task_from_config(config) if config else None
-        if rank == 2:
+        if "pixel_values" in (inputs or ()) and rank == 2:
+            base = "image-classification"
+        elif rank == 2:
             base = "text-classification"
         elif from_config in ("text-generation", "fill-mask", "token-classification"):
             base = from_config
@@ -410,7 +444,7 @@ def run_session(session: Any, feed: dict[str, Any], names: list[str], *, path: P
 
     Raises:
         UsageError: the feed lacks an input the graph takes.
-        Unsupported: onnxruntime failed to run it.
+        GraphRunError: onnxruntime failed to run it (the node, its op type and the feed's shape named).
     """
     from onnxruntime.capi import onnxruntime_pybind11_state as s
 
@@ -418,13 +452,28 @@ def run_session(session: Any, feed: dict[str, Any], names: list[str], *, path: P
     missing = [n for n in types if n not in feed]
     if missing:
         raise UsageError(f"the graph needs inputs llmconv cannot make: {', '.join(missing)}", path=path,
-                         hint="give them with --inputs FILE.npz")
+                         hint="give them to `llmconv verify REFERENCE CANDIDATE --inputs FILE.npz`")
     given = {n: (np.ascontiguousarray(feed[n], dtype=t) if t is not None else feed[n]) for n, t in types.items()}
     try:
         values = session.run(names, given)
     except (s.Fail, s.InvalidArgument, s.RuntimeException, UnicodeDecodeError) as e:
-        raise Unsupported(f"onnxruntime failed to run the model: {_ort_message(e)}", path=path) from None
+        op, node, detail = _ort_failure(e)
+        raise GraphRunError(op=op, node=node, detail=detail, shape=main_shape(given), path=path) from None
     return dict(zip(names, values, strict=True))
+
+
+# onnxruntime's message for a kernel that fails: "... while running Split node. Name:'/l.0/Split' Status Message: ..."
+_NODE_FAILURE = re.compile(r"while running (?P<op>[^\s]+) node\. Name:'(?P<node>.*?)' Status Message: (?P<detail>.*)",
+                           re.DOTALL)
+
+
+def _ort_failure(e: Exception) -> tuple[str | None, str | None, str]:
+    """(op type, node name, message) of an onnxruntime run failure; op and node are None when it names no node."""
+    first, note = _ort_first_line(e)
+    m = _NODE_FAILURE.search(first)
+    if m is None:
+        return None, None, _clip(first) + note
+    return m.group("op"), m.group("node"), _clip(m.group("detail").strip()) + note
 
 
 def _ort_message(e: Exception) -> str:
@@ -434,6 +483,11 @@ def _ort_message(e: Exception) -> str:
     its binding cannot make a str of the message and raises UnicodeDecodeError instead, holding the
     message's bytes: we show them with the bad bytes escaped.
     """
+    first, note = _ort_first_line(e)
+    return _clip(first) + note
+
+
+def _ort_first_line(e: Exception) -> tuple[str, str]:
     note = ""
     if isinstance(e, UnicodeDecodeError):
         text = bytes(e.object).decode("utf-8", "backslashreplace")
@@ -441,8 +495,11 @@ def _ort_message(e: Exception) -> str:
     else:
         text = str(e)
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    first = lines[0] if lines else type(e).__name__
-    return (first if len(first) <= 300 else first[:297] + "...") + note
+    return (lines[0] if lines else type(e).__name__), note
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 _EP_NAMES = {"cpu": "CPU", "cuda": "CUDA"}
@@ -573,7 +630,7 @@ class TorchRunner:
         tied = _tied_keys(self.model) if getattr(self.model.config, "tie_word_embeddings", False) else set()
         missing = [k for k in info.get("missing_keys", []) if k not in tied]
         if missing:
-            unused = _unused_weights(self.model, missing, self.main_output)
+            unused = _unused_weights(self.model, missing, self.main_output, _probe(self.model, sig))
             missing = [k for k in missing if k not in unused]
         if missing:
             del self.model
@@ -669,9 +726,20 @@ def _tied_keys(model: Any) -> set[str]:
     return set(keys) if isinstance(keys, list | tuple | set | dict) else set()
 
 
-def _unused_weights(model: Any, names: list[str], output: str) -> set[str]:
-    """Of the parameters ``names``, those ``output`` does not depend on, found by asking autograd on a
-    two-token input (a buffer, or a name that is no parameter, counts as used)."""
+def _probe(model: Any, sig: Signature) -> dict[str, Any]:
+    """The smallest input that runs ``model``: two tokens, or one image of the size it takes."""
+    import torch
+
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        image = sig.image or image_spec(sig.config, sig.model_path)
+        return {"pixel_values": torch.zeros((1, image.num_channels, image.height, image.width))}
+    vocab = int(getattr(model.config, "vocab_size", 0) or 2)
+    return {"input_ids": torch.tensor([[1 % vocab, 2 % vocab]], dtype=torch.long)}
+
+
+def _unused_weights(model: Any, names: list[str], output: str, feed: dict[str, Any]) -> set[str]:
+    """Of the parameters ``names``, those ``output`` does not depend on, found by asking autograd on the
+    input ``feed`` (a buffer, or a name that is no parameter, counts as used)."""
     import torch
 
     params = dict(model.named_parameters())
@@ -682,12 +750,10 @@ def _unused_weights(model: Any, names: list[str], output: str) -> set[str]:
     for n, p in params.items():
         p.requires_grad_(n in probe)
     try:
-        vocab = int(getattr(model.config, "vocab_size", 0) or 2)
-        ids = torch.tensor([[1 % vocab, 2 % vocab]], dtype=torch.long)
         kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
             else {}
         with torch.enable_grad():
-            out = model(input_ids=ids, return_dict=True, **kwargs)[output]
+            out = model(**feed, return_dict=True, **kwargs)[output]
             grads = (torch.autograd.grad(out.float().sum(), [params[n] for n in probe], allow_unused=True)
                      if out.requires_grad else [None] * len(probe))
     finally:

@@ -107,7 +107,9 @@ def _unmatched(side: TensorSource, other: TensorSource) -> tuple[list[str], list
         if n in other.infos:
             continue
         canon = side.aliases.get(n)
-        ok = canon is not None and canon in other.infos and left_out_when_tied(n, canon, other.config)
+        # A bare weights file has no config: the side that has one says whether the model ties the name again.
+        config = other.config if other.config is not None else side.config
+        ok = canon is not None and canon in other.infos and left_out_when_tied(n, canon, config)
         (tied if ok else absent).append(n)
     return tied, absent
 

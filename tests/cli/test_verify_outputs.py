@@ -45,7 +45,7 @@ def test_json_and_junit(gpt2, cli, tmp_path):
     out = json.loads(r.stdout)
     assert out["schema"] == "llmconv.verify/1" and out["ok"] is True and out["mode"] == "outputs"
     assert out["profile"] == "fp32" and out["reference"] == str(hf) and out["candidate"] == str(onnx_dir)
-    assert out["inputs"] == {"batch": 1, "seq_len": 9, "samples": 3, "seed": 5}
+    assert out["inputs"] == {"batch": 1, "seq_len": 9, "samples": 4, "seed": 5, "shapes": [[1, 9], [1, 5], [1, 1]]}
     assert [c["name"] for c in out["checks"]][:2] == ["logits", "present.0.key"]
     assert all(list(c) == CHECK_KEYS for c in out["checks"][:5])
     assert [c["name"] for c in out["checks"][5:]] == DECODE_CHECKS

@@ -17,6 +17,7 @@ os.environ.setdefault("LLMCONV_ORT_THREADS", "1")
 
 DECODERS = ("gpt2", "llama", "mistral", "qwen2", "phi3")
 ARCHITECTURES = (*DECODERS, "bert")
+VISION = ("vit", "resnet")  # image-classification and feature-extraction from pixel_values
 _REPORTS: dict[Path, Any] = {}
 
 

@@ -49,7 +49,8 @@ def test_export_is_verified_against_pytorch(exported, name, task):
         assert c.figures["max_abs"] < 5e-6, (c.name, c.figures)
         assert c.figures["nan"] == 0 and c.figures["cosine"] > 0.99999
     # Two sequence lengths and a padded row were exercised.
-    assert v.inputs == {"batch": 2, "seq_len": 16, "samples": 2, "seed": 0}
+    # Two samples asked for, and the one-row, one-token sample every verification adds (what a decode step is).
+    assert v.inputs == {"batch": 2, "seq_len": 16, "samples": 3, "seed": 0, "shapes": [[2, 16], [2, 8], [1, 1]]}
     # The folder carries what onnxruntime and optimum's ORTModel classes need.
     files = {p.name for p in folder.iterdir()}
     assert {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"} <= files
@@ -141,9 +142,9 @@ def test_task_the_architecture_lacks_is_refused(fx, tmp_path):
     with pytest.raises(Unsupported, match="optimum exports bert for .*not for task 'text-generation-with-past'"):
         to_onnx(fx("bert-hf"), tmp_path / "b.onnx", src_format="hf", dtype="keep", verify=True, force=False,
                 task="text-generation-with-past")
-    with pytest.raises(UsageError, match="task 'image-classification' is not one llmconv can export and verify"):
+    with pytest.raises(UsageError, match="task 'object-detection' is not one llmconv can export and verify"):
         to_onnx(fx("bert-hf"), tmp_path / "b.onnx", src_format="hf", dtype="keep", verify=True, force=False,
-                task="image-classification")
+                task="object-detection")
 
 
 def test_fp16_export_points_to_quantize(fx, tmp_path):

@@ -225,3 +225,51 @@ def test_trained_model_perplexity_after_pruning(trained, heldout, tmp_path):
     with pytest.raises(NotEquivalent, match="perplexity rose by"):
         llmconv.prune(trained, tmp_path / "heavy", sparsity=0.9, text=heldout, min_top1=0.0, max_ppl_increase=0.05)
     assert not (tmp_path / "heavy").exists()
+
+
+def test_t5_embeddings_found_through_the_model_are_left_alone(fx, tmp_path):
+    """relative_attention_bias is an nn.Embedding though no name says so; verification off (T5's is elsewhere)."""
+    src = fx("t5-hf")
+    r = llmconv.prune(src, tmp_path / "p", sparsity=0.5, verify=False)
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "p" / "model.safetensors")
+    embeddings = ["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                  "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "shared.weight"]
+    assert sorted(after) == sorted(before)
+    for name in embeddings:
+        assert float((after[name] == 0).float().mean()) == 0.0 and torch.equal(after[name], before[name]), name
+    assert all(t.sparsity == 0.5 for t in r.tensors) and len(r.tensors) == 32
+    assert not any("relative_attention_bias" in t.name or "shared" in t.name for t in r.tensors)
+    reasons = {s["name"]: s["reason"] for s in r.skipped}
+    assert sorted(reasons) == embeddings
+    assert reasons["shared.weight"] == ("an embedding of T5ForConditionalGeneration: Embedding (an nn.Embedding); "
+                                        "embeddings are not pruned")
+
+
+def test_an_untied_head_is_left_alone_as_the_output_head(fx, tmp_path):
+    r = llmconv.prune(fx("mt5-hf"), tmp_path / "p", sparsity=0.5, verify=False)
+    after = load_file(tmp_path / "p" / "model.safetensors")
+    assert float((after["lm_head.weight"] == 0).float().mean()) == 0.0
+    assert {"name": "lm_head.weight", "reason": "the model's output embedding (Linear); the output head is not "
+                                                "pruned"} in r.skipped
+
+
+def test_tied_bart_bin_keeps_its_embeddings_and_ties(tmp_path):
+    from fixtures.make_fixtures import tiny_model
+
+    tiny_model("bart").save_pretrained(tmp_path / "bin", safe_serialization=False)
+    r = llmconv.prune(tmp_path / "bin", tmp_path / "p", sparsity=0.5, verify=False)
+    assert not any("embed" in t.name or "shared" in t.name or "lm_head" in t.name for t in r.tensors)
+    sd = torch.load(tmp_path / "p" / "pytorch_model.bin", weights_only=True)
+    ptrs = {sd[n].data_ptr() for n in ("model.shared.weight", "model.encoder.embed_tokens.weight",
+                                      "model.decoder.embed_tokens.weight", "lm_head.weight")}
+    assert len(ptrs) == 1  # still one tensor
+    assert "model.shared.weight" in {s["name"] for s in r.skipped}
+
+
+def test_a_bare_file_falls_back_to_names_and_says_so(fx, tmp_path):
+    r = llmconv.prune(fx("llama.safetensors"), tmp_path / "p.safetensors", sparsity=0.5, verify=False)
+    assert r.skipped == [
+        {"name": "lm_head.weight", "reason": "the output head by its name (no config.json); the output head is not "
+                                             "pruned"},
+        {"name": "model.embed_tokens.weight", "reason": "an embedding by its name (no config.json); embeddings are "
+                                                        "not pruned"}]

@@ -70,12 +70,14 @@ def test_positions_fed_from_outside_were_the_cause(model):
 
 def test_synthetic_inputs_follow_the_pad_convention():
     plan = InputPlan(wants={"input_ids", "attention_mask"}, vocab_size=6, pad_token_id=1)
-    for feed in synthetic_inputs(plan, batch=3, seq_len=40, samples=2, seed=0):
+    *feeds, one_token = synthetic_inputs(plan, batch=3, seq_len=40, samples=2, seed=0)
+    for feed in feeds:
         ids, mask = feed["input_ids"], feed["attention_mask"]
         assert "position_ids" not in feed
         assert (ids[mask == 0] == 1).all() and (mask == 0).any()  # padded tail: the pad token
         assert (ids[mask == 1] != 1).all()  # elsewhere never the pad token ...
         assert set(np.unique(ids[mask == 1])) == {0, 2, 3, 4, 5}  # ... and every other id can be drawn
+    assert one_token["attention_mask"].tolist() == [[1]] and one_token["input_ids"][0, 0] != 1  # never padded
     # Without a pad id the draw is what it always was.
     no_pad = synthetic_inputs(InputPlan(wants={"input_ids"}, vocab_size=6), batch=2, seq_len=8, samples=1, seed=0)
     assert np.array_equal(no_pad[0]["input_ids"], np.random.default_rng(0).integers(0, 6, size=(2, 8)))

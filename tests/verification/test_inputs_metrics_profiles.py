@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from llmconv.errors import UsageError
-from llmconv.verification.inputs import InputPlan, PastSpec, load_inputs, second_length, synthetic_inputs
+from llmconv.verification.inputs import (
+    InputPlan,
+    PastSpec,
+    feed_shapes,
+    load_inputs,
+    second_length,
+    synthetic_inputs,
+)
 from llmconv.verification.metrics import OutputComparison, perplexity_check, token_nll
 from llmconv.verification.profiles import OUTPUT_PROFILES, auto_profile, outputs_profile, weights_tolerance
 
@@ -24,8 +31,10 @@ def test_synthetic_inputs_are_seeded_and_well_formed():
     for x, y in zip(a, b, strict=True):
         assert all(np.array_equal(x[k], y[k]) for k in x)
     assert not np.array_equal(a[0]["input_ids"], c[0]["input_ids"])
-    assert [f["input_ids"].shape for f in a] == [(3, 10), (3, 5), (3, 10)]  # two lengths
-    for f in a:
+    # two lengths, then one row of one token: the shape of every decode step
+    assert [f["input_ids"].shape for f in a] == [(3, 10), (3, 5), (3, 10), (1, 1)]
+    assert feed_shapes(a) == [[3, 10], [3, 5], [1, 1]]
+    for f in a[:-1]:
         ids, mask = f["input_ids"], f["attention_mask"]
         assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < 50
         length = ids.shape[1]
@@ -35,13 +44,31 @@ def test_synthetic_inputs_are_seeded_and_well_formed():
         assert (f["position_ids"] == np.arange(length)).all() and not f["token_type_ids"].any()
         assert f["past_key_values.0.key"].shape == (3, 2, 0, 8)
         assert f["past_key_values.0.value"].dtype == np.float32
+    last = a[-1]
+    assert last["attention_mask"].tolist() == [[1]] and last["position_ids"].tolist() == [[0]]
+    assert last["past_key_values.0.key"].shape == (1, 2, 0, 8) and 0 <= last["input_ids"][0, 0] < 50
     assert second_length(1) == 2 and second_length(16) == 8
+
+
+def test_the_one_token_sample_comes_last_and_leaves_the_others_unchanged():
+    with_edge = synthetic_inputs(PLAN, batch=2, seq_len=8, samples=2, seed=3)
+    without = synthetic_inputs(PLAN, batch=2, seq_len=8, samples=2, seed=3, edge_shapes=False)
+    assert feed_shapes(without) == [[2, 8], [2, 4]] and feed_shapes(with_edge) == [[2, 8], [2, 4], [1, 1]]
+    for x, y in zip(with_edge, without, strict=False):
+        assert all(np.array_equal(x[k], y[k]) for k in y)
+    # batch 1 with one token asked for already: nothing added
+    assert feed_shapes(synthetic_inputs(PLAN, batch=1, seq_len=1, samples=1, seed=0)) == [[1, 1]]
+    assert len(synthetic_inputs(PLAN, batch=1, seq_len=1, samples=3, seed=0)) == 3
 
 
 def test_synthetic_inputs_refuse_what_they_cannot_make():
     with pytest.raises(UsageError, match="needs 100 positions but the model has 64"):
         synthetic_inputs(PLAN, batch=1, seq_len=100, samples=1, seed=0)
-    with pytest.raises(UsageError, match="inputs llmconv cannot make up: pixel_values"):
+    with pytest.raises(UsageError, match=r"inputs llmconv cannot make up: input_features \(give them to "
+                                         r"`llmconv verify REFERENCE CANDIDATE --inputs FILE.npz`"):
+        synthetic_inputs(InputPlan(wants={"input_ids", "input_features"}, vocab_size=5), batch=1, seq_len=4,
+                         samples=1, seed=0)
+    with pytest.raises(UsageError, match="takes pixel_values and input_ids; llmconv makes up images only"):
         synthetic_inputs(InputPlan(wants={"input_ids", "pixel_values"}, vocab_size=5), batch=1, seq_len=4,
                          samples=1, seed=0)
     with pytest.raises(UsageError, match="vocabulary size"):
@@ -55,7 +82,8 @@ def test_load_inputs_completes_and_checks(tmp_path):
     f = feeds[0]
     assert f["input_ids"].dtype == np.int64 and f["attention_mask"].tolist() == [[1, 1, 1]]
     assert f["position_ids"].tolist() == [[0, 1, 2]] and f["past_key_values.0.key"].shape == (1, 2, 0, 8)
-    assert meta == {"batch": 1, "seq_len": 3, "samples": 1, "seed": None, "file": str(tmp_path / "a.npz")}
+    assert meta == {"batch": 1, "seq_len": 3, "samples": 1, "seed": None, "file": str(tmp_path / "a.npz"),
+                    "shapes": [[1, 3]]}
     np.savez(tmp_path / "obj.npz", input_ids=np.array([{"a": 1}], dtype=object))
     with pytest.raises(UsageError, match="pickles are refused"):
         load_inputs(tmp_path / "obj.npz", PLAN)

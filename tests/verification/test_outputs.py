@@ -56,7 +56,8 @@ def test_report_matches_the_contract(llama):
     r = compare_outputs(hf, with_past, batch=3, seq_len=12, samples=3, seed=7)
     out = r.to_json()
     assert out["schema"] == "llmconv.verify/1" and out["mode"] == "outputs" and out["profile"] == "fp32"
-    assert out["inputs"] == {"batch": 3, "seq_len": 12, "samples": 3, "seed": 7}
+    # three samples of --batch rows, then one of one row and one token
+    assert out["inputs"] == {"batch": 3, "seq_len": 12, "samples": 4, "seed": 7, "shapes": [[3, 12], [3, 6], [1, 1]]}
     for c in out["checks"][:5]:  # the forward outputs; the decode checks add their own figures
         assert list(c) == CHECK_KEYS, list(c)
     assert [c["name"] for c in out["checks"][5:]] == DECODE_CHECKS
@@ -92,7 +93,7 @@ def test_broken_candidates_fail(llama, fx, fixture, expect):
         kept = ("present" in c.name or c.name in ("decode.cache", "decode.consistency") for c in r.checks[1:-1])
         assert all(c.passed == k for c, k in zip(r.checks[1:-1], kept, strict=True)), r.summary()
     if fixture == "llama-hf-nan":
-        assert logits.figures["nan"] == 2 * 16 * 1024 + 2 * 8 * 1024
+        assert logits.figures["nan"] == 2 * 16 * 1024 + 2 * 8 * 1024 + 1 * 1 * 1024  # and the one-token sample
 
 
 def test_dropped_layer_exported_unverified_fails(fixtures_dir, fx, llama):
@@ -235,7 +236,7 @@ def test_user_inputs(llama, tmp_path):
     np.savez(tmp_path / "in.npz", input_ids=ids)
     r = compare_outputs(hf, with_past, inputs=tmp_path / "in.npz")
     assert r.passed and r.inputs == {"batch": 2, "seq_len": 5, "samples": 1, "seed": None,
-                                     "file": str(tmp_path / "in.npz")}
+                                     "file": str(tmp_path / "in.npz"), "shapes": [[2, 5]]}
     assert r.checks[0].figures["shape"] == [2, 5, 1024]
     np.savez(tmp_path / "bad.npz", input_ids=ids + 5000)
     with pytest.raises(UsageError, match=r"ids outside the vocabulary \[0, 1024\)"):
