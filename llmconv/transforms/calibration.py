@@ -1,5 +1,7 @@
 """Calibration inputs for static int8 quantization: an .npz of inputs, text, or seeded synthetic batches.
 
+Synthetic batches come from the verifier's input generator (``llmconv.verification.inputs``): token ids for
+language models, ``pixel_values`` normalised as the image processor says for image models.
 Text is tokenized with the model's own tokenizer (the tokenizer files beside the model). Inputs the
 user does not give (attention mask, position ids, empty past key/values) are filled in to match
 ``input_ids``, the way a first forward pass would see them.
@@ -113,17 +115,71 @@ def feeds_for_ids(specs: list[FeedSpec], ids: np.ndarray, *, seed: int = 0) -> d
     return feeds
 
 
-def synthetic_batches(specs: list[FeedSpec], *, vocab: int, batch: int, seq_len: int, samples: int,
-                      seed: int) -> list[dict[str, np.ndarray]]:
-    """Seeded random token ids (and matching masks), ``samples`` batches of [batch, seq_len]."""
-    import numpy as np
+def synthetic_batches(model: onnx.ModelProto, model_path: Path, *, config: dict[str, Any] | None, batch: int,
+                      seq_len: int, samples: int, seed: int) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """Seeded synthetic feeds from the verifier's generator (``verification.inputs.synthetic_inputs``), so that
+    the model is calibrated on the inputs it is then verified on: token ids (with masks, positions, empty past)
+    for a language model, ``pixel_values`` normalised as its ``preprocessor_config.json`` says for an image model.
 
-    if not any(s.name == "input_ids" for s in specs):
-        raise UsageError("synthetic calibration inputs need a model with an input_ids input; this one takes "
-                         + ", ".join(s.name for s in specs), hint="pass --calibration FILE.npz")
-    rng = np.random.default_rng(seed)
-    return [feeds_for_ids(specs, rng.integers(0, vocab, size=(batch, seq_len)), seed=seed + i)
-            for i in range(samples)]
+    Args:
+        model: the float model.
+        model_path: its ``.onnx`` file (config.json and preprocessor_config.json beside it).
+        config: the model's config.json, if known (vocabulary size when the graph does not tell).
+        batch: rows (or images) per feed.
+        seq_len: tokens per row of the first feed; the others alternate with about half of it.
+        samples: number of feeds.
+        seed: the random seed.
+    Returns:
+        The feeds, and the ``calibration`` block of the report.
+    Raises:
+        UsageError: the model takes inputs the generator cannot make up.
+    Example:
+        >>> feeds, meta = synthetic_batches(model, Path("vit-onnx/model.onnx"), config=None, batch=1, seq_len=64,
+        ...                                 samples=8, seed=0)
+        >>> feeds[0]["pixel_values"].shape
+        (1, 3, 32, 32)
+    """
+    from llmconv.verification.inputs import KNOWN_INPUTS, feed_shapes, plan_for, synthetic_inputs
+    from llmconv.verification.runners import describe
+
+    specs = input_specs(model)
+    plan = plan_for(describe(model_path))  # the graph's own inputs, past layout, vocabulary and image layout
+    hint = "pass --calibration FILE.npz (input name -> array) with the model's inputs"
+    if "pixel_values" in plan.wants:
+        other = sorted(plan.wants - {"pixel_values"})
+        if other:
+            raise UsageError(f"synthetic calibration images are made for models that take only pixel_values; this "
+                             f"one also takes {', '.join(other)}", path=model_path, hint=hint)
+    elif "input_ids" in plan.wants:
+        # Other inputs a language model may take (not token inputs, not past) are filled in by feeds_for_ids.
+        plan.wants &= set(KNOWN_INPUTS)
+        plan.vocab_size = plan.vocab_size or vocab_size(model, config)
+        if plan.max_positions:
+            seq_len = min(seq_len, plan.max_positions)
+    else:
+        raise UsageError("synthetic calibration inputs need a model that takes input_ids or pixel_values; this one "
+                         "takes " + ", ".join(s.name for s in specs), path=model_path, hint=hint)
+    made = synthetic_inputs(plan, batch=batch, seq_len=seq_len, samples=samples, seed=seed, edge_shapes=False)
+    feeds = [_as_graph_takes(specs, f, seed=seed + i) for i, f in enumerate(made)]
+    described: dict[str, Any] = {"kind": "synthetic", "samples": len(feeds), "batch": batch}
+    if "pixel_values" in plan.wants and plan.image is not None:
+        image = plan.image
+        described.update({"image": f"{image.num_channels}x{image.height}x{image.width}",
+                          "mean": list(image.mean) if image.mean is not None else None,
+                          "std": list(image.std) if image.std is not None else None})
+    else:
+        described.update({"seq_len": seq_len, "vocab": plan.vocab_size})
+    described.update({"seed": seed, "shapes": feed_shapes(feeds)})
+    return feeds, described
+
+
+def _as_graph_takes(specs: list[FeedSpec], feed: dict[str, np.ndarray], *, seed: int) -> dict[str, np.ndarray]:
+    """``feed`` cut to the graph's inputs, in the graph's dtypes (int32 ids, ...), with any input the generator does
+    not make filled in as ``feeds_for_ids`` does."""
+    missing = [s for s in specs if s.name not in feed]
+    filled = feeds_for_ids(missing, feed["input_ids"], seed=seed) if missing and "input_ids" in feed else {}
+    return {s.name: (feed[s.name].astype(s.dtype, copy=False) if s.name in feed else filled[s.name])
+            for s in specs}
 
 
 def npz_batches(path: Path, specs: list[FeedSpec]) -> list[dict[str, np.ndarray]]:
@@ -224,22 +280,21 @@ def calibration_batches(model: onnx.ModelProto, model_path: Path, calibration: P
     Args:
         model: the float model.
         model_path: its ``.onnx`` file (its folder holds the tokenizer for text calibration).
-        calibration: an .npz of inputs, a text file, or None for seeded synthetic inputs.
+        calibration: an .npz of inputs, a text file, or None for seeded synthetic inputs (token ids, or images
+            for a model that takes pixel_values).
         config: the model's config.json, if known (vocabulary size, maximum positions).
         samples: number of feeds (text and synthetic).
         batch: rows per feed (text and synthetic).
-        seq_len: tokens per row (text and synthetic).
+        seq_len: tokens per row (text and synthetic token ids; synthetic feeds alternate it with about half).
         seed: seed of synthetic inputs.
     """
-    specs = input_specs(model)
     max_pos = (config or {}).get("max_position_embeddings") or (config or {}).get("n_positions")
     if isinstance(max_pos, int) and max_pos > 0:
         seq_len = min(seq_len, max_pos)
     if calibration is None:
-        vocab = vocab_size(model, config)
-        feeds = synthetic_batches(specs, vocab=vocab, batch=batch, seq_len=seq_len, samples=samples, seed=seed)
-        return feeds, {"kind": "synthetic", "samples": len(feeds), "batch": batch, "seq_len": seq_len,
-                       "seed": seed, "vocab": vocab}
+        return synthetic_batches(model, model_path, config=config, batch=batch, seq_len=seq_len, samples=samples,
+                                 seed=seed)
+    specs = input_specs(model)
     calibration = Path(calibration)
     if not calibration.is_file():
         raise InputError("calibration file not found", path=calibration)

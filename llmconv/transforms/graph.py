@@ -456,3 +456,61 @@ def ort_errors() -> tuple[type[BaseException], ...]:
     names = ("Fail", "InvalidGraph", "InvalidArgument", "NoSuchFile", "NotImplemented", "RuntimeException",
              "InvalidProtobuf", "EPFail", "ModelLoaded", "NoModel", "EngineError")
     return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, ValueError)
+
+
+def topological_sort(graph: onnx.GraphProto) -> bool:
+    """Put ``graph``'s nodes in an order where each comes after the producers of its inputs (ONNX requires it;
+    onnxruntime's float16 converter appends the Casts it inserts at the end). Values a node's subgraphs read
+    from outside count as its inputs. Returns whether the order changed.
+
+    Raises:
+        ConversionError: the nodes form a cycle, or read a value nothing produces.
+    """
+    from llmconv.errors import ConversionError
+
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    nodes = list(graph.node)
+    needs = [set(n.input) | _captured(n) for n in nodes]
+    producer: dict[str, int] = {o: i for i, n in enumerate(nodes) for o in n.output}
+    waiting = {i: {v for v in needs[i] if v not in available and v in producer} for i in range(len(nodes))}
+    missing = [v for i in range(len(nodes)) for v in needs[i] if v not in available and v not in producer]
+    if missing:
+        raise ConversionError(f"node input {missing[0]!r} is produced by no node of the graph")
+    users: dict[str, list[int]] = {}
+    for i, vals in waiting.items():
+        for v in vals:
+            users.setdefault(v, []).append(i)
+    ready = [i for i, vals in waiting.items() if not vals]
+    order: list[int] = []
+    while ready:
+        i = ready.pop(0)
+        order.append(i)
+        for v in nodes[i].output:
+            for j in users.get(v, []):
+                waiting[j].discard(v)
+                if not waiting[j]:
+                    ready.append(j)
+    if len(order) != len(nodes):
+        raise ConversionError("the graph's nodes form a cycle")
+    if order == sorted(order):
+        return False
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+    return True
+
+
+def _captured(node: onnx.NodeProto) -> set[str]:
+    """Values the subgraphs of ``node`` read from the enclosing scope."""
+    import onnx
+
+    from llmconv.formats.onnx import iter_graphs
+
+    out: set[str] = set()
+    for attr in node.attribute:
+        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in subs:
+            graphs = list(iter_graphs(sub))
+            local = {o for g in graphs for n in g.node for o in n.output}
+            local |= {v.name for g in graphs for v in [*g.input, *g.initializer]}
+            out |= {i for g in graphs for n in g.node for i in n.input if i and i not in local}
+    return out

@@ -598,15 +598,7 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
 
     if method == "int8-static":
         raise Unsupported("int8-static needs calibration inputs for each graph of an encoder-decoder, which llmconv "
-                          "does not make yet", path=src_path, hint="use --method int8-dynamic or int4")
-    if method == "fp16":
-        # Measured with onnxruntime 1.23's converter on T5's merged decoder: with keep_io_types it renames the
-        # producers of the If branches' outputs but not the outputs, and either way it leaves a branch reading a
-        # Cast it put outside; onnxruntime refuses the result.
-        raise Unsupported("fp16 of an encoder-decoder: onnxruntime's float16 converter breaks the merged decoder's "
-                          "If branches (the graph it writes does not load), so llmconv does not offer it yet",
-                          path=src_path, hint="use --method int8-dynamic or int4, or export in fp16 with optimum-cli "
-                                              "export onnx --dtype fp16 (on a GPU)")
+                          "does not make yet", path=src_path, hint="use --method int8-dynamic, int4 or fp16")
     if text is not None:
         raise UsageError("--text measures perplexity, which needs a causal language model; this is an "
                          "encoder-decoder", path=Path(text))
@@ -649,9 +641,11 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
                     assert plan is not None
                     opts = _int8_dynamic(ref, out, source_model, setting=plan.first, op_types=op_types,
                                          external=external)
-                else:
+                elif method == "int4":
                     opts = _int4(ref, out, target=target, block_size=block_size, op_types=op_types,
                                  external=external, notes=notes)
+                else:
+                    opts = _fp16(ref, out, external=external)
             g.record_data_files(out)
             out_model = g.load_model(out, with_data=False)
             files = [out, *g.external_data_files(out_model, out)]
@@ -688,6 +682,9 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
             for out in graph_files(out_dir):
                 g.check_loads(out)
         written = install(out_dir, dst_path, folder=True, force=force, notes=notes)
+    if method == "fp16" and target == "cpu":
+        notes.append("fp16 halves the size but is meant for GPUs: on onnxruntime's CPU kernels it is no faster "
+                     "than fp32")
     return QuantizeReport(
         source=str(src_path), destination=str(dst_path), source_format=fmt.name, target=target, method=method,
         size_before=size_before, size_after=size_after, files=[str(p) for p in written],
@@ -961,19 +958,28 @@ def _fp16(src: Path, out: Path, *, external: bool) -> dict[str, Any]:
     from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    from llmconv.transforms.graph import load_model, op_histogram, save_model
+    from llmconv.transforms.graph import load_model, op_histogram, save_model, topological_sort
+    from llmconv.transforms.merged import is_merged, transform_branches
 
     # The converter needs the graph's value types. Infer them on the graph alone, before the weights
     # are read in: with the weights a model past protobuf's 2 GB limit cannot be inferred in memory,
     # and without the types the converter leaves mixed float16/float32 inputs that onnxruntime refuses.
     model = load_model(src, with_data=False)
-    model = _ort_call(src, lambda: onnx.shape_inference.infer_shapes(model))
-    load_external_data_for_model(model, str(src.parent))
     present = op_histogram(model)
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
-    converted = _ort_call(src, lambda: convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=block, disable_shape_infer=True))
-    _drop_duplicate_nodes(converted)
+
+    def convert(graph: Any) -> Any:
+        graph = _ort_call(src, lambda: onnx.shape_inference.infer_shapes(graph))
+        load_external_data_for_model(graph, str(src.parent))
+        converted = _ort_call(src, lambda: convert_float_to_float16(
+            graph, keep_io_types=True, op_block_list=block, disable_shape_infer=True))
+        _drop_duplicate_nodes(converted)
+        topological_sort(converted.graph)  # the converter appends the Casts it adds at the end
+        return converted
+
+    # The converter breaks a merged decoder's If branches: each decoder it holds is converted alone, then merged.
+    converted = (transform_branches(model, convert, scratch=out.with_name(f".merged-{out.name}"))
+                 if is_merged(model) else convert(model))
     save_model(converted, out, external_data=external)
     kept = {op: present[op] for op in FP16_KEEP_FP32 if present.get(op)}
     return {"keep_io_types": True, "kept_fp32_ops": kept, "tool": "onnxruntime.transformers.float16"}

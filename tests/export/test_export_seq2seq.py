@@ -51,30 +51,40 @@ def test_a_file_destination_is_refused(fx, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("method", ["int8-dynamic", "int4"])
+@pytest.mark.parametrize("method", ["int8-dynamic", "int4", "fp16"])
 def test_quantize_every_graph(method, fixtures_dir, fx, tmp_path):
-    from llmconv.transforms.quantize import quantize
+    import onnx
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
-    src, _ = _exports.export(fixtures_dir, fx, "t5-hf")
-    report = quantize(src, tmp_path / "q", target="cpu", method=method)
-    assert report.verification is not None and report.verification.passed, report.verification.summary()
-    assert report.options["graphs"] == ["encoder_model.onnx", "decoder_model_merged.onnx"]
-    assert report.size_after < 0.7 * report.size_before
-    assert sum(report.ops_quantized.values()) >= 20  # the encoder's and both decoder branches' projections
-    out = tmp_path / "q"
-    assert sorted(p.name for p in out.glob("*.onnx")) == ["decoder_model_merged.onnx", "encoder_model.onnx"]
-    assert (out / "config.json").is_file()
+    from llmconv.transforms.quantize import quantize
     from llmconv.verification.seq2seq import describe
 
-    assert describe(out).quantization == ("int4" if method == "int4" else "int8")
+    src, _ = _exports.export(fixtures_dir, fx, "t5-hf")
+    out = tmp_path / "q"
+    report = quantize(src, out, target="cpu" if method != "fp16" else "gpu", method=method)
+    assert report.verification is not None and report.verification.passed, report.verification.summary()
+    assert report.verification.profile == {"int8-dynamic": "int8", "int4": "int4", "fp16": "fp16"}[method]
+    assert report.options["graphs"] == ["encoder_model.onnx", "decoder_model_merged.onnx"]
+    assert report.size_after < 0.7 * report.size_before
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["decoder_model_merged.onnx", "encoder_model.onnx"]
+    assert (out / "config.json").is_file()
+    sig = describe(out)
+    if method == "fp16":
+        assert sig.float_dtype == "float16" and sig.quantization is None
+    else:
+        assert sum(report.ops_quantized.values()) >= 20  # the encoder's and both decoder branches' projections
+        assert sig.quantization == ("int4" if method == "int4" else "int8")
+    for name in ("encoder_model.onnx", "decoder_model_merged.onnx"):
+        onnx.checker.check_model(str(out / name))  # nodes in order, branches well formed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ORTModelForSeq2SeqLM.from_pretrained(out).decoder.is_merged
 
 
 def test_quantize_refuses_what_it_cannot_do(fixtures_dir, fx, tmp_path):
     from llmconv.transforms.quantize import quantize
 
     src, _ = _exports.export(fixtures_dir, fx, "t5-hf")
-    with pytest.raises(Unsupported, match="float16 converter breaks the merged decoder"):
-        quantize(src, tmp_path / "q16", target="gpu", method="fp16")
     with pytest.raises(Unsupported, match="int8-static needs calibration inputs for each graph"):
         quantize(src, tmp_path / "qs", target="cpu", method="int8-static")
     with pytest.raises(UsageError, match="need a folder"):
@@ -91,3 +101,40 @@ def test_cli_verify_and_prune_t5(cli, fixtures_dir, fx, tmp_path):
     r = cli("prune", fx("t5-hf"), tmp_path / "pruned", "--sparsity", "0.3")
     assert r.exit_code == 0, r.output
     assert "all 8 checks passed" in r.output
+
+
+def test_a_merged_decoder_splits_into_the_two_it_was_made_of(fixtures_dir, fx):
+    """Each branch of the If, taken out as a model of its own, gives what the merged graph gives."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from llmconv.transforms.merged import is_merged, split
+
+    src, _ = _exports.export(fixtures_dir, fx, "t5-hf")
+    merged = onnx.load(str(src / "decoder_model_merged.onnx"))
+    assert is_merged(merged)
+    no_past, with_past = split(merged)
+    assert "use_cache_branch" not in {i.name for i in no_past.graph.input}
+    whole = ort.InferenceSession(merged.SerializeToString())
+    first = ort.InferenceSession(no_past.SerializeToString())
+    rng = np.random.default_rng(0)
+    feed = {"input_ids": np.array([[0]], dtype=np.int64), "encoder_attention_mask": np.ones((1, 5), dtype=np.int64),
+            "encoder_hidden_states": rng.standard_normal((1, 5, 64)).astype(np.float32)}
+    empty = {i.name: np.zeros((1, 4, 0, 16), dtype=np.float32) for i in merged.graph.input
+             if i.name.startswith("past_key_values.")}
+    a = whole.run(["logits"], {**feed, **empty, "use_cache_branch": np.array([False])})[0]
+    b = first.run(["logits"], {k: v for k, v in feed.items() if k in {i.name for i in no_past.graph.input}})[0]
+    np.testing.assert_array_equal(a, b)
+    onnx.checker.check_model(with_past)
+
+
+def test_fp16_graphs_are_in_topological_order(fixtures_dir, fx, tmp_path):
+    """onnxruntime's float16 converter appends its Casts at the end; the written graph is sorted (onnx.checker)."""
+    import onnx
+
+    from llmconv.transforms.quantize import quantize
+
+    src, _ = _exports.export(fixtures_dir, fx, "gpt2-hf")
+    quantize(src, tmp_path / "q", target="gpu", method="fp16")
+    onnx.checker.check_model(str(tmp_path / "q" / "model.onnx"))
