@@ -140,23 +140,14 @@ def _gate(reference: Path, candidate: Path, plan: ExportPlan, *, src: Path, dst:
         verification = compare_outputs(reference, candidate, profile="auto", provider=provider, task=plan.task,
                                        decode_steps=decode_steps, generate=generate)
     except GraphRunError as e:
-        raise _does_not_run(e, plan, dst) from None
+        raise e.as_failure("the exported graph", path=dst,
+                           context=f"{plan.model_type}, exported with {plan.exporter} for {plan.task}") from None
     verification.reference, verification.candidate = str(src), str(dst)
     if not verification.passed:
         verification.notes.append(GATE_HINT)
         raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "
                             "nothing was written", report=verification, path=dst)
     return verification
-
-
-def _does_not_run(e: GraphRunError, plan: ExportPlan, dst: Path) -> NotEquivalent:
-    """A graph that onnxruntime loads but cannot run on a shape users give it (batch 1, one token): a failed
-    export, exit 1, naming the node, the architecture and the user's destination (never the scratch folder)."""
-    where = f"{e.op} node {e.node}" if e.op and e.node else e.op or e.node or "a node"
-    shape = f", on inputs of shape {e.shape}" if e.shape is not None else ""
-    return NotEquivalent(f"the exported graph does not run in onnxruntime: {where}: {e.detail.rstrip('. ')}{shape} "
-                         f"({plan.model_type}, exported with {plan.exporter} for {plan.task}); nothing was written",
-                         path=dst)
 
 
 def _to_onnx_seq2seq(src: Path, dst: Path, plan: ExportPlan, folder: Path, stack: contextlib.ExitStack,

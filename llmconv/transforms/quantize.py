@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmconv.errors import ConversionError, NotEquivalent, Unsupported, UsageError
+from llmconv.errors import ConversionError, GraphRunError, NotEquivalent, Unsupported, UsageError
 from llmconv.io import atomic_output, check_destination
 from llmconv.verification.report import VerifyReport
 
@@ -527,7 +527,7 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
                 verification = _verify_outputs(ref_file, out_file, profile=PROFILES[method], atol=atol, rtol=rtol,
                                                text=text, inputs=inputs, provider=provider,
                                                max_ppl_increase=max_ppl_increase, decode_steps=decode_steps,
-                                               generate=generate)
+                                               generate=generate, dst=dst_path)
                 verification.reference, verification.candidate = str(src_path), str(dst_path)
                 rename_paths(verification, {out_file: dst_path / out_name if folder_out else dst_path,
                                             out_dir: dst_path if folder_out else dst_path.parent, **renames})
@@ -668,7 +668,7 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
         if verify:
             verification = _verify_outputs(ref_dir, out_dir, profile=PROFILES[method], atol=atol, rtol=rtol,
                                            text=None, inputs=inputs, provider=provider, max_ppl_increase=None,
-                                           decode_steps=decode_steps, generate=generate)
+                                           decode_steps=decode_steps, generate=generate, dst=dst_path)
             verification.reference, verification.candidate = str(src_path), str(dst_path)
             rename_paths(verification, {out_dir: dst_path, ref_dir: src_path})
             if not verification.passed:
@@ -1040,7 +1040,8 @@ def _count_ops(before: Any, after: Any) -> dict[str, Any]:
 
 def _verify_outputs(reference: Path, candidate: Path, *, profile: str, atol: float | None, rtol: float | None,
                     text: Any, inputs: Any, provider: str, max_ppl_increase: float | None,
-                    decode_steps: int | None = None, generate: int | None = None) -> VerifyReport:
+                    decode_steps: int | None = None, generate: int | None = None,
+                    dst: Path | None = None) -> VerifyReport:
     from llmconv.verification.outputs import compare_outputs
 
     options: dict[str, Any] = {"decode_steps": decode_steps, "generate": generate}
@@ -1050,8 +1051,14 @@ def _verify_outputs(reference: Path, candidate: Path, *, profile: str, atol: flo
         options["inputs"] = Path(inputs)
     if max_ppl_increase is not None:
         options["max_ppl_increase"] = max_ppl_increase
-    return compare_outputs(reference, candidate, profile=profile, atol=atol, rtol=rtol, provider=provider,
-                           **options)
+    try:
+        return compare_outputs(reference, candidate, profile=profile, atol=atol, rtol=rtol, provider=provider,
+                               **options)
+    except GraphRunError as e:
+        ours = e.path is not None and (Path(e.path) == Path(candidate) or Path(candidate) in Path(e.path).parents)
+        if dst is None or not ours:
+            raise  # the source does not run: the user's input, as it says
+        raise e.as_failure(f"the {profile} output", path=dst) from None
 
 
 # ---- weights ------------------------------------------------------------------------------------

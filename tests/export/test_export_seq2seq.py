@@ -138,3 +138,21 @@ def test_fp16_graphs_are_in_topological_order(fixtures_dir, fx, tmp_path):
     src, _ = _exports.export(fixtures_dir, fx, "gpt2-hf")
     quantize(src, tmp_path / "q", target="gpu", method="fp16")
     onnx.checker.check_model(str(tmp_path / "q" / "model.onnx"))
+
+
+def test_a_quantized_graph_that_does_not_run_is_a_failed_output(fixtures_dir, fx, tmp_path):
+    """The check quantize runs names the user's destination when the output graph fails in onnxruntime (a graph
+    that crashes at batch 1 stands in for it: Mixtral through torch.onnx), and blames the source when it is the
+    source that fails."""
+    from llmconv.errors import GraphRunError, NotEquivalent
+    from llmconv.transforms.quantize import _verify_outputs
+
+    crashing, _ = _exports.export(fixtures_dir, fx, "mixtral-hf", verify=False)
+    common = {"profile": "int8", "atol": None, "rtol": None, "text": None, "inputs": None, "provider": "cpu",
+              "max_ppl_increase": None, "dst": tmp_path / "out"}
+    with pytest.raises(NotEquivalent, match=r"the int8 output does not run in onnxruntime: Split node .*"
+                                            r"on inputs of shape \[1, 1\]; nothing was written") as info:
+        _verify_outputs(fx("mixtral-hf"), crashing, **common)
+    assert info.value.path == tmp_path / "out"
+    with pytest.raises(GraphRunError):
+        _verify_outputs(crashing, fx("mixtral-hf"), **common)
