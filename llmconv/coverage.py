@@ -20,7 +20,8 @@ CHECKS = {
     "encoder": "last_hidden_state (every position)",
     "encoder-decoder": "encoder last_hidden_state; decoder logits; cached decode steps, self- and cross-attention "
                        "caches, consistency; greedy generation",
-    "vision": "logits (top-1 over classes) on synthetic pixel_values",
+    "vision": "logits (top-1 over classes) or last_hidden_state, on synthetic pixel_values normalised as the "
+              "model's image processor does",
 }
 
 
@@ -62,6 +63,10 @@ def _encoder(model_type: str, architecture: str, fixture: str | None = None) -> 
     return ModelCase(model_type, architecture, "feature-extraction", "encoder", fixture or f"{model_type}-hf")
 
 
+def _vision(model_type: str, architecture: str, task: str) -> ModelCase:
+    return ModelCase(model_type, architecture, task, "vision", f"{model_type}-hf")
+
+
 def _seq2seq(model_type: str, architecture: str, fixture: str) -> ModelCase:
     return ModelCase(model_type, architecture, "text2text-generation-with-past", "encoder-decoder", fixture)
 
@@ -101,6 +106,10 @@ MODELS: tuple[ModelCase, ...] = (
     _seq2seq("bart", "BartForConditionalGeneration", "bart-hf"),
     _seq2seq("mbart", "MBartForConditionalGeneration", "mbart-hf"),
     _seq2seq("marian", "MarianMTModel", "marian-hf"),
+    _vision("vit", "ViTForImageClassification", "image-classification"),
+    _vision("vit", "ViTForImageClassification", "feature-extraction"),
+    _vision("resnet", "ResNetForImageClassification", "image-classification"),
+    _vision("resnet", "ResNetForImageClassification", "feature-extraction"),
 )
 
 # Pairs a test shows refused, with why: the export fails, says so, and writes nothing.
