@@ -116,7 +116,7 @@ MODELS: tuple[ModelCase, ...] = (
 REFUSED: tuple[tuple[ModelCase, str], ...] = (
     (_decoder("mixtral", "MixtralForCausalLM", exporter="torch.onnx"),
      "optimum does not export it; torch.onnx bakes the expert routing of its trace into Split sizes, and the graph "
-     "fails in onnxruntime at batch 1 (exit 1, nothing written)"),
+     "fails in onnxruntime at batch 1 (the export's verification: exit 1, nothing written)"),
     (_decoder("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2moe-hf", exporter="torch.onnx"),
      "as Mixtral: the traced expert routing fails in onnxruntime (exit 1, nothing written)"),
 )

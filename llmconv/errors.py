@@ -74,15 +74,6 @@ class GraphRunError(Unsupported):
         inputs = f" (inputs {self.shape})" if self.shape is not None else ""
         super().__init__(f"onnxruntime cannot run the graph: {where}{detail}{inputs}", path=path)
 
-    def as_failure(self, what: str, *, path: str | Path, context: str = "") -> NotEquivalent:
-        """The failed output this makes of a command's result (exit 1): ``what`` (``the exported graph``) does
-        not run, naming the node, and ``path`` (the user's destination, never a scratch folder)."""
-        where = f"{self.op} node {self.node}" if self.op and self.node else self.op or self.node or "a node"
-        shape = f", on inputs of shape {self.shape}" if self.shape is not None else ""
-        extra = f" ({context})" if context else ""
-        return NotEquivalent(f"{what} does not run in onnxruntime: {where}: {self.detail.rstrip('. ')}{shape}{extra}; "
-                             "nothing was written", path=path)
-
 
 class MissingDependency(LlmconvError):
     """An optional backend is not installed; the message gives the pip command."""

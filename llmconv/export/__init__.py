@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmconv.errors import DestinationError, GraphRunError, InputError, NotEquivalent, Unsupported, UsageError
+from llmconv.errors import DestinationError, InputError, NotEquivalent, Unsupported, UsageError
 from llmconv.io import atomic_output, check_replaceable
 
 if TYPE_CHECKING:
@@ -136,13 +136,15 @@ def _gate(reference: Path, candidate: Path, plan: ExportPlan, *, src: Path, dst:
     """Verify the export (in the scratch folder) against PyTorch; raise, naming ``dst``, when it is not the model."""
     from llmconv.verification.outputs import GATE_HINT, compare_outputs
 
-    try:
-        verification = compare_outputs(reference, candidate, profile="auto", provider=provider, task=plan.task,
-                                       decode_steps=decode_steps, generate=generate)
-    except GraphRunError as e:
-        raise e.as_failure("the exported graph", path=dst,
-                           context=f"{plan.model_type}, exported with {plan.exporter} for {plan.task}") from None
+    verification = compare_outputs(reference, candidate, profile="auto", provider=provider, task=plan.task,
+                                   decode_steps=decode_steps, generate=generate)
     verification.reference, verification.candidate = str(src), str(dst)
+    crash = next((c for c in verification.checks if c.name == "runs" and not c.passed), None)
+    if crash is not None:
+        # "the candidate does not run in onnxruntime: <op> node <name>: <message>, on inputs of shape [1, 1]"
+        raise NotEquivalent(f"the exported graph{crash.reason.removeprefix('the candidate')} ({plan.model_type}, "
+                            f"exported with {plan.exporter} for {plan.task}); nothing was written",
+                            report=verification, path=dst)
     if not verification.passed:
         verification.notes.append(GATE_HINT)
         raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "

@@ -580,6 +580,11 @@ def judge_quality(report: VerifyReport, *, min_top1: float | None, max_ppl_incre
 # ---- ONNX ----------------------------------------------------------------------------------------
 
 
+def _shown(graph: Path, name: str, several: bool) -> str:
+    """A tensor's name in reports: prefixed with its graph file when the model has several graphs."""
+    return f"{graph.name}:{name}" if several else name
+
+
 def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str, selection: dict[str, list[str]],
                 checks: dict[str, Any], thresholds: dict[str, float | None], provider: str, verify: bool,
                 force: bool) -> PruneReport:
@@ -598,77 +603,109 @@ def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str
     )
 
     g.require_onnx()
+    from llmconv.formats.onnx import is_seq2seq_folder
+
     folder_out = onnx_destination(dst_path, what="the pruned model")
+    seq2seq = is_seq2seq_folder(src_path)
+    if seq2seq:
+        from llmconv.verification.seq2seq import graph_files
+
+        if not folder_out:
+            raise UsageError("an encoder-decoder is several graphs (an encoder and a decoder), which need a folder",
+                             path=dst_path, hint=f"give a destination without the {dst_path.suffix} extension")
+        refs = graph_files(src_path)
+    else:
+        refs = [model_file(src_path)]
     if not folder_out:
         check_sidecar(dst_path, force=force)
-    ref_file = model_file(src_path)
-    model = g.load_model(ref_file)
-    source_files = [ref_file, *g.external_data_files(g.load_model(ref_file, with_data=False), ref_file)]
-    external = g.needs_external_data(model, source_files)
-    g.name_nodes(model)
-    inits = {t.name: t for t in model.graph.initializer}
-    users: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            users.setdefault(i, []).append(node.op_type)
     include, exclude = selection["include"], selection["exclude"]
-    chosen: dict[str, g.LinearNode] = {}
+    made: list[tuple[Path, Any, list[PrunedTensor], bool]] = []  # (source graph, pruned model, tensors, external)
     skipped: list[dict[str, str]] = []
-    for ln in g.linear_nodes(model):
-        named = _matches(include, ln.weight, ln.node) if include else not ln.is_output
-        if not named or _matches(exclude, ln.weight, ln.node) or ln.weight in chosen:
-            continue
-        if any(op not in ("MatMul", "Gemm") for op in users.get(ln.weight, [])):
-            skipped.append({"name": ln.weight, "reason": "also read by a non-linear node (a tied embedding?)"})
-            continue
-        chosen[ln.weight] = ln
-    if not chosen:
+    parameters = 0
+    for ref_file in refs:
+        model = g.load_model(ref_file)
+        source_files = [ref_file, *g.external_data_files(g.load_model(ref_file, with_data=False), ref_file)]
+        external = g.needs_external_data(model, source_files)
+        g.name_nodes(model)
+        from llmconv.formats.onnx import iter_graphs
+
+        graphs = list(iter_graphs(model.graph))  # a merged decoder's layers sit in its If branches
+        inits = {t.name: t for t in model.graph.initializer}
+        users: dict[str, list[str]] = {}
+        for node in (n for gr in graphs for n in gr.node):
+            for i in node.input:
+                users.setdefault(i, []).append(node.op_type)
+        chosen: dict[str, g.LinearNode] = {}
+        for ln in g.linear_nodes(model):
+            named = _matches(include, ln.weight, ln.node) if include else not ln.is_output
+            if not named or _matches(exclude, ln.weight, ln.node) or ln.weight in chosen or ln.weight not in inits:
+                continue
+            if any(op not in ("MatMul", "Gemm") for op in users.get(ln.weight, [])):
+                skipped.append({"name": _shown(ref_file, ln.weight, seq2seq),
+                                "reason": "also read by a non-linear node (a tied embedding?)"})
+                continue
+            chosen[ln.weight] = ln
+        tensors = []
+        for name, ln in chosen.items():
+            arr = numpy_helper.to_array(inits[name])
+            out = prune_tensor(torch.from_numpy(arr.copy()), sparsity=sparsity, pattern=pattern, in_axis=ln.in_axis,
+                               name=name).numpy()
+            inits[name].CopyFrom(numpy_helper.from_array(out, name))
+            tensors.append(PrunedTensor(name, list(out.shape), int((out == 0).sum()), out.size, ln.in_axis, ln.node))
+        parameters += sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in (1, 10, 11, 16))
+        made.append((ref_file, model, tensors, external))
+    if not any(m[2] for m in made):
         raise _nothing_selected(src_path)
-    tensors = []
-    for name, ln in chosen.items():
-        arr = numpy_helper.to_array(inits[name])
-        out = prune_tensor(torch.from_numpy(arr.copy()), sparsity=sparsity, pattern=pattern, in_axis=ln.in_axis,
-                           name=name).numpy()
-        inits[name].CopyFrom(numpy_helper.from_array(out, name))
-        tensors.append(PrunedTensor(name, list(out.shape), int((out == 0).sum()), out.size, ln.in_axis, ln.node))
-    parameters = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in (1, 10, 11, 16))
-    notes = []
+    notes: list[str] = []
     with build_scratch(dst_path, src=src_path) as scratch:
         out_dir = scratch / "out"
         out_dir.mkdir()
-        out_file = out_dir / ("model.onnx" if folder_out else dst_path.name)
-        g.save_model(model, out_file, external_data=external)
-        del model
+        outs = []
+        for ref_file, model, tensors, external in made:
+            out_file = out_dir / (ref_file.name if seq2seq else "model.onnx" if folder_out else dst_path.name)
+            g.save_model(model, out_file, external_data=external)
+            outs.append((out_file, tensors))
+        del made, model
         if folder_out:
-            copy_companions(ref_file.parent, out_dir, notes=notes)
+            copy_companions(refs[0].parent, out_dir, notes=notes)
         verification = quality = None
+        all_tensors: list[PrunedTensor] = []
         if verify:
             from llmconv.formats.onnx import open_model
 
             verification = VerifyReport(mode="weights", profile="exact", reference=str(src_path),
                                         candidate=str(dst_path))
-            with open_model(out_file) as written:
-                measured = [_measure(written, t.name, sparsity=sparsity, pattern=pattern, in_axis=t.in_axis,
-                                     node=t.node) for t in tensors]
-            for before, after in zip(tensors, measured, strict=True):
-                same = before.zeros == after.zeros
-                verification.checks.append(Check(after.name, same, {"shape": after.shape, "zeros": after.zeros},
-                                                 "" if same else f"{after.zeros} zeros written, {before.zeros} made"))
-            tensors = measured
-            _add_pattern_checks(verification, tensors, pattern=pattern, sparsity=sparsity)
+            for out_file, tensors in outs:
+                with open_model(out_file) as written:
+                    measured = [_measure(written, t.name, sparsity=sparsity, pattern=pattern, in_axis=t.in_axis,
+                                         node=t.node) for t in tensors]
+                for before, after in zip(tensors, measured, strict=True):
+                    after.name = _shown(out_file, after.name, seq2seq)
+                    same = before.zeros == after.zeros
+                    verification.checks.append(Check(after.name, same, {"shape": after.shape, "zeros": after.zeros},
+                                                     "" if same else f"{after.zeros} zeros written, {before.zeros} "
+                                                                     "made"))
+                all_tensors += measured
+            _add_pattern_checks(verification, all_tensors, pattern=pattern, sparsity=sparsity)
             if not verification.passed:
                 raise NotEquivalent(f"the written model does not hold the pruned weights: {verification.summary()}; "
                                     "nothing was written", report=verification, path=dst_path)
-            quality = _quality(ref_file, out_file, checks=checks, thresholds=thresholds, provider=provider)
+            reference, candidate = (src_path, out_dir) if seq2seq else (refs[0], outs[0][0])
+            quality = _quality(reference, candidate, checks=checks, thresholds=thresholds, provider=provider)
             quality.reference, quality.candidate = str(src_path), str(dst_path)
-            rename_paths(quality, {out_file: dst_path / out_file.name if folder_out else dst_path,
+            rename_paths(quality, {outs[0][0]: dst_path / outs[0][0].name if folder_out else dst_path,
                                    out_dir: dst_path if folder_out else dst_path.parent})
             if not quality.passed:
                 raise NotEquivalent(f"the pruned model fails the quality check: {quality.summary()}; nothing was "
                                     "written", report=quality, path=dst_path)
         else:
-            g.check_loads(out_file)
-        size = sum(p.stat().st_size for p in out_dir.iterdir() if p.name.startswith(out_file.name))
+            for out_file, tensors in outs:
+                g.check_loads(out_file)
+                for t in tensors:
+                    t.name = _shown(out_file, t.name, seq2seq)
+                all_tensors += tensors
+        tensors = all_tensors
+        size = sum(p.stat().st_size for p in out_dir.iterdir() if p.name.endswith((".onnx", "_data", ".data")))
         written = install(out_dir, dst_path, folder=folder_out, force=force, notes=notes)
     return PruneReport(source=str(src_path), destination=str(dst_path), source_format="onnx", pattern=pattern,
                        sparsity=sparsity, tensors=tensors, files=[str(p) for p in written], bytes_written=size,

@@ -66,7 +66,10 @@ def verify(reference: str | Path, candidate: str | Path, *, mode: str = "auto", 
         from llmconv.verification.outputs import LOCALIZE_HINT, compare_outputs
 
         report = compare_outputs(ref_path, cand_path, profile=profile, atol=atol, rtol=rtol, **outputs_options)
-        if not report.passed and not outputs_options.get("localize"):
+        # --localize searches single graphs and PyTorch; not encoder-decoders (their report lists "graphs"), nor a
+        # candidate that does not run at all.
+        searchable = "graphs" not in report.extra and not any(c.name == "runs" for c in report.checks)
+        if not report.passed and not outputs_options.get("localize") and searchable:
             report.notes.append(LOCALIZE_HINT)
         return report
     raise UsageError(f"unknown --mode {mode!r}", hint="use auto, weights or outputs")

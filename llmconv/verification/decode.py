@@ -72,6 +72,9 @@ class DecodePlan:
         """Decode calls after the prefill: enough for K compared steps and N - 1 tokens after the first."""
         return max(self.decode_steps, self.generate - 1, 0)
 
+    # How a layer's cache is named after ``present.{i}.`` (an encoder-decoder's self-attention: ``decoder.``).
+    cache_label = ""
+
     def prompt_tokens(self) -> list[int]:
         """The real tokens of each prompt."""
         return [int(n) for n in self.mask.sum(axis=1)]
@@ -542,10 +545,10 @@ def _cache_check(ref: list[tuple[np.ndarray, np.ndarray]], cand: list[tuple[np.n
             b = b[:, :, -n:, :].transpose(0, 2, 1, 3)[keep]
             total.add(a, b)
             if first_bad is None:
-                one = OutputComparison(f"present.{i}.{label}", profile=profile, logits=False)
+                one = OutputComparison(f"present.{i}.{plan.cache_label}{label}", profile=profile, logits=False)
                 one.add(a, b)
                 if not one.check().passed:
-                    first_bad = f"present.{i}.{label}"
+                    first_bad = f"present.{i}.{plan.cache_label}{label}"
     if trimmed:
         notes.append(f"sliding window {sliding}: one side's cache keeps only the last {trimmed} positions; the "
                      "decode caches were compared on the positions both keep")

@@ -30,8 +30,8 @@ from llmconv.errors import CorruptInput, InputError, UsageError
 # Inputs the verifier knows how to make; anything else a graph requires must come from `verify --inputs`.
 KNOWN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "pixel_values")
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
-_NPZ_HINT = ("give them to `llmconv verify REFERENCE CANDIDATE --inputs FILE.npz` (numpy.savez(FILE, name=array, "
-             "...)); convert with --no-verify first")
+_NPZ_HINT = ("give them with --inputs FILE.npz (numpy.savez(FILE, name=array, ...)); convert --to onnx takes no "
+             "inputs: export with --no-verify, then run llmconv verify SRC DST --inputs FILE.npz")
 DEFAULT_IMAGE_SIZE = 224  # what image processors resize to when nothing else says
 
 
@@ -445,9 +445,34 @@ def load_inputs(path: Path, plan: InputPlan) -> tuple[list[dict[str, Any]], dict
             feed[k] = np.asarray(feed[k]).astype(np.int64)
     for k, v in empty_past(plan.past, batch).items():
         feed.setdefault(k, v)
-    meta = {"batch": int(batch), "seq_len": int(length), "samples": 1, "seed": None, "file": str(path),
-            "shapes": [[int(batch), int(length)]]}
-    return [feed], meta
+    feeds = [feed, *_edge_of(feed)]
+    meta = {"batch": int(batch), "seq_len": int(length), "samples": len(feeds), "seed": None, "file": str(path),
+            "shapes": feed_shapes(feeds)}
+    return feeds, meta
+
+
+def _edge_of(feed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The one-row feed (of one token, for token models) cut from the user's own ``feed``, as every verification
+    tries it (what a decode step is); none when the feed is that shape already. A token row keeps its first real
+    token, with its position id."""
+    if "pixel_values" in feed:
+        px = feed["pixel_values"]
+        return [{**feed, "pixel_values": px[:1]}] if px.shape[0] > 1 else []
+    ids = feed["input_ids"]
+    if ids.shape == (1, 1):
+        return []
+    mask = feed.get("attention_mask")
+    first = int(np.argmax(mask[0] == 1)) if mask is not None else 0
+    edge: dict[str, Any] = {}
+    for k, v in feed.items():
+        a = np.asarray(v)
+        if k.startswith("past_key_values."):
+            edge[k] = a[:1]
+        elif a.ndim == 2 and a.shape == ids.shape:
+            edge[k] = a[:1, first:first + 1].copy()
+        else:
+            edge[k] = a
+    return [edge]
 
 
 def _load_images(path: Path, arrays: dict[str, np.ndarray], plan: InputPlan) -> tuple[list[dict[str, Any]],
@@ -479,6 +504,7 @@ def _load_images(path: Path, arrays: dict[str, np.ndarray], plan: InputPlan) -> 
     if not np.isfinite(px).all():
         raise UsageError(f"pixel_values holds {int((~np.isfinite(px)).sum())} NaN or Inf values", path=path)
     feed: dict[str, Any] = {"pixel_values": px.astype(np.float32)}
-    meta = {"batch": int(px.shape[0]), "seq_len": None, "samples": 1, "seed": None, "file": str(path),
-            "shapes": [[int(d) for d in px.shape]]}
-    return [feed], meta
+    feeds = [feed, *_edge_of(feed)]
+    meta = {"batch": int(px.shape[0]), "seq_len": None, "samples": len(feeds), "seed": None, "file": str(path),
+            "shapes": feed_shapes(feeds)}
+    return feeds, meta

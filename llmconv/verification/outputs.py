@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from llmconv.errors import InputError, UsageError
+from llmconv.errors import GraphRunError, InputError, UsageError
 from llmconv.export.tasks import base_task, is_causal
-from llmconv.verification.report import VerifyReport
+from llmconv.verification.report import Check, VerifyReport
 
 DEFAULT_PPL_WINDOW = 1024  # tokens per window when neither model says how many positions it has
 
@@ -163,9 +163,15 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
             comparisons[o].add(a, b)
         ref_results[i] = {}  # free the reference's copy as soon as it is compared
 
-    _, cand_nll, cand_label, cand_trace = _run_side(
-        cand_sig, cand_task, feeds, shared, provider=provider, tokens=texts[1] if texts else None, window=window,
-        sink=fold, on_text=fold_text, decode=dplan, reference=ref_trace)
+    try:
+        _, cand_nll, cand_label, cand_trace = _run_side(
+            cand_sig, cand_task, feeds, shared, provider=provider, tokens=texts[1] if texts else None,
+            window=window, sink=fold, on_text=fold_text, decode=dplan, reference=ref_trace)
+    except GraphRunError as e:
+        if not crashed_in(e, Path(candidate)):
+            raise
+        return crash_report(e, reference=reference, candidate=candidate, profile=prof, inputs=meta, notes=notes,
+                            runners={"reference": ref_label})
     checks = [comparisons[o].check() for o in shared]
     if dplan is not None and ref_trace is not None and cand_trace is not None:
         from llmconv.verification.decode import counts_own_positions, decode_checks
@@ -219,6 +225,27 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         except LlmconvError as e:  # the verdict stands; only the search for where failed
             report.extra["localization"] = {"first": None, "error": str(e),
                                             "summary": f"could not localize the difference: {e}"}
+    return report
+
+
+def crashed_in(e: GraphRunError, model: Path) -> bool:
+    """Whether the graph that failed to run is ``model`` (or one of its graphs): the candidate's failure is a
+    verdict; the reference's is the user's input, and stays an error."""
+    return e.path is not None and (Path(e.path) == model or model in Path(e.path).parents
+                                   or Path(e.path).parent == model)
+
+
+def crash_report(e: GraphRunError, *, reference: Path, candidate: Path, profile: Any, inputs: dict[str, Any],
+                 notes: list[str], runners: dict[str, str]) -> VerifyReport:
+    """The verdict on a candidate that onnxruntime cannot run on the inputs: one failing check, ``runs``."""
+    where = f"{e.op} node {e.node}" if e.op and e.node else e.op or e.node or "a node"
+    shape = f", on inputs of shape {e.shape}" if e.shape is not None else ""
+    check = Check("runs", False, {"op": e.op, "node": e.node, "shape": e.shape, "detail": e.detail},
+                  f"the candidate does not run in onnxruntime: {where}: {e.detail.rstrip('. ')}{shape}")
+    report = VerifyReport(mode="outputs", profile=profile.name, reference=str(reference), candidate=str(candidate),
+                          checks=[check], inputs=inputs, notes=notes)
+    report.extra["thresholds"] = profile.thresholds()
+    report.extra["runners"] = runners
     return report
 
 

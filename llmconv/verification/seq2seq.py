@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from llmconv.errors import InputError, Unsupported, UsageError
+from llmconv.errors import GraphRunError, InputError, Unsupported, UsageError
 from llmconv.formats.onnx import SEQ2SEQ_DECODERS, SEQ2SEQ_ENCODER, is_seq2seq_folder
 from llmconv.verification.decode import DecodePlan
 from llmconv.verification.report import Check, VerifyReport
@@ -42,7 +42,8 @@ def applies(*paths: Path) -> bool:
     from llmconv.export.tasks import is_seq2seq, task_from_config
 
     for p in map(Path, paths):
-        if is_seq2seq_folder(p):
+        if is_seq2seq_folder(p) or _partial(p) or (p.is_file() and p.name in GRAPH_FILES
+                                                   and is_seq2seq_folder(p.parent)):
             return True
         if p.is_dir() and (p / "config.json").is_file() and not any(p.glob("*.onnx")):
             from llmconv.checkpoint import read_json
@@ -154,6 +155,11 @@ def describe(path: Path) -> Seq2SeqSig:
     from llmconv.verification import runners
 
     path = Path(path)
+    missing = _partial(path)
+    if missing:
+        raise UsageError(f"an encoder-decoder folder without its {missing}: it holds "
+                         f"{', '.join(sorted(p.name for p in path.glob('*.onnx')))}", path=path,
+                         hint="export it again with llmconv convert --to onnx, or copy the missing graph back")
     if is_seq2seq_folder(path):
         graphs = {n: runners.describe(path / n) for n in GRAPH_FILES if (path / n).is_file()}
         if DECODER_MERGED in graphs:  # the unmerged pair, when also there, is what the merged graph holds
@@ -182,6 +188,23 @@ def describe(path: Path) -> Seq2SeqSig:
                               f"{ENCODER} and {DECODER_MERGED}) or another Hugging Face folder of it")
     return Seq2SeqSig(path=path, kind="torch", config=base.config or {}, base=base,
                       start_id=_start_id(base.config or {}, path), notes=list(base.notes))
+
+
+def _partial(path: Path) -> str | None:
+    """What an ONNX folder that holds part of an encoder-decoder (its graph names) lacks; None for any other path."""
+    if not path.is_dir() or is_seq2seq_folder(path):
+        return None
+    if (path / ENCODER).is_file():
+        return f"decoder ({DECODER_MERGED} or {DECODER})"
+    # Decoder graphs alone are also what optimum once wrote for causal LMs: only the config says it is half a model.
+    if any((path / n).is_file() for n in GRAPH_FILES[1:]) and (path / "config.json").is_file():
+        from llmconv.checkpoint import read_json
+        from llmconv.export.tasks import is_seq2seq, task_from_config
+
+        config = read_json(path / "config.json", what="config.json")
+        if isinstance(config, dict) and is_seq2seq(task_from_config(config)):
+            return f"encoder ({ENCODER})"
+    return None
 
 
 # ---- runners ----------------------------------------------------------------------------------------
@@ -377,6 +400,8 @@ class Seq2SeqPlan(DecodePlan):
     enc_mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     start_id: int = 0
 
+    cache_label = "decoder."
+
     def prompt_tokens(self) -> list[int]:
         return [int(n) for n in self.enc_mask.sum(axis=1)]
 
@@ -495,8 +520,16 @@ def compare(reference: Path, candidate: Path, *, profile: str = "auto", atol: fl
     enc_cmp = OutputComparison("encoder.last_hidden_state", profile=prof, logits=False)
     dec_cmp = OutputComparison("logits", profile=prof, logits=True)
     ref_out, ref_trace, ref_cross, ref_label = _run_side(ref_sig, feeds, dec_feeds, plan, provider=provider)
-    cand_out, cand_trace, cand_cross, cand_label = _run_side(cand_sig, feeds, dec_feeds, plan, provider=provider,
-                                                             reference=ref_trace)
+    try:
+        cand_out, cand_trace, cand_cross, cand_label = _run_side(cand_sig, feeds, dec_feeds, plan, provider=provider,
+                                                                 reference=ref_trace)
+    except GraphRunError as e:
+        from llmconv.verification.outputs import crash_report, crashed_in
+
+        if not crashed_in(e, Path(candidate)):
+            raise
+        return crash_report(e, reference=reference, candidate=candidate, profile=prof, inputs=meta, notes=notes,
+                            runners={"reference": ref_label})
     for (h_r, l_r), (h_c, l_c) in zip(ref_out, cand_out, strict=True):
         enc_cmp.add(h_r, h_c)
         dec_cmp.add(l_r, l_c)

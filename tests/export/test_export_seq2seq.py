@@ -140,19 +140,59 @@ def test_fp16_graphs_are_in_topological_order(fixtures_dir, fx, tmp_path):
     onnx.checker.check_model(str(tmp_path / "q" / "model.onnx"))
 
 
-def test_a_quantized_graph_that_does_not_run_is_a_failed_output(fixtures_dir, fx, tmp_path):
-    """The check quantize runs names the user's destination when the output graph fails in onnxruntime (a graph
-    that crashes at batch 1 stands in for it: Mixtral through torch.onnx), and blames the source when it is the
-    source that fails."""
-    from llmconv.errors import GraphRunError, NotEquivalent
-    from llmconv.transforms.quantize import _verify_outputs
+def test_a_candidate_that_does_not_run_is_a_failed_verification(fixtures_dir, fx, tmp_path, cli):
+    """A candidate graph that onnxruntime cannot run (Mixtral through torch.onnx crashes in a Split node) is a
+    verdict, exit 1 with the command's JSON; a reference that cannot run is the user's input, exit 2. With
+    --inputs the one-row, one-token sample is cut from the user's own batch."""
+    import numpy as np
+
+    from llmconv.errors import GraphRunError
+    from llmconv.verification.outputs import compare_outputs
 
     crashing, _ = _exports.export(fixtures_dir, fx, "mixtral-hf", verify=False)
-    common = {"profile": "int8", "atol": None, "rtol": None, "text": None, "inputs": None, "provider": "cpu",
-              "max_ppl_increase": None, "dst": tmp_path / "out"}
-    with pytest.raises(NotEquivalent, match=r"the int8 output does not run in onnxruntime: Split node .*"
-                                            r"on inputs of shape \[1, 1\]; nothing was written") as info:
-        _verify_outputs(fx("mixtral-hf"), crashing, **common)
-    assert info.value.path == tmp_path / "out"
+    report = compare_outputs(fx("mixtral-hf"), crashing)
+    assert not report.passed and [c.name for c in report.checks] == ["runs"]
+    check = report.checks[0]
+    assert check.figures["op"] == "Split" and check.figures["shape"] is not None
+    assert check.reason.startswith("the candidate does not run in onnxruntime: Split node ")
     with pytest.raises(GraphRunError):
-        _verify_outputs(crashing, fx("mixtral-hf"), **common)
+        compare_outputs(crashing, fx("mixtral-hf"))
+    r = cli("verify", fx("mixtral-hf"), crashing, "--json")
+    assert r.exit_code == 1, r.output
+    body = json.loads(r.stdout)
+    assert body["ok"] is False and body["mode"] == "outputs" and body["checks"][0]["name"] == "runs"
+    # --inputs: the user's batch, then its first row's first token alone.
+    ids = np.arange(2, 18, dtype=np.int64).reshape(2, 8)
+    np.savez(tmp_path / "in.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    report = compare_outputs(fx("gpt2-hf"), _exports.export(fixtures_dir, fx, "gpt2-hf")[0], inputs=tmp_path / "in.npz")
+    assert report.passed, report.summary()
+    assert report.inputs["shapes"] == [[2, 8], [1, 1]] and report.inputs["samples"] == 2
+
+
+def test_prune_an_encoder_decoder_folder(fixtures_dir, fx, tmp_path, cli):
+    """Every graph's linear weights, the merged decoder's branches included; quality checked on the folder."""
+    src, _ = _exports.export(fixtures_dir, fx, "t5-hf")
+    r = cli("prune", src, tmp_path / "p", "--sparsity", "0.3", "--json")
+    assert r.exit_code == 0, r.output
+    body = json.loads(r.stdout)
+    graphs = {t["name"].split(":")[0] for t in body["tensors"]}
+    assert graphs == {"encoder_model.onnx", "decoder_model_merged.onnx"}
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.onnx")) == ["decoder_model_merged.onnx",
+                                                                     "encoder_model.onnx"]
+    r = cli("prune", src, tmp_path / "p.onnx", "--sparsity", "0.3")
+    assert r.exit_code == 2 and "need a folder" in r.output
+
+
+def test_a_graph_or_a_half_folder_is_named(fixtures_dir, fx, tmp_path):
+    import shutil
+
+    from llmconv.verification.outputs import compare_outputs
+
+    src, _ = _exports.export(fixtures_dir, fx, "t5-hf")
+    with pytest.raises(UsageError, match="one graph of an encoder-decoder; the model is the folder"):
+        compare_outputs(fx("t5-hf"), src / "decoder_model_merged.onnx")
+    half = tmp_path / "half"
+    shutil.copytree(src, half)
+    (half / "encoder_model.onnx").unlink()
+    with pytest.raises(UsageError, match=r"an encoder-decoder folder without its encoder \(encoder_model.onnx\)"):
+        compare_outputs(fx("t5-hf"), half)

@@ -64,8 +64,8 @@ def test_the_one_token_sample_comes_last_and_leaves_the_others_unchanged():
 def test_synthetic_inputs_refuse_what_they_cannot_make():
     with pytest.raises(UsageError, match="needs 100 positions but the model has 64"):
         synthetic_inputs(PLAN, batch=1, seq_len=100, samples=1, seed=0)
-    with pytest.raises(UsageError, match=r"inputs llmconv cannot make up: input_features \(give them to "
-                                         r"`llmconv verify REFERENCE CANDIDATE --inputs FILE.npz`"):
+    with pytest.raises(UsageError, match=r"inputs llmconv cannot make up: input_features \(give them with "
+                                         r"--inputs FILE.npz .*export with --no-verify, then run llmconv verify"):
         synthetic_inputs(InputPlan(wants={"input_ids", "input_features"}, vocab_size=5), batch=1, seq_len=4,
                          samples=1, seed=0)
     with pytest.raises(UsageError, match="takes pixel_values and input_ids; llmconv makes up images only"):
@@ -82,8 +82,11 @@ def test_load_inputs_completes_and_checks(tmp_path):
     f = feeds[0]
     assert f["input_ids"].dtype == np.int64 and f["attention_mask"].tolist() == [[1, 1, 1]]
     assert f["position_ids"].tolist() == [[0, 1, 2]] and f["past_key_values.0.key"].shape == (1, 2, 0, 8)
-    assert meta == {"batch": 1, "seq_len": 3, "samples": 1, "seed": None, "file": str(tmp_path / "a.npz"),
-                    "shapes": [[1, 3]]}
+    assert meta == {"batch": 1, "seq_len": 3, "samples": 2, "seed": None, "file": str(tmp_path / "a.npz"),
+                    "shapes": [[1, 3], [1, 1]]}
+    edge = feeds[1]  # the first token of the first row, with its own position id and mask
+    assert edge["input_ids"].tolist() == [[1]] and edge["position_ids"].tolist() == [[0]]
+    assert edge["attention_mask"].tolist() == [[1]] and edge["past_key_values.0.key"].shape == (1, 2, 0, 8)
     np.savez(tmp_path / "obj.npz", input_ids=np.array([{"a": 1}], dtype=object))
     with pytest.raises(UsageError, match="pickles are refused"):
         load_inputs(tmp_path / "obj.npz", PLAN)

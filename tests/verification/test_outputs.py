@@ -235,8 +235,9 @@ def test_user_inputs(llama, tmp_path):
     ids = np.array([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]], dtype=np.int64)
     np.savez(tmp_path / "in.npz", input_ids=ids)
     r = compare_outputs(hf, with_past, inputs=tmp_path / "in.npz")
-    assert r.passed and r.inputs == {"batch": 2, "seq_len": 5, "samples": 1, "seed": None,
-                                     "file": str(tmp_path / "in.npz"), "shapes": [[2, 5]]}
+    # The user's batch, then its first row's first token alone (every verification tries one row, one token).
+    assert r.passed and r.inputs == {"batch": 2, "seq_len": 5, "samples": 2, "seed": None,
+                                     "file": str(tmp_path / "in.npz"), "shapes": [[2, 5], [1, 1]]}
     assert r.checks[0].figures["shape"] == [2, 5, 1024]
     np.savez(tmp_path / "bad.npz", input_ids=ids + 5000)
     with pytest.raises(UsageError, match=r"ids outside the vocabulary \[0, 1024\)"):

@@ -110,6 +110,7 @@ def test_swapped_cache_fails_only_the_cached_steps(fx, t5_onnx, tmp_path):
     assert not by["decode.steps"].passed
     assert by["decode.steps"].figures["first_failing_step"] == 1
     assert not by["decode.consistency"].passed
+    assert not by["decode.cache"].passed and by["decode.cache"].figures["first_failing"] == "present.0.decoder.key"
 
 
 def test_no_cache_decoder_recomputes(fx, fixtures_dir):

@@ -143,8 +143,9 @@ def test_verify_inputs_takes_pixel_values(vision, cli, tmp_path):
     r = cli("verify", hf, onnx_dir, "--inputs", path, "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["inputs"] == {"batch": 3, "seq_len": None, "samples": 1, "seed": None, "file": str(path),
-                             "shapes": [[3, 3, 40, 48]]}
+    # The user's images, then the first of them alone (every verification tries batch 1).
+    assert out["inputs"] == {"batch": 3, "seq_len": None, "samples": 2, "seed": None, "file": str(path),
+                             "shapes": [[3, 3, 40, 48], [1, 3, 40, 48]]}
     assert out["checks"][0]["shape"] == [3, 5]
 
 
@@ -197,19 +198,20 @@ def moe(fixtures_dir, fx):
 
 @pytest.mark.parametrize("name", ["mixtral-hf", "qwen2moe-hf"])
 def test_a_graph_that_crashes_on_one_token_fails_verification(moe, cli, name):
+    """A candidate that crashes is a failed verification (exit 1, the report's one check ``runs``)."""
     hf, onnx_dir = moe(name)
     r = cli("verify", hf, onnx_dir)
-    assert r.exit_code == 2
-    assert "onnxruntime cannot run the graph: Split node /inner/model/layers.0/" in r.stderr
-    assert "Split size 1 exceeds the remaining size" in r.stderr and r.stderr.rstrip().endswith("(inputs [1, 1])")
+    assert r.exit_code == 1, r.output
+    assert "the candidate does not run in onnxruntime: Split node /inner/model/layers.0/" in r.output
+    assert "Split size 1 exceeds the remaining size" in r.output and "on inputs of shape [1, 1]" in r.output
 
 
 def test_graph_run_error_names_op_node_and_shape(moe):
     from llmconv.verification.outputs import compare_outputs
 
     hf, onnx_dir = moe("mixtral-hf")
-    with pytest.raises(GraphRunError) as caught:
-        compare_outputs(hf, onnx_dir, decode_steps=0, generate=0)
+    with pytest.raises(GraphRunError) as caught:  # the graph as the reference: the user's input, an error
+        compare_outputs(onnx_dir, hf, decode_steps=0, generate=0)
     e = caught.value
     assert e.op == "Split" and e.node == "/inner/model/layers.0/block_sparse_moe/Split" and e.shape == [1, 1]
     assert e.detail.startswith("Invalid value in 'split'. Split size 1 exceeds") and e.path.name == "model.onnx"
