@@ -2,8 +2,9 @@
 
 The export runs in a scratch folder beside the destination, is finished there (one external data
 file when needed, an IR version onnxruntime loads), verified in outputs mode against the PyTorch
-model, and only then renamed into place. Weights back out of ONNX (``.onnx`` -> ``.safetensors``)
-need no code here: ``llmconv.formats.onnx`` opens initializers as named tensors.
+model, and only then renamed into place. Encoder-decoders (T5, BART) become optimum's two-graph folder.
+Weights back out of ONNX (``.onnx`` -> ``.safetensors``) need no code here: ``llmconv.formats.onnx`` opens
+initializers as named tensors.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
     Args:
         src_path: an hf folder, or a bare weights file (safetensors/PyTorch) with ``config``.
         dst_path: a ``.onnx`` file (its external data, if any, beside it as ``<name>_data``), or a
-            folder that receives ``model.onnx`` with config, generation config and tokenizer files.
+            folder that receives ``model.onnx`` with config, generation config and tokenizer files (for an
+            encoder-decoder, a folder only: ``encoder_model.onnx`` and ``decoder_model_merged.onnx``).
         src_format: the source's format (a registry Format or its name).
         dtype: ``keep`` or ``fp32``: graphs are exported in float32 (see ``llmconv quantize`` for fp16).
         verify: compare the graph's outputs with PyTorch's before renaming it into place.
