@@ -96,23 +96,21 @@ class Architecture:
 
     def embedding_of(self, name: str) -> str | None:
         """The embedding module class ``name`` belongs to, or is tied to; None for other parameters."""
-        own = self.own_name(name)
-        if own is None:
-            return None
-        if own in self.embeddings:
-            return self.embeddings[own]
-        tied = sorted(n for n in self.group(own) or () if n in self.embeddings)
-        return f"{self.embeddings[tied[0]]} through {tied[0]}, tied to it" if tied else None
+        return self._member(name, self.embeddings)
 
     def head_of(self, name: str) -> str | None:
         """Why ``name`` is part of the output head (or tied to it); None for other parameters."""
+        return self._member(name, self.heads)
+
+    def _member(self, name: str, table: dict[str, str]) -> str | None:
+        """``table``'s entry for ``name``, or for a parameter it is tied to (saying so); None otherwise."""
         own = self.own_name(name)
         if own is None:
             return None
-        if own in self.heads:
-            return self.heads[own]
-        tied = sorted(n for n in self.group(own) or () if n in self.heads)
-        return f"{self.heads[tied[0]]} through {tied[0]}, tied to it" if tied else None
+        if own in table:
+            return table[own]
+        tied = sorted(n for n in self.group(own) or () if n in table)
+        return f"{table[tied[0]]} through {tied[0]}, tied to it" if tied else None
 
 
 def describe(config: dict[str, Any] | None) -> Architecture | None:

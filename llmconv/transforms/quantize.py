@@ -499,25 +499,10 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             out_dir = scratch / f"out-{next(made)}"
             out_dir.mkdir()
             out_file = out_dir / out_name
-            with g.quiet_onnxruntime():
-                if method == "int8-dynamic":
-                    options = _int8_dynamic(ref_file, out_file, source_model, setting=setting, op_types=op_types,
-                                            external=external)
-                elif method == "int8-static":
-                    options = _int8_static(ref_file, out_file, source_model, target=target, calibration=calibration,
-                                           config=config, setting=setting, op_types=op_types,
-                                           samples=calibration_samples, seed=seed, external=external)
-                elif method == "int4":
-                    options = _int4(ref_file, out_file, target=target, block_size=block_size, op_types=op_types,
-                                    external=external, notes=notes)
-                else:
-                    options = _fp16(ref_file, out_file, external=external)
-            g.record_data_files(out_file)  # what a later --force onto this output may remove
-            out_model = g.load_model(out_file, with_data=False)
-            keep = {p.resolve() for p in [out_file, *g.external_data_files(out_model, out_file)]}
-            # external_data_files() resolves its paths, out_dir may be relative or under a link: compare resolved.
-            for p in [p for p in out_dir.iterdir() if p.resolve() not in keep]:
-                p.unlink()  # onnxruntime's tools may leave helper files (augmented models) beside the output
+            options, _, _ = _write_graph(method, ref_file, out_file, source_model, setting=setting, target=target,
+                                         op_types=op_types, block_size=block_size, external=external, notes=notes,
+                                         calibration=calibration, config=config, samples=calibration_samples,
+                                         seed=seed)
             return out_file, options
 
         def make(setting: Any) -> tuple[Path, dict[str, Any], VerifyReport | None]:
@@ -571,16 +556,9 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         size_after = g.files_size(out_files)
         notes.extend(_left_float(out_model, method, size_before, size_after))
         written = install(out_dir, dst_path, folder=folder_out, force=force, notes=notes)
-    if method == "fp16" and target == "cpu":
-        notes.append("fp16 halves the size but is meant for GPUs: on onnxruntime's CPU kernels it is no faster "
-                     "than fp32")
-    return QuantizeReport(
-        source=str(src_path), destination=str(dst_path), source_format=fmt.name, target=target, method=method,
-        size_before=size_before, size_after=size_after, files=[str(p) for p in written],
-        linear_ops=counts["linear_ops"], ops_quantized=counts["ops_quantized"],
-        embeddings_quantized=counts["embeddings_quantized"], ops_before=counts["ops_before"],
-        ops_after=counts["ops_after"], options=options, verification=verification, notes=notes,
-        attempts=attempts)
+    return _quantize_report(src_path, dst_path, fmt=fmt, target=target, method=method, size_before=size_before,
+                            size_after=size_after, written=written, counts=counts, options=options,
+                            verification=verification, notes=notes, attempts=attempts)
 
 
 def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, method: str, per_channel: bool,
@@ -611,6 +589,7 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
     plan = _int8_plan(target=target, cpu=cpu, per_channel=per_channel, verify=verify, notes=notes) \
         if method == "int8-dynamic" else None
     with build_scratch(dst_path, src=src_path) as scratch:
+        ref_dir = src_path
         if fmt.name == "hf":
             from llmconv.export import to_onnx
             from llmconv.export.tasks import code_note
@@ -620,10 +599,6 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
                     decode_steps=decode_steps, generate=generate)
             notes.append(f"exported {src_path} to ONNX first; sizes and verification are against those fp32 graphs")
             notes.extend(code_note(src_path))
-            companions_from = src_path
-        else:
-            ref_dir = src_path
-            companions_from = src_path
         refs = graph_files(ref_dir)
         out_dir = scratch / "out"
         out_dir.mkdir()
@@ -637,24 +612,11 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
             source_files = [ref, *g.external_data_files(source_model, ref)]
             size_before += g.files_size(source_files)
             external = g.needs_external_data(source_model, source_files)
-            out = out_dir / ref.name
-            with g.quiet_onnxruntime():
-                if method == "int8-dynamic":
-                    assert plan is not None
-                    opts = _int8_dynamic(ref, out, source_model, setting=plan.first, op_types=op_types,
-                                         external=external)
-                elif method == "int4":
-                    opts = _int4(ref, out, target=target, block_size=block_size, op_types=op_types,
-                                 external=external, notes=notes)
-                else:
-                    opts = _fp16(ref, out, external=external)
-            g.record_data_files(out)
-            out_model = g.load_model(out, with_data=False)
-            files = [out, *g.external_data_files(out_model, out)]
+            opts, out_model, files = _write_graph(method, ref, out_dir / ref.name, source_model,
+                                                  setting=plan.first if plan is not None else None, target=target,
+                                                  op_types=op_types, block_size=block_size, external=external,
+                                                  notes=notes, keep=kept)
             kept |= {p.resolve() for p in files}
-            for p in out_dir.iterdir():
-                if p.resolve() not in kept:
-                    p.unlink()  # helper files onnxruntime's tools may leave (augmented models)
             size_after += g.files_size(files)
             c = _count_ops(source_model, out_model)
             counts["linear_ops"] += c["linear_ops"]
@@ -665,7 +627,7 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
         cpu_json = plan.cpu_json() if plan is not None else None
         if cpu_json is not None:
             options["cpu"] = cpu_json
-        copy_companions(companions_from, out_dir, notes=notes)  # config.json: the decoder's start token
+        copy_companions(src_path, out_dir, notes=notes)  # config.json: the decoder's start token
         verification = None
         if verify:
             verification = _verify_outputs(ref_dir, out_dir, profile=PROFILES[method], atol=atol, rtol=rtol,
@@ -684,6 +646,48 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
             for out in graph_files(out_dir):
                 g.check_loads(out)
         written = install(out_dir, dst_path, folder=True, force=force, notes=notes)
+    return _quantize_report(src_path, dst_path, fmt=fmt, target=target, method=method, size_before=size_before,
+                            size_after=size_after, written=written, counts=counts, options=options,
+                            verification=verification, notes=notes, attempts=[])
+
+
+def _write_graph(method: str, src: Path, out: Path, model: Any, *, setting: Any, target: str,
+                 op_types: list[str] | None, block_size: int, external: bool, notes: list[str],
+                 calibration: Path | None = None, config: dict[str, Any] | None = None, samples: int = 0,
+                 seed: int = 0, keep: set[Path] | None = None) -> tuple[dict[str, Any], Any, list[Path]]:
+    """Quantize the graph ``src`` (its structure: ``model``) with ``method`` into ``out``, record its data files, and
+    remove what onnxruntime's tools left beside it (augmented models), other than ``keep``.
+
+    Returns:
+        (the options used, the output's structure, its files).
+    """
+    from llmconv.transforms import graph as g
+
+    with g.quiet_onnxruntime():
+        if method == "int8-dynamic":
+            options = _int8_dynamic(src, out, model, setting=setting, op_types=op_types, external=external)
+        elif method == "int8-static":
+            options = _int8_static(src, out, model, target=target, calibration=calibration, config=config,
+                                   setting=setting, op_types=op_types, samples=samples, seed=seed, external=external)
+        elif method == "int4":
+            options = _int4(src, out, target=target, block_size=block_size, op_types=op_types, external=external,
+                            notes=notes)
+        else:
+            options = _fp16(src, out, external=external)
+    g.record_data_files(out)  # what a later --force onto this output may remove
+    out_model = g.load_model(out, with_data=False)
+    files = [out, *g.external_data_files(out_model, out)]
+    # external_data_files() resolves its paths, the folder may be relative or under a link: compare resolved.
+    wanted = {p.resolve() for p in files} | (keep or set())
+    for p in [p for p in out.parent.iterdir() if p.resolve() not in wanted]:
+        p.unlink()
+    return options, out_model, files
+
+
+def _quantize_report(src_path: Path, dst_path: Path, *, fmt: Any, target: str, method: str, size_before: int,
+                     size_after: int, written: list[Path], counts: dict[str, Any], options: dict[str, Any],
+                     verification: VerifyReport | None, notes: list[str], attempts: list[Attempt]) -> QuantizeReport:
+    """The report of a graph quantization (``counts`` from :func:`_count_ops`)."""
     if method == "fp16" and target == "cpu":
         notes.append("fp16 halves the size but is meant for GPUs: on onnxruntime's CPU kernels it is no faster "
                      "than fp32")
@@ -693,7 +697,7 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
         linear_ops=counts["linear_ops"], ops_quantized=dict(sorted(counts["ops_quantized"].items())),
         embeddings_quantized=counts["embeddings_quantized"], ops_before=dict(counts["ops_before"]),
         ops_after=dict(counts["ops_after"]), options=options, verification=verification, notes=notes,
-        attempts=[])
+        attempts=attempts)
 
 
 # Leaving nodes in float: at most this share of the quantizable nodes, in steps that double (1, 2, 4, ...).

@@ -66,7 +66,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     from llmconv.verification.inputs import feed_shapes, load_inputs, plan_for, synthetic_inputs
     from llmconv.verification.metrics import OutputComparison, perplexity_check
     from llmconv.verification.profiles import candidate_profile
-    from llmconv.verification.runners import check_provider, describe, settle_task
+    from llmconv.verification.runners import describe, settle_task
 
     if seq2seq.applies(Path(reference), Path(candidate)):
         return seq2seq.compare(Path(reference), Path(candidate), profile=profile, atol=atol, rtol=rtol, inputs=inputs,
@@ -75,12 +75,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
                                max_ppl_increase=max_ppl_increase)
     ref_sig, cand_sig = describe(Path(reference)), describe(Path(candidate))
     ref_task, cand_task = settle_task(ref_sig, cand_sig)
-    if provider != "cpu":
-        if "onnxruntime" not in (ref_sig.kind, cand_sig.kind):
-            raise UsageError(f"--provider {provider} picks onnxruntime's execution provider, and both models are "
-                             "Hugging Face folders, which run in PyTorch on the CPU: nothing would be verified on "
-                             "the GPU", path=Path(candidate), hint="use --provider cpu, or compare with an ONNX export")
-        check_provider(provider)  # before either model loads; the session says whether it really started
+    check_provider_pair(provider, ref_sig, cand_sig, candidate=Path(candidate))
     if task is not None:
         # A graph's outputs do not say its task (fill-mask and text-generation both give logits).
         if ref_sig.kind == "torch":
@@ -201,13 +196,10 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         (r_sum, r_n), (c_sum, c_n) = ref_nll, cand_nll
         checks.append(perplexity_check(reference_ppl=_ppl(r_sum, r_n), candidate_ppl=_ppl(c_sum, c_n),
                                        tokens=c_n, budget=prof.max_ppl_increase))
-    report = VerifyReport(mode="outputs", profile=prof.name, reference=str(reference), candidate=str(candidate),
-                          checks=checks, inputs=meta, notes=notes)
-    report.extra["thresholds"] = prof.thresholds()
-    if dplan is None or not dplan.generate:
-        report.extra["thresholds"].pop("min_generation", None)
+    # What actually ran each side: for onnxruntime, the execution provider the session reports.
+    report = outputs_report(reference=reference, candidate=candidate, profile=prof, checks=checks, inputs=meta,
+                            notes=notes, plan=dplan, runners={"reference": ref_label, "candidate": cand_label})
     if dplan is not None:
-        report.extra["decode"] = dplan.meta()
         decoded = dplan.mask.shape[1] + dplan.calls
         if sliding and sliding >= decoded:
             notes.append(f"sliding window {sliding}: the decoded sequences ({decoded} positions) never reach it; "
@@ -215,8 +207,6 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         if not report.extra["decode"]["left_padded"]:
             notes.append("every prompt has the same length: no left-padded row was decoded (use --seq-len 4 or "
                          "more, or --prompts of different lengths)")
-    # What actually ran each side: for onnxruntime, the execution provider the session reports.
-    report.extra["runners"] = {"reference": ref_label, "candidate": cand_label}
     if not report.passed and localize:
         from llmconv.errors import LlmconvError
 
@@ -225,6 +215,35 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         except LlmconvError as e:  # the verdict stands; only the search for where failed
             report.extra["localization"] = {"first": None, "error": str(e),
                                             "summary": f"could not localize the difference: {e}"}
+    return report
+
+
+def check_provider_pair(provider: str, ref_sig: Any, cand_sig: Any, *, candidate: Path) -> None:
+    """Refuse, before either model loads, an execution provider that would verify nothing (two PyTorch sides) or
+    that this onnxruntime lacks; the session says later whether it really started."""
+    if provider == "cpu":
+        return
+    if "onnxruntime" not in (ref_sig.kind, cand_sig.kind):
+        raise UsageError(f"--provider {provider} picks onnxruntime's execution provider, and both models are "
+                         "Hugging Face folders, which run in PyTorch on the CPU: nothing would be verified on "
+                         "the GPU", path=candidate, hint="use --provider cpu, or compare with an ONNX export")
+    from llmconv.verification.runners import check_provider
+
+    check_provider(provider)
+
+
+def outputs_report(*, reference: Path, candidate: Path, profile: Any, checks: list[Check], inputs: dict[str, Any],
+                   notes: list[str], plan: Any, runners: dict[str, str]) -> VerifyReport:
+    """An outputs-mode report: the checks, the profile's thresholds (``min_generation`` only when tokens were
+    generated), the decode plan's prompts and what ran each side."""
+    report = VerifyReport(mode="outputs", profile=profile.name, reference=str(reference), candidate=str(candidate),
+                          checks=checks, inputs=inputs, notes=notes)
+    report.extra["thresholds"] = profile.thresholds()
+    if plan is None or not plan.generate:
+        report.extra["thresholds"].pop("min_generation", None)
+    if plan is not None:
+        report.extra["decode"] = plan.meta()
+    report.extra["runners"] = runners
     return report
 
 

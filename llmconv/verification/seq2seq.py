@@ -461,20 +461,14 @@ def compare(reference: Path, candidate: Path, *, profile: str = "auto", atol: fl
     from llmconv.verification.decode import DEFAULT_DECODE_STEPS, DEFAULT_GENERATE, decode_checks
     from llmconv.verification.inputs import InputPlan, feed_shapes, load_inputs, synthetic_inputs
     from llmconv.verification.metrics import OutputComparison
+    from llmconv.verification.outputs import check_provider_pair, crash_report, crashed_in, outputs_report
     from llmconv.verification.profiles import candidate_profile
 
     ref_sig, cand_sig = describe(Path(reference)), describe(Path(candidate))
     if text is not None:
         raise UsageError("--text measures perplexity, which needs a causal language model; this is an "
                          "encoder-decoder", path=Path(text), hint="use --prompts FILE for real inputs")
-    if provider != "cpu" and "onnxruntime" not in (ref_sig.kind, cand_sig.kind):
-        raise UsageError(f"--provider {provider} picks onnxruntime's execution provider, and both models are "
-                         "Hugging Face folders, which run in PyTorch on the CPU: nothing would be verified on "
-                         "the GPU", path=Path(candidate), hint="use --provider cpu, or compare with an ONNX export")
-    if provider != "cpu":
-        from llmconv.verification.runners import check_provider
-
-        check_provider(provider)
+    check_provider_pair(provider, ref_sig, cand_sig, candidate=Path(candidate))
     notes = list(dict.fromkeys([*ref_sig.notes, *cand_sig.notes]))
     prof = candidate_profile(profile, candidate=cand_sig, atol=atol, rtol=rtol, max_ppl_increase=max_ppl_increase,
                              notes=notes)
@@ -524,8 +518,6 @@ def compare(reference: Path, candidate: Path, *, profile: str = "auto", atol: fl
         cand_out, cand_trace, cand_cross, cand_label = _run_side(cand_sig, feeds, dec_feeds, plan, provider=provider,
                                                                  reference=ref_trace)
     except GraphRunError as e:
-        from llmconv.verification.outputs import crash_report, crashed_in
-
         if not crashed_in(e, Path(candidate)):
             raise
         return crash_report(e, reference=reference, candidate=candidate, profile=prof, inputs=meta, notes=notes,
@@ -540,14 +532,8 @@ def compare(reference: Path, candidate: Path, *, profile: str = "auto", atol: fl
         notes += decode_notes
         if plan.decode_steps and ref_cross and cand_cross:
             checks.append(_cross_check(ref_cross, cand_cross, plan.enc_mask, prof))
-    report = VerifyReport(mode="outputs", profile=prof.name, reference=str(reference), candidate=str(candidate),
-                          checks=checks, inputs=meta, notes=notes)
-    report.extra["thresholds"] = prof.thresholds()
-    if plan is None or not plan.generate:
-        report.extra["thresholds"].pop("min_generation", None)
-    if plan is not None:
-        report.extra["decode"] = plan.meta()
-    report.extra["runners"] = {"reference": ref_label, "candidate": cand_label}
+    report = outputs_report(reference=reference, candidate=candidate, profile=prof, checks=checks, inputs=meta,
+                            notes=notes, plan=plan, runners={"reference": ref_label, "candidate": cand_label})
     report.extra["graphs"] = {"reference": list(ref_sig.graphs) or None, "candidate": list(cand_sig.graphs) or None}
     return report
 
