@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmconv import progress as status
 from llmconv.checkpoint import CAST_TARGETS, TensorSource, cast_source, dtype_name, is_output_head
 from llmconv.errors import NotEquivalent, UsageError
 from llmconv.formats import registry
@@ -16,6 +17,8 @@ from llmconv.verification.report import VerifyReport
 from llmconv.verification.weights import compare_weights, require_tensors
 
 CONVERT_SCHEMA = "llmconv.convert/1"
+# What an ONNX export adds to the report (``graphs``: an encoder-decoder's); None for other destinations.
+EXPORT_KEYS = ("task", "opset", "ir_version", "exporter", "external_data", "graphs")
 
 
 @dataclass
@@ -33,14 +36,14 @@ class ConvertReport:
 
     source: str
     destination: str
-    source_format: str
-    destination_format: str
+    source_format: str | None
+    destination_format: str | None
     weights_format: str | None
-    tensors: int
-    parameters: int
-    bytes_written: int
+    tensors: int | None
+    parameters: int | None
+    bytes_written: int | None
     files: list[str]
-    dtype: str
+    dtype: str | None
     cast: list[str] = field(default_factory=list)
     dropped_aliases: dict[str, str] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
@@ -50,17 +53,20 @@ class ConvertReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The ``llmconv.convert/1`` object, with the same keys for every destination and on exit 1 (None where a
+        field does not apply, e.g. ``task`` for a weights conversion, or is not known)."""
         out: dict[str, Any] = {
-            "schema": CONVERT_SCHEMA, "ok": True, "source": self.source, "destination": self.destination,
+            "schema": CONVERT_SCHEMA, "ok": self.verification is None or self.verification.passed,
+            "source": self.source, "destination": self.destination,
             "source_format": self.source_format, "destination_format": self.destination_format,
             "weights_format": self.weights_format, "tensors": self.tensors, "parameters": self.parameters,
             "bytes_written": self.bytes_written, "files": self.files, "dtype": self.dtype, "cast": self.cast,
             "aliases": self.aliases, "dropped_aliases": self.dropped_aliases, "notes": self.notes,
             "seconds": round(self.seconds, 3),
             "verified": self.verification is not None,
+            "verification": self.verification.to_json() if self.verification is not None else None,
         }
-        if self.verification is not None:
-            out["verification"] = self.verification.to_json()
+        out.update({k: self.extra.get(k) for k in EXPORT_KEYS})
         out.update(self.extra)
         return out
 
@@ -113,6 +119,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
     src_path, dst_path = Path(src), Path(dst)
     src_fmt = registry.detect(src_path)
     check_destination(src_path, dst_path, force=force, reads=[export_options.get("config")])
+    if to is None:
+        registry.check_extension(dst_path, folder_hint="for a folder of that name pass --to FORMAT")
     if dtype != "keep" and dtype not in CAST_TARGETS:
         raise UsageError(f"unknown --dtype {dtype!r}", hint="use keep, fp32, fp16 or bf16")
     limit = parse_size(shard_size) if shard_size else None
@@ -132,17 +140,24 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                          "conversion is verified tensor by tensor)", hint="compare outputs with llmconv verify "
                                                                           "--mode outputs")
 
-    with src_fmt.open(src_path) as source:
+    with status.phase(f"reading {src_path.name}"):
+        opened = src_fmt.open(src_path)
+    with opened as source:
         require_tensors(source, what="convert")
         dest = resolve_destination(src_fmt, source, dst_path, to)
         if not dest.format.writable:
             raise UsageError(f"llmconv does not write {dest.format.name} from {src_fmt.name}")
+        named: list[str] = []
+        if src_fmt.name == "onnx":  # initializer names, or the checkpoint's through the graph's name record
+            from llmconv.formats.onnx import restore_names
+
+            source, named = restore_names(source, for_hf=dest.format.name == "hf")
         if dest.format.name == "hf" and source.config is None:
             raise UsageError(f"an hf folder needs a config.json, and {src_path} has none", path=dst_path,
                              hint="write a weights folder instead (--to safetensors or --to pytorch)")
         view, cast = (source, []) if dtype == "keep" else cast_source(source, CAST_TARGETS[dtype])
         # The hf reader's notes say which folder files it leaves out (links that leave the folder, ...).
-        notes = list(source.details.get("notes", [])) if dest.format.name == "hf" else []
+        notes = (list(source.details.get("notes", [])) if dest.format.name == "hf" else []) + named
         if dest.format.name != "hf" and source.config is not None:
             notes.append("config.json and other folder files are not carried into a single weights file")
         if source.metadata and (dest.weights_format or dest.format.name) == "pytorch":
@@ -159,10 +174,13 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         options = WriteOptions(shard_size=limit, progress=progress, weights_format=dest.weights_format)
         check_free_space(dst_path, view.total_bytes)
         with atomic_output(dst_path, folder=dest.folder, force=force) as tmp:
-            files = dest.format.write(view, tmp, folder=dest.folder, options=options)
+            cast_to = f" ({dtype})" if cast else ""
+            with status.phase(f"writing {dst_path.name}{cast_to}"):
+                files = dest.format.write(view, tmp, folder=dest.folder, options=options)
             verification = None
             if verify:
-                with dest.format.open(tmp) as written:
+                with status.phase(f"verifying {dst_path.name} against the source"), \
+                        dest.format.open(tmp) as written:
                     if written.config is None:
                         # A bare weights file is this model's, loaded with its config: the ties that let
                         # names be left out are the config's (what from_pretrained applies to it).
@@ -170,8 +188,16 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                     verification = compare_weights(view, written, profile="exact")
                     verification.reference, verification.candidate = str(src_path), str(dst_path)
                 if not verification.passed:
-                    raise NotEquivalent(f"written output differs from the source: {verification.summary()}; "
-                                        "nothing was written", report=verification, path=dst_path)
+                    raise NotEquivalent(
+                        f"written output differs from the source: {verification.summary()}; nothing was written",
+                        report=verification, path=dst_path, result=ConvertReport(
+                            source=str(src_path), destination=str(dst_path), source_format=src_fmt.name,
+                            destination_format=dest.format.name, weights_format=dest.weights_format,
+                            tensors=len(view.infos) - len(view.aliases), aliases=dict(view.aliases),
+                            parameters=view.num_parameters, bytes_written=None, files=[],
+                            dtype=dtype if dtype == "keep" else dtype_name(CAST_TARGETS[dtype]), cast=cast,
+                            dropped_aliases=dropped, notes=notes, verification=verification,
+                            seconds=time.perf_counter() - t0))
             rel = [str(dst_path / f.relative_to(tmp)) if dest.folder else str(dst_path) for f in files]
             size = sum(f.stat().st_size for f in files)
         return ConvertReport(
@@ -195,7 +221,10 @@ def tie_notes(src: TensorSource, dropped: dict[str, str], copied: dict[str, str]
     """
     from llmconv.architecture import describe, unavailable_reason
 
-    arch = describe(src.config) if src.config is not None else None
+    arch = None
+    if src.config is not None:
+        with status.phase("reading the architecture (transformers)"):
+            arch = describe(src.config)
     notes = []
     by_canon: dict[str, list[str]] = {}
     for alias, canon in dropped.items():

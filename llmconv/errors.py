@@ -88,10 +88,27 @@ class ConversionError(LlmconvError):
 
 
 class NotEquivalent(LlmconvError):
-    """Verification found the two models not equivalent. Carries the report."""
+    """Verification found the two models not equivalent. Carries the report.
+
+    Attributes:
+        report: the verification report that failed (a VerifyReport).
+        result: the command's own report as far as it got (a ConvertReport, QuantizeReport or PruneReport,
+            with None for what is not known), with ``report`` inside it; None where there is none.
+        kept: where the output that failed verification was kept (``llmconv.io.keep_failed``); None when it
+            was removed.
+    """
 
     exit_code = 1
+    kept: Path | None = None
 
-    def __init__(self, message: str, *, report: Any = None, path: str | Path | None = None) -> None:
+    def __init__(self, message: str, *, report: Any = None, path: str | Path | None = None,
+                 result: Any = None) -> None:
         self.report = report
+        self.result = result
+        self.kept = None
         super().__init__(message, path=path)
+
+    def amend(self, text: str) -> None:
+        """Append ``; text`` to the message (to say what became of the failed output)."""
+        self.bare_message = f"{self.bare_message}; {text}"
+        self.args = (f"{self}; {text}",)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
     Example:
         >>> inspect("model.safetensors")["parameters"]
     """
+    t0 = time.perf_counter()
     path = Path(path)
     fmt = registry.detect(path)
     with fmt.open(path) as src:
@@ -42,6 +44,10 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
             "files": sorted(str(f.relative_to(path)) if path.is_dir() else f.name for f in src.files),
             "shards": src.details.get("shards", 1), "metadata": dict(src.metadata),
             "tied": dict(sorted(src.aliases.items())),
+            # Present for every format (None without a config.json, or without --sparsity); the format's own
+            # details (ONNX opset, ops, inputs, ...; a sharded index) follow.
+            "architecture": None, "model_type": None, "extra_files": None, "tie_word_embeddings": None,
+            "tied_by_config": None, "largest": None, "sparsity": None, "seconds": None,
         }
         if src.config is not None:
             out["architecture"] = (src.config.get("architectures") or [None])[0]
@@ -58,6 +64,7 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
                           for i in largest]
         if sparsity:
             out["sparsity"] = _sparsity(src)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import errno
 import hashlib
+import json
+import math
 import os
 import re
 import shutil
@@ -179,6 +183,7 @@ def check_destination(src: Path, dst: Path, *, force: bool, reads: Iterable[Path
                                path=out, hint="choose another path")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise DestinationError("destination exists", path=dst, hint="pass --force to replace it")
+    check_keep_folder(sources=[src], dst=dst, inputs=inputs, name=dst.name, owner=dst)
 
 
 def data_files_beside(dst: Path) -> list[Path]:
@@ -526,7 +531,7 @@ def interrupt_outcome() -> str:
 
 def _note_commit(dst: Path, old_left: Path | None) -> None:
     # Outputs built inside our own scratch or temporary folders are steps, not the user's destination.
-    if not any(".llmconv-scratch-" in part or ".llmconv-tmp-" in part for part in dst.parts):
+    if not _in_scratch(dst):
         _COMMITTED.append((dst, old_left))
 
 
@@ -535,10 +540,11 @@ def atomic_output(dst: Path, *, folder: bool, force: bool = False) -> Iterator[P
     """Yield a temporary path beside ``dst``; rename it into place only if the block completes.
 
     On any exception (a failed verification included) the temporary output is removed and
-    ``dst`` is left as it was. With ``force`` an existing ``dst`` is replaced, after the new
-    output is complete; an old folder is moved aside and removed with SIGINT/SIGTERM held, so an
-    interrupt leaves either the old destination or the new one, never a mix. Leftovers of dead
-    llmconv processes beside ``dst`` are removed first.
+    ``dst`` is left as it was; inside a :func:`keep_failed` block a failed verification moves it
+    there instead. With ``force`` an existing ``dst`` is replaced, after the new output is
+    complete; an old folder is moved aside and removed with SIGINT/SIGTERM held, so an interrupt
+    leaves either the old destination or the new one, never a mix. Leftovers of dead llmconv
+    processes beside ``dst`` are removed first.
 
     Args:
         dst: the final destination.
@@ -571,7 +577,8 @@ def atomic_output(dst: Path, *, folder: bool, force: bool = False) -> Iterator[P
         except BaseException as e:
             if committed:
                 raise  # an interrupt held during the swap: the new output is in place
-            if tmp is not None:
+            # A failed verification inside a keep_failed block moves the output there instead.
+            if tmp is not None and not keep_failure(e, tmp, dst, folder=folder):
                 _remove(tmp)
             instead = _cannot_write(dst, e)
             if instead is not None:
@@ -638,7 +645,11 @@ def scratch_dir(near: Path) -> Iterator[str]:
     parent = near.parent if near.parent.exists() else Path(".")
     remove_leftovers(parent / near.name)
     with tempfile.TemporaryDirectory(prefix=_temp_prefix(near, "scratch"), dir=parent) as name:
-        yield name
+        try:
+            yield name
+        except BaseException as e:  # a failed verification keeps the output registered in here (keep_candidate)
+            _keep_registered(e, Path(name))
+            raise
 
 
 def open_output(path: Path) -> BinaryIO:
@@ -687,3 +698,431 @@ class SlicedWriter:
 
     def tell(self) -> int:
         return self._f.tell()
+
+
+# ---- keeping what failed verification (--keep-failed DIR) ------------------------------------------------
+
+REPORT_SUFFIX = ".report.json"
+# A report recording an earlier keep is read to decide whether its files may be replaced: larger is not ours.
+_RECORD_LIMIT = 64 << 20
+
+
+@dataclasses.dataclass
+class _Keeping:
+    """The state of one ``keep_failed`` block."""
+
+    folder: Path
+    made: list[Path] = dataclasses.field(default_factory=list)  # folders made for it, deepest first
+    # The output being verified in a scratch folder, registered by its writer: (path, destination, folder?, hook).
+    candidate: tuple[Path, Path, bool, Callable[[], Any] | None] | None = None
+    inputs: list[dict[str, Any]] | None = None  # the feeds of the latest outputs comparison
+
+
+_KEEP: contextvars.ContextVar[_Keeping | None] = contextvars.ContextVar("llmconv_keep_failed", default=None)
+
+
+class _CannotKeep(Exception):
+    """Why a failed output could not be kept (it is then removed, as without keep_failed)."""
+
+
+@contextlib.contextmanager
+def keep_failed(folder: str | Path | None) -> Iterator[None]:
+    """Keep, in ``folder``, what fails verification instead of deleting it.
+
+    Inside the block, when a command's verification fails (convert and its ONNX export's check, quantize
+    after its last fallback, prune's checks: a NotEquivalent), the temporary output that failed is moved (renamed;
+    copied only across file systems) to ``folder/NAME``, NAME being the destination's name: a folder whole, an
+    ONNX file with its external data files. ``NAME.report.json`` beside it holds the verification report (for
+    quantize, with its ``attempts``) and a ``kept`` record; the error's ``kept`` is that path and its message
+    says where. ``verify`` keeps ``NAME.report.json`` (NAME: the candidate's) and the inputs it ran, one
+    ``NAME.inputs-K.npz`` per input sample, each accepted by ``verify --inputs``. Any other failure (bad input,
+    a bug, an interrupt) removes the temporary output as before.
+
+    Each command checks the folder before any work, with a DestinationError (exit 2): it must not be the
+    destination or lie inside it, nor be a source or lie inside one, and no name kept may be a file the command
+    reads. The folder is made when missing (and removed on the way out if nothing was kept in it). An existing
+    ``folder/NAME`` is replaced only when llmconv kept it there for the same destination (its
+    ``NAME.report.json`` records so); any other file in the way is refused up front.
+
+    Args:
+        folder: where to keep failed outputs; None keeps nothing (as outside the block).
+    Example:
+        >>> with keep_failed("failed"):
+        ...     quantize("model.onnx", "model-int8.onnx", target="cpu", method="int4")
+    """
+    if folder is None:
+        token = _KEEP.set(None)
+        try:
+            yield
+        finally:
+            _KEEP.reset(token)
+        return
+    folder = Path(folder)
+    check_usable_path(folder, must_exist=False)
+    if folder.exists() and not folder.is_dir():
+        raise DestinationError("this is a file; --keep-failed takes a folder", path=folder,
+                               hint="give a folder (made when missing)")
+    state = _Keeping(folder)
+    token = _KEEP.set(state)
+    try:
+        yield
+    finally:
+        _KEEP.reset(token)
+        for p in state.made:  # deepest first; only the folders made here, and only when still empty
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def keep_failed_dir() -> Path | None:
+    """The folder of the enclosing :func:`keep_failed` block; None outside one."""
+    state = _KEEP.get()
+    return state.folder if state is not None else None
+
+
+def _in_scratch(path: Path) -> bool:
+    # A path inside llmconv's own scratch or temporary folders: a step of a command, not the user's destination.
+    return any(".llmconv-scratch-" in part or ".llmconv-tmp-" in part for part in Path(path).parts)
+
+
+def _single_names(values: Any) -> set[str]:
+    """The plain file names in a record (nothing with a folder part: a record never reaches outside its folder)."""
+    if not isinstance(values, list):
+        return set()
+    return {v for v in values if isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v
+            and "/" not in v and "\\" not in v}
+
+
+def _recorded(folder: Path, name: str, owner: Path) -> set[str]:
+    """The names that llmconv kept in ``folder`` for ``owner`` (the destination, or verify's candidate), from
+    ``NAME.report.json``'s ``kept`` record; empty when there is none, or it is for another path."""
+    record = folder / f"{name}{REPORT_SUFFIX}"
+    try:
+        if record.is_symlink() or not record.is_file() or record.stat().st_size > _RECORD_LIMIT:
+            return set()
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    kept = data.get("kept") if isinstance(data, dict) else None
+    if not isinstance(kept, dict) or kept.get("for") != str(Path(owner).resolve()):
+        return set()
+    # Only names a keep for NAME gives (NAME, NAME.data, NAME_data, NAME.report.json, NAME.inputs-K.npz).
+    names = {n for n in _single_names(kept.get("files")) if n == name or n.startswith((f"{name}.", f"{name}_"))}
+    return names | {record.name}
+
+
+def _kept_names(folder: Path, name: str, *, model: bool) -> list[Path]:
+    """The paths a keep for NAME may write: the output, its data files and report; verify's report and inputs."""
+    if model:
+        main = folder / name
+        return [main, *data_files_beside(main), folder / f"{name}{REPORT_SUFFIX}"]
+    inputs = sorted(folder.glob(f"{glob_escape(name)}.inputs-*.npz")) if folder.is_dir() else []
+    return [folder / f"{name}{REPORT_SUFFIX}", *inputs]
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with the characters glob reads as patterns escaped."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _in_the_way(folder: Path, name: str, owner: Path, paths: Iterable[Path]) -> Path | None:
+    """The first of ``paths`` that exists and that llmconv did not keep there for ``owner``."""
+    ours = _recorded(folder, name, owner)
+    return next((p for p in paths if (p.exists() or p.is_symlink()) and p.name not in ours), None)
+
+
+def check_keep_folder(*, sources: Iterable[Path], dst: Path | None, inputs: list[Path], name: str,
+                      owner: Path) -> None:
+    """Check the folder of the enclosing :func:`keep_failed` block for one command, and make it; nothing
+    outside such a block (nor for a step that writes into llmconv's own scratch folders).
+
+    Args:
+        sources: the models the command reads (its source; verify's reference and candidate).
+        dst: the destination (None for verify).
+        inputs: every file the command reads (see :func:`input_files`).
+        name: the name kept (the destination's; verify's candidate's).
+        owner: the path a keep is recorded for: the destination, or verify's candidate.
+    Raises:
+        DestinationError: the folder is a file, the destination or inside it, a source or inside one; a name
+            kept would be a file the command reads, or would replace one that llmconv did not keep there.
+    """
+    state = _KEEP.get()
+    if state is None or _in_scratch(owner):
+        return
+    state.candidate, state.inputs = None, None  # a new command: nothing of an earlier one is kept
+    folder = state.folder
+    check_usable_path(folder, must_exist=False)
+    hint = "give --keep-failed another folder"
+    if folder.exists() and not folder.is_dir():
+        raise DestinationError("this is a file; --keep-failed takes a folder", path=folder,
+                               hint="give a folder (made when missing)")
+    k = folder.resolve()
+    if dst is not None:
+        d = dst.resolve()
+        if k == d or d in k.parents:
+            raise DestinationError(f"the folder for failed outputs {'is' if k == d else 'lies inside'} the "
+                                   f"destination {dst}", path=folder, hint=hint)
+        if k == d.parent:
+            raise DestinationError(f"a failed output kept in this folder would be the destination {dst} itself",
+                                   path=folder, hint=hint)
+    for src in sources:
+        s = Path(src).resolve()
+        if k == s or (s.is_dir() and s in k.parents):
+            raise DestinationError(f"the folder for failed outputs {'is' if k == s else 'lies inside'} the "
+                                   f"{'folder of the ' if k != s else ''}model {src}, which the command reads",
+                                   path=folder, hint=hint)
+    paths = _kept_names(folder, name, model=dst is not None)
+    clash = find_input(paths, inputs)
+    if clash is not None:
+        out, how, hit = clash
+        raise DestinationError(f"a failed output kept as {out} would replace a file the command reads: {out.name} "
+                               f"{how} {hit}", path=folder, hint=hint)
+    taken = _in_the_way(folder, name, owner, paths)
+    if taken is not None:
+        raise DestinationError(f"{taken.name} is there, and llmconv did not keep it for {owner}; a failed output "
+                               "kept here would replace it", path=folder, hint=f"remove it, or {hint}")
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        why = f"{where} is a file, not a folder" if where is not None else (e.strerror or str(e))
+        raise DestinationError(f"cannot make the folder for failed outputs: {why}", path=folder, hint=hint) from e
+    state.made.extend(p for p in missing if p not in state.made)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DestinationError("cannot write in the folder for failed outputs", path=folder, hint=hint)
+
+
+def keep_candidate(output: Path, dst: Path, *, folder: bool, prepare: Callable[[], Any] | None = None) -> None:
+    """Register the output about to be verified in a scratch folder (:func:`scratch_dir`) for ``dst``: when a
+    NotEquivalent leaves that scratch folder inside a :func:`keep_failed` block, this output is kept.
+
+    Args:
+        output: the output file (an ONNX model, its data files beside it) or folder.
+        dst: the user's destination (names it, records the keep).
+        folder: whether the output is a folder.
+        prepare: run just before it is kept (e.g. to copy the config files a folder needs to run).
+    """
+    state = _KEEP.get()
+    if state is not None and not _in_scratch(dst):
+        state.candidate = (Path(output), Path(dst), folder, prepare)
+
+
+def note_inputs(feeds: list[dict[str, Any]]) -> None:
+    """Record the feeds an outputs comparison runs, for :func:`keep_report` (inside a keep_failed block)."""
+    state = _KEEP.get()
+    if state is not None:
+        state.inputs = feeds
+
+
+def keep_failure(error: BaseException, output: Path, dst: Path, *, folder: bool) -> bool:
+    """Inside a :func:`keep_failed` block, move the output that failed verification (``error`` a NotEquivalent)
+    into the block's folder as ``dst``'s name, with its report, and say so in the error.
+
+    Returns:
+        Whether ``output`` was kept (moved away): otherwise the caller removes it, as without the block.
+    """
+    from llmconv.errors import NotEquivalent
+
+    state = _KEEP.get()
+    if state is None or not isinstance(error, NotEquivalent) or error.kept is not None or _in_scratch(dst):
+        return False
+    output, dst = Path(output), Path(dst)
+    name = dst.name
+    target = state.folder / name
+    report_path = state.folder / f"{name}{REPORT_SUFFIX}"
+    moves = [(output, target)]
+    if not folder:  # an ONNX file's external data files, under the names the graph refers to
+        moves += [(p, state.folder / p.name) for p in onnx_named_files(output)
+                  if p.parent == output.parent and p.is_file() and not p.is_symlink()]
+    record = {"for": str(dst.resolve()), "output": str(target), "report": str(report_path),
+              "files": [t.name for _, t in moves] + [report_path.name]}
+    text = f"the failed output is kept at {target}, its report at {report_path}"
+    report = getattr(error, "report", None)
+    has_extra = report is not None and hasattr(report, "extra")
+    notes = list(report.notes) if has_extra else []
+    try:
+        with held_signals():  # an interrupt never leaves half an output in the folder
+            _place(state, name, dst, [t for _, t in moves] + [report_path], moves=moves)
+            try:
+                if has_extra:
+                    from llmconv.verification.outputs import GATE_HINT
+
+                    report.extra["kept"] = record
+                    # The output need not be written again with --no-verify to be searched: it is here.
+                    report.notes = [f"to name the first layer or node where the models part, run llmconv verify "
+                                    f"SRC {target} --localize" if n == GATE_HINT else n for n in notes]
+                data = report.to_json() if report is not None and hasattr(report, "to_json") else {"ok": False}
+                data["kept"] = record
+                data["error"] = {"code": error.exit_code, "message": f"{error}; {text}"}
+                _write_json(report_path, data)
+            except _CannotKeep:
+                for src, kept in reversed(moves):  # the output goes back, to be removed as without the block
+                    with contextlib.suppress(OSError):
+                        _move(kept, src)
+                raise
+    except _CannotKeep as e:
+        if has_extra:
+            report.extra.pop("kept", None)
+            report.notes = notes
+        error.amend(f"the failed output could not be kept in {state.folder}: {e}")
+        return False
+    error.kept = target
+    error.amend(text)
+    return True
+
+
+def _place(state: _Keeping, name: str, owner: Path, paths: list[Path], *, moves: list[tuple[Path, Path]]) -> None:
+    """Make room for ``paths`` in the keep folder (only replacing what llmconv kept there for ``owner``), then do
+    ``moves``; on failure, take back what was moved and raise _CannotKeep."""
+    folder = state.folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _CannotKeep(e.strerror or str(e)) from e
+    ours = _recorded(folder, name, owner)
+    taken = next((p for p in paths if (p.exists() or p.is_symlink()) and p.name not in ours), None)
+    if taken is not None:
+        raise _CannotKeep(f"{taken} is there, and llmconv did not keep it for {owner}")
+    for old in sorted(ours):  # the earlier failed output for this destination, replaced whole
+        _remove(folder / old)
+    done: list[tuple[Path, Path]] = []
+    try:
+        for src, dst in moves:
+            _move(src, dst)
+            done.append((src, dst))
+            set_modes(dst)
+    except OSError as e:
+        for src, dst in reversed(done):
+            with contextlib.suppress(OSError):
+                _move(dst, src)
+        raise _CannotKeep(e.strerror or str(e)) from e
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; across file systems, copy it beside ``dst`` under a temporary name, rename that,
+    and remove ``src``."""
+    try:
+        os.replace(src, dst)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    tmp = dst.with_name(f".{dst.name}.llmconv-tmp-{os.getpid()}-{_HOST}-copy")
+    try:
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, tmp, symlinks=True)
+        else:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _remove(src)
+
+
+def strict_json(value: Any) -> Any:
+    """Strict JSON: non-finite numbers as the strings "nan", "inf", "-inf" (as the CLI's --json writes them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.llmconv-tmp-{os.getpid()}-{_HOST}-json")
+    try:
+        tmp.write_text(json.dumps(strict_json(data), indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8")
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise _CannotKeep(e.strerror or str(e)) from e
+
+
+def _keep_registered(error: BaseException, scratch: Path) -> None:
+    """A NotEquivalent leaving the scratch folder ``scratch``: keep the registered output if it lies inside it."""
+    from llmconv.errors import NotEquivalent
+
+    state = _KEEP.get()
+    if state is None or state.candidate is None or not isinstance(error, NotEquivalent):
+        return
+    output, dst, folder, prepare = state.candidate
+    try:
+        inside = scratch.resolve() in output.resolve().parents
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside or not (output.exists() or output.is_symlink()):
+        return
+    state.candidate = None
+    if prepare is not None:
+        with contextlib.suppress(OSError, LlmconvError):  # the output is kept without what it could not add
+            prepare()
+    keep_failure(error, output, dst, folder=folder)
+
+
+def keep_report(report: Any, candidate: Path) -> Any:
+    """``verify``'s keep: inside a :func:`keep_failed` block, write a failing report to ``NAME.report.json`` and
+    the inputs the outputs comparison ran to ``NAME.inputs-K.npz`` (one per sample; ``verify --inputs`` takes each),
+    NAME being the candidate's name; ``report.extra["kept"]`` and a note say where.
+
+    Returns:
+        ``report``.
+    """
+    state = _KEEP.get()
+    if state is None or report.passed:
+        return report
+    candidate = Path(candidate)
+    name = candidate.name
+    folder = state.folder
+    report_path = folder / f"{name}{REPORT_SUFFIX}"
+    feeds = state.inputs or []
+    inputs = [folder / f"{name}.inputs-{i}.npz" for i in range(1, len(feeds) + 1)]
+    record: dict[str, Any] = {"for": str(candidate.resolve()), "report": str(report_path),
+                              "inputs": [str(p) for p in inputs],
+                              "files": [report_path.name, *(p.name for p in inputs)]}
+    written: list[Path] = []
+    try:
+        with held_signals():
+            _place(state, name, candidate, [report_path, *inputs], moves=[])
+            for path, feed in zip(inputs, feeds, strict=True):
+                _write_npz(path, feed)
+                written.append(path)
+            if feeds:
+                note = (f"the report is kept at {report_path} and the inputs run at {inputs[0]}"
+                        + (f" ... {inputs[-1].name} (one file per input sample)" if len(inputs) > 1 else "")
+                        + f"; rerun one with llmconv verify REFERENCE {candidate} --inputs FILE")
+            elif report.mode == "weights":
+                note = f"the report is kept at {report_path} (weights mode runs no inputs)"
+            else:
+                note = f"the report is kept at {report_path} (the inputs of this comparison are not kept)"
+            report.extra["kept"] = record
+            report.notes.append(note)
+            _write_json(report_path, report.to_json())
+    except (_CannotKeep, OSError) as e:
+        for p in written:
+            _remove(p)
+        report.extra.pop("kept", None)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        report.notes.append(f"the report could not be kept in {folder}: {why}")
+    return report
+
+
+def _write_npz(path: Path, feed: dict[str, Any]) -> None:
+    """One feed as an .npz that ``verify --inputs`` reads: the empty past key/values a token model's feed carries
+    are left out (verify makes them again)."""
+    import numpy as np
+
+    arrays = {k: np.asarray(v) for k, v in feed.items()
+              if not ("input_ids" in feed and k.startswith("past_key_values."))}
+    tmp = path.with_name(f".{path.name}.llmconv-tmp-{os.getpid()}-{_HOST}-npz")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise

@@ -65,7 +65,7 @@ from llmconv.cli import (  # noqa: E402
     quantize_cmd,
     verify_cmd,
 )
-from llmconv.cli.output import emit_error  # noqa: E402
+from llmconv.cli.output import emit_error, last_error, run_seconds, run_started, status_display  # noqa: E402
 
 # click's base error, found through a public subclass: typer vendors click in some versions.
 _ClickError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -80,6 +80,7 @@ class _Group(TyperGroup):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         argv = list(sys.argv[1:] if args is None else args)
+        run_started()
         try:
             code = super().main(argv, prog_name, complete_var, False, **extra)
         except _ClickError as e:
@@ -88,9 +89,27 @@ class _Group(TyperGroup):
             ctx = getattr(e, "ctx", None)
             where = ctx.command_path if ctx is not None else "llmconv"
             command = ctx.info_name if ctx is not None and ctx.parent is not None else ""
-            emit_error(command, e.exit_code, f"{e.format_message()} (see '{where} --help')", as_json="--json" in argv)
+            message = f"{e.format_message()} (see '{where} --help')"
+            emit_error(command, e.exit_code, message, as_json="--json" in argv)
+            _record_junit(argv, ctx.command if command else None, command, e.exit_code, message)
             sys.exit(e.exit_code)
-        sys.exit(code if isinstance(code, int) else 0)
+        code = code if isinstance(code, int) else 0
+        reported = last_error()
+        if code not in (0, 1) and reported is not None:  # exit 0 and 1 have a report: the command wrote it
+            _record_junit(argv, self.commands.get(reported[0]), reported[0], code, reported[2])
+        sys.exit(code)
+
+
+def _record_junit(argv: list[str], cmd: Any, command: str, code: int, message: str) -> None:
+    """``--junit FILE`` on a run that ended without a report (a usage error, bad input, a bug, an interrupt):
+    FILE gets one ``<error>`` case for this run, so a dashboard never shows an earlier run's verdict for it."""
+    if cmd is None or not any(a == "--junit" or a.startswith("--junit=") for a in argv):
+        return
+    if not any("--junit" in getattr(p, "opts", ()) for p in getattr(cmd, "params", ())):
+        return  # a command without --junit: the flag was the usage error
+    from llmconv.verification.junit import write_run_error
+
+    write_run_error(argv, command=command, code=code, message=message, seconds=run_seconds())
 
 
 app = typer.Typer(
@@ -98,7 +117,7 @@ app = typer.Typer(
     name="llmconv",
     help="Move LLM checkpoints between formats and prove the result is still the same model.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -202,6 +221,10 @@ def _check_path_args(kwargs: dict[str, Any]) -> None:
                 check_usable_path(path, must_exist=False)
 
 
+# The commands whose library call always reports its steps (llmconv.progress) before it returns.
+_REPORTING = ("convert", "verify", "quantize", "prune")
+
+
 def guarded(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command; turn library errors into one line and the contract's exit code."""
     from llmconv.errors import LlmconvError
@@ -215,7 +238,10 @@ def guarded(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             try:
                 _check_path_args(kwargs)
-                return fn(*args, **kwargs)
+                # What the library reports on its long steps, on a terminal only (never with --json or --quiet).
+                with status_display(enabled=not (as_json or kwargs.get("quiet")),
+                                    starting=f"starting {command}" if command in _REPORTING else None):
+                    return fn(*args, **kwargs)
             except Exception as e:
                 # After an interrupt a library swallowed, what fails next is its consequence (a module left
                 # half-imported: numpy's "cannot load module more than once per process"): the user asked
@@ -258,15 +284,21 @@ for _name, _module in (("inspect", inspect_cmd), ("convert", convert_cmd), ("ver
                 no_args_is_help=_name not in ("formats", "env"))(guarded(_name, _module.command))
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    """``--version``: handled while the flags are read (eager), so it needs no command after it."""
+    if value:
         from llmconv import __version__
 
         typer.echo(f"llmconv {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit (all versions: llmconv env).",
+                                 is_eager=True, callback=_print_version),
+) -> None:
+    """Move LLM checkpoints between formats and prove the result is still the same model."""
 
 
 def main() -> None:
@@ -278,7 +310,7 @@ def main() -> None:
     sys.unraisablehook = _unraisable
     unreported: type[BaseException] | None = None
     try:
-        app()
+        app(prog_name="llmconv")  # also under `python -m llmconv`: its usage lines and completion
         code = 0
     except SystemExit as e:
         if isinstance(e.code, str):

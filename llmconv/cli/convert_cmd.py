@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from llmconv.cli import options as o
-from llmconv.cli.output import byte_progress, err, escape, out, print_json
+from llmconv.cli.output import escape, out, print_json
 
 HELP = "Convert a checkpoint between formats (lossless by default), verified before it is put in place."
 EPILOG = ("Examples: [bold]llmconv convert model/pytorch_model.bin model.safetensors[/]  ·  "
           "[bold]llmconv convert hf-folder out-folder --to safetensors --shard-size 2GB --dtype bf16[/]  ·  "
           "[bold]llmconv convert hf-folder model.onnx[/]")
+# The JSON object's keys besides schema, ok and error, on every exit (llmconv.convert/1).
+JSON_FIELDS = ("source", "destination", "source_format", "destination_format", "weights_format", "tensors",
+               "parameters", "bytes_written", "files", "dtype", "cast", "aliases", "dropped_aliases", "notes",
+               "seconds", "verified", "verification", "task", "opset", "ir_version", "exporter", "external_data",
+               "graphs")
 
 
 def command(
@@ -39,10 +45,19 @@ def command(
     force: o.Force = False,
     quiet: o.Quiet = False,
     json_output: o.Json = False,
+    junit: o.Junit = None,
+    keep_failed: o.KeepFailed = None,
 ) -> None:
-    from llmconv.conversion import convert
-    from llmconv.formats import registry
+    from llmconv.conversion import ConvertReport, convert
+    from llmconv.errors import NotEquivalent
     from llmconv.io import human_size
+    from llmconv.io import keep_failed as keeping
+
+    t0 = time.perf_counter()
+    if junit is not None:
+        from llmconv.verification.junit import check_report_path
+
+        check_report_path(junit, models=[src], writes=[dst], reads={"--config": config})
 
     export_options = {k: v for k, v in (("task", task), ("opset", opset), ("config", config)) if v}
     if external_data:
@@ -50,13 +65,29 @@ def command(
     for key, value in (("decode_steps", decode_steps), ("generate", generate)):
         if value is not None:
             export_options[key] = value
-    total = 0
-    if not (quiet or json_output) and err.is_terminal:
-        with registry.open_checkpoint(src) as s:
-            total = s.total_bytes
-    with byte_progress(total, f"writing {dst.name}", enabled=not (quiet or json_output)) as advance:
-        report = convert(src, dst, to=to, dtype=dtype, shard_size=shard_size, verify=verify, force=force,
-                         progress=advance, **export_options)
+    # The bytes written and the export's steps reach the terminal through llmconv.progress (see guarded()).
+    try:
+        with keeping(keep_failed):
+            report = convert(src, dst, to=to, dtype=dtype, shard_size=shard_size, verify=verify, force=force,
+                             **export_options)
+    except NotEquivalent as e:
+        if e.result is None:  # the ONNX export's check: its report is all the library hands back
+            e.result = ConvertReport(source=str(src), destination=str(dst), source_format=None,
+                                     destination_format=None, weights_format=None, tensors=None, parameters=None,
+                                     bytes_written=None, files=[], dtype=None, verification=e.report,
+                                     seconds=time.perf_counter() - t0)
+        if junit is not None:
+            from llmconv.verification.junit import write_command_junit
+
+            write_command_junit(junit, command="convert", result=e.result, error=str(e),
+                                seconds=time.perf_counter() - t0)
+        raise
+    if junit is not None:
+        from llmconv.verification.junit import write_command_junit
+
+        write_command_junit(junit, command="convert", result=report, seconds=time.perf_counter() - t0,
+                            summary=f"{report.source_format} -> {report.destination_format}: {report.tensors} tensors, "
+                                    f"{human_size(report.bytes_written)} in {len(report.files)} file(s)")
     if json_output:
         print_json(report.to_json())
         return

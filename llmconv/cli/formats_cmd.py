@@ -32,9 +32,14 @@ def command(json_output: o.Json = False, models: Models = False) -> None:
     dests = m["formats"]
     for d in dests:
         t.add_column(d)
+    conditions = m["conversion_conditions"]
     for s in dests:
-        t.add_row(s, *("yes" if d in m["conversions"].get(s, []) else "-" for d in dests))
+        t.add_row(s, *(("yes*" if d in conditions.get(s, {}) else "yes") if d in m["conversions"].get(s, []) else "-"
+                       for d in dests))
     out.print(t)
+    for s, by_dest in conditions.items():
+        for d, condition in by_dest.items():
+            out.print(f"  * {s} -> {d}: {condition}")
     for f in m["format_details"]:
         out.print(f"  [bold]{f['name']}[/]: {f['description']}")
     out.print("[bold]transforms[/]")

@@ -12,7 +12,13 @@ from llmconv.cli.output import escape, fmt_num, kv_table, out, print_json
 
 _SPARSE_SHOWN = 10
 HELP = "Show what a checkpoint holds: format, tensors, parameters, dtypes, bytes, shards, metadata, ties."
-EPILOG = "Example: [bold]llmconv inspect fixtures/models/gpt2-tiny --json[/]"
+EPILOG = ("Examples: [bold]llmconv inspect fixtures/models/trained-gpt2[/]  ·  "
+          "[bold]llmconv inspect model.onnx --json[/]")
+# The JSON object's keys besides schema, ok and error, on every exit (llmconv.inspect/1); the format's own
+# details follow them on success (ONNX: opset, ir_version, producer, ops, inputs, outputs, ...).
+JSON_FIELDS = ("path", "format", "weights_format", "tensors", "parameters", "bytes", "size_on_disk", "dtypes",
+               "bytes_by_dtype", "files", "shards", "metadata", "tied", "architecture", "model_type", "extra_files",
+               "tie_word_embeddings", "tied_by_config", "largest", "sparsity", "seconds")
 
 
 def command(
@@ -52,7 +58,7 @@ def command(
     if info.get("tied_by_config"):
         names = ", ".join(info["tied_by_config"])
         rows.append(("tied", f"{names} = input embedding (by config: stored once, tied on load)"))
-    elif "tie_word_embeddings" in info:
+    elif info.get("tie_word_embeddings") is not None:
         rows.append(("tie_word_embeddings", fmt_num(info["tie_word_embeddings"])))
     if info.get("ops"):
         rows.append(("ops", ", ".join(f"{k} x{v}" for k, v in info["ops"].items())))

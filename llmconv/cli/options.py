@@ -20,8 +20,12 @@ Atol = Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (
 Rtol = Annotated[float | None, typer.Option("--rtol", help="Relative tolerance (overrides the profile).")]
 Profile = Annotated[str, typer.Option("--profile", help="Tolerance profile: auto|exact|fp32|fp16|bf16|int8|int4.")]
 Provider = Annotated[str, typer.Option("--provider", help="onnxruntime execution provider: cpu|cuda.")]
-Junit = Annotated[Path | None, typer.Option("--junit", help="Also write a JUnit XML report to FILE.",
-                                            metavar="FILE")]
+Junit = Annotated[Path | None, typer.Option(
+    "--junit", metavar="FILE", help="Also write a JUnit XML report to FILE: one test case per check (and one for "
+                                    "the command's own step); a run that ends in an error writes one <error> case.")]
+KeepFailed = Annotated[Path | None, typer.Option(
+    "--keep-failed", metavar="DIR", help="Keep an output that fails verification, with its report, in DIR (outside "
+                                         "DST) instead of deleting it.")]
 Text = Annotated[Path | None, typer.Option(
     "--text", metavar="FILE", help="Also compare perplexity of both models on this text file (causal LMs), tokenized "
                                    "with the model's own tokenizer.")]

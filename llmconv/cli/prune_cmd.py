@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import typer
@@ -20,6 +21,10 @@ EPILOG = ("Examples: [bold]llmconv prune model.safetensors pruned.safetensors --
           "[bold]llmconv prune hf-folder out --pattern 2:4 --text heldout.txt --max-ppl-increase 0.3[/]  ·  "
           "[bold]llmconv prune model.onnx rows.onnx --sparsity 0.1 --pattern rows --exclude '*mlp*'[/]")
 _SHOWN = 12
+# The JSON object's keys besides schema, ok and error, on every exit (llmconv.prune/1).
+JSON_FIELDS = ("source", "destination", "source_format", "destination_format", "pattern", "sparsity", "achieved",
+               "tensors", "skipped", "files", "bytes_written", "thresholds", "notes", "seconds", "verified",
+               "verification", "quality")
 
 
 def command(
@@ -46,14 +51,37 @@ def command(
     force: o.Force = False,
     quiet: o.Quiet = False,
     json_output: o.Json = False,
+    junit: o.Junit = None,
+    keep_failed: o.KeepFailed = None,
 ) -> None:
+    from llmconv.errors import NotEquivalent
     from llmconv.io import human_size
+    from llmconv.io import keep_failed as keeping
     from llmconv.transforms.prune import prune
 
-    report = prune(src, dst, sparsity=sparsity, pattern=pattern, include=include, exclude=exclude, text=text,
-                   inputs=inputs,
-                   min_top1=min_top1, max_ppl_increase=max_ppl_increase, provider=provider, verify=verify,
-                   force=force, decode_steps=decode_steps, generate=generate)
+    t0 = time.perf_counter()
+    if junit is not None:
+        from llmconv.verification.junit import check_report_path
+
+        check_report_path(junit, models=[src], writes=[dst], reads={"--text": text, "--inputs": inputs})
+    try:
+        with keeping(keep_failed):
+            report = prune(src, dst, sparsity=sparsity, pattern=pattern, include=include, exclude=exclude, text=text,
+                           inputs=inputs, min_top1=min_top1, max_ppl_increase=max_ppl_increase, provider=provider,
+                           verify=verify, force=force, decode_steps=decode_steps, generate=generate)
+    except NotEquivalent as e:
+        if junit is not None:
+            from llmconv.verification.junit import write_command_junit
+
+            write_command_junit(junit, command="prune", result=e.result, verification=e.report, error=str(e),
+                                seconds=time.perf_counter() - t0)
+        raise
+    if junit is not None:
+        from llmconv.verification.junit import write_command_junit
+
+        write_command_junit(junit, command="prune", result=report, seconds=time.perf_counter() - t0,
+                            summary=f"{report.pattern} at {fmt_num(report.sparsity)}: {len(report.tensors)} tensors, "
+                                    f"{report.overall:.2%} zeros")
     if json_output:
         print_json(report.to_json())
         return

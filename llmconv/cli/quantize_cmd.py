@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +22,11 @@ EPILOG = ("Examples: [bold]llmconv quantize model.onnx model-int8.onnx --target 
           "[bold]llmconv quantize model.onnx static.onnx --target cpu --method int8-static "
           "--calibration heldout.txt[/]  ·  [bold]llmconv quantize model.safetensors half.safetensors "
           "--target gpu[/]")
+# The JSON object's keys besides schema, ok and error, on every exit (llmconv.quantize/1).
+JSON_FIELDS = ("source", "destination", "source_format", "destination_format", "target", "method", "profile",
+               "size_before", "size_after", "size_ratio", "bytes_written", "files", "linear_ops", "ops_quantized",
+               "embeddings_quantized", "ops_before", "ops_after", "tensors_cast", "options", "attempts", "notes",
+               "seconds", "verified", "verification")
 
 
 def command(
@@ -59,23 +65,44 @@ def command(
     force: o.Force = False,
     quiet: o.Quiet = False,
     json_output: o.Json = False,
+    junit: o.Junit = None,
+    keep_failed: o.KeepFailed = None,
 ) -> None:
     from llmconv.errors import NotEquivalent
     from llmconv.io import human_size
+    from llmconv.io import keep_failed as keeping
     from llmconv.transforms.quantize import PROFILES, quantize
 
+    t0 = time.perf_counter()
+    if junit is not None:
+        from llmconv.verification.junit import check_report_path
+
+        check_report_path(junit, models=[src], writes=[dst],
+                          reads={"--calibration": calibration, "--text": text, "--inputs": inputs})
     types = [t.strip() for t in op_types.split(",") if t.strip()] if op_types is not None else None
     try:
-        report = quantize(src, dst, target=target, method=method, calibration=calibration, per_channel=per_channel,
-                          block_size=block_size, op_types=types, text=text, inputs=inputs, atol=atol, rtol=rtol,
-                          max_ppl_increase=max_ppl_increase, provider=provider,
-                          calibration_samples=calibration_samples, verify=verify, force=force, cpu=cpu,
-                          decode_steps=decode_steps, generate=generate)
+        with keeping(keep_failed):
+            report = quantize(src, dst, target=target, method=method, calibration=calibration,
+                              per_channel=per_channel, block_size=block_size, op_types=types, text=text, inputs=inputs,
+                              atol=atol, rtol=rtol, max_ppl_increase=max_ppl_increase, provider=provider,
+                              calibration_samples=calibration_samples, verify=verify, force=force, cpu=cpu,
+                              decode_steps=decode_steps, generate=generate)
     except NotEquivalent as e:
+        if junit is not None:
+            from llmconv.verification.junit import write_command_junit
+
+            write_command_junit(junit, command="quantize", result=e.result, verification=e.report, error=str(e),
+                                seconds=time.perf_counter() - t0)
         tried = getattr(e.report, "extra", {}).get("attempts", [])
         if len(tried) > 1 and not json_output:
             err.print(attempts_table(tried))  # every setting tried, above the closest one's checks
         raise
+    if junit is not None:
+        from llmconv.verification.junit import write_command_junit
+
+        write_command_junit(junit, command="quantize", result=report, seconds=time.perf_counter() - t0,
+                            summary=f"{report.method} for {report.target}: {human_size(report.size_before)} -> "
+                                    f"{human_size(report.size_after)}")
     if json_output:
         print_json(report.to_json())
         return

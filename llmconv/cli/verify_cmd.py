@@ -17,6 +17,9 @@ HELP = ("Check that CANDIDATE is the same model as REFERENCE: weights tensor by 
         "or outputs on the same inputs. Exit 0 equivalent, 1 not equivalent, 2 bad input.")
 EPILOG = ("Examples: [bold]llmconv verify model.bin model.safetensors[/]  ·  "
           "[bold]llmconv verify hf-folder model.onnx --profile fp32 --json --junit verify.xml[/]")
+# The JSON object's keys besides schema, ok and error, on every exit (llmconv.verify/1).
+JSON_FIELDS = ("mode", "profile", "reference", "candidate", "inputs", "checks", "missing", "unexpected", "tied",
+               "thresholds", "runners", "decode", "localization", "graphs", "kept", "notes", "seconds")
 
 # Columns shown per mode, in order; the JSON report has every figure (mean abs, top-5, worst index, ...).
 _WEIGHT_COLS = ("shape", "reference_dtype", "candidate_dtype", "equal", "max_abs")
@@ -149,7 +152,9 @@ def command(
     provider: o.Provider = "cpu",
     json_output: o.Json = False,
     junit: o.Junit = None,
+    keep_failed: o.KeepFailed = None,
 ) -> None:
+    from llmconv.io import keep_failed as keeping
     from llmconv.verification.api import verify
 
     t0 = time.perf_counter()
@@ -163,24 +168,25 @@ def command(
         if max_ppl_increase is not None:
             outputs_options["max_ppl_increase"] = max_ppl_increase
         outputs_options.update(decode_steps=decode_steps, generate=generate, prompts=prompts, localize=localize)
-    if junit is None:
-        report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol, **outputs_options)
-    else:
-        from llmconv.errors import LlmconvError
-        from llmconv.verification.junit import check_report_path, write_junit, write_junit_error
+    if junit is not None:
+        from llmconv.verification.junit import check_report_path
 
+        # An error from here on (exit 2, 3) is recorded in the file by the root command (app._record_junit).
         check_report_path(junit, models=[reference, candidate], reads={"--inputs": inputs, "--text": text,
                                                                          "--prompts": prompts})
-        try:
-            report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol,
-                            **outputs_options)
-        except LlmconvError as e:
-            write_junit_error(junit, code=e.exit_code, message=str(e), reference=str(reference),
-                              candidate=str(candidate), seconds=time.perf_counter() - t0)
-            raise
-        write_junit(report, junit, seconds=time.perf_counter() - t0)
+    with keeping(keep_failed):
+        report = verify(reference, candidate, mode=mode, profile=profile, atol=atol, rtol=rtol, **outputs_options)
+    report.seconds = time.perf_counter() - t0
+    if junit is not None:
+        from llmconv.verification.junit import write_junit
+
+        write_junit(report, junit, seconds=report.seconds)
     if json_output:
-        print_json(report.to_json())
+        obj = report.to_json()
+        if not report.passed:
+            kept = (report.extra.get("kept") or {}).get("report")
+            obj["error"] = {"code": 1, "message": report.summary(), "kept": kept}
+        print_json(obj)
     else:
         render_report(report)
         verdict = "[green]EQUIVALENT[/]" if report.passed else "[red]NOT EQUIVALENT[/]"

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmconv import progress
 from llmconv.errors import DestinationError, InputError, NotEquivalent, Unsupported, UsageError
-from llmconv.io import atomic_output, check_replaceable
+from llmconv.io import atomic_output, check_replaceable, keep_candidate
 
 if TYPE_CHECKING:
     from llmconv.conversion import ConvertReport
@@ -61,6 +62,7 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
     from llmconv.export.exporters import plan_export, run_export
     from llmconv.export.onnx_post import finalize, rename_model
     from llmconv.export.tasks import is_seq2seq
+    from llmconv.formats.hf import FORMAT as HF
     from llmconv.formats.hf import load_config
     from llmconv.transforms.common import install, scratch_near
     from llmconv.transforms.graph import record_data_files
@@ -80,8 +82,9 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
         check_replaceable(dst, folder=False, force=force)
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
-        folder = _model_folder(src, fmt_name, config, stack, notes)
-        plan = plan_export(load_config(folder), task=task, opset=opset, path=src)
+        with progress.phase("preparing the ONNX export (optimum)"):
+            folder = _model_folder(src, fmt_name, config, stack, notes)
+            plan = plan_export(load_config(folder), task=task, opset=opset, path=src)
         if is_seq2seq(plan.task):
             return _to_onnx_seq2seq(src, dst, plan, folder, stack, notes, fmt_name=fmt_name, to_file=to_file,
                                     verify=verify, force=force, external_data=external_data, provider=provider,
@@ -97,13 +100,18 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
             raise Unsupported(f"the {plan.exporter} exporter wrote no single model.onnx for task {plan.task}",
                               path=src, hint="this architecture/task splits into several graphs, "
                                              "which llmconv does not handle yet")
-        model_path = rename_model(produced, dst.name) if to_file else produced
-        post = finalize(model_path, data_name=f"{model_path.name}_data", external_data=external_data)
+        with progress.phase("finishing the graph (external data, IR version)"):
+            model_path = rename_model(produced, dst.name) if to_file else produced
+            with HF.open(folder) as checkpoint:  # the weights the exporter read: their names go into the record
+                post = finalize(model_path, data_name=f"{model_path.name}_data", external_data=external_data,
+                                checkpoint=checkpoint)
         if post["ir_lowered_from"] is not None:
             notes.append(f"IR version lowered from {post['ir_lowered_from']} to {post['ir_version']}, the highest "
                          "the installed onnxruntime loads")
         verification = None
         if verify:
+            if to_file:  # a failed check keeps it (and its data file) inside a keep_failed block
+                keep_candidate(model_path, dst, folder=False)
             # The hf folder itself, so that messages name it (the runner makes its own view of it).
             verification = _gate(src if fmt_name == "hf" else folder, model_path, plan, src=src, dst=dst,
                                  provider=provider, decode_steps=decode_steps, generate=generate)
@@ -138,8 +146,9 @@ def _gate(reference: Path, candidate: Path, plan: ExportPlan, *, src: Path, dst:
     """Verify the export (in the scratch folder) against PyTorch; raise, naming ``dst``, when it is not the model."""
     from llmconv.verification.outputs import GATE_HINT, compare_outputs
 
-    verification = compare_outputs(reference, candidate, profile="auto", provider=provider, task=plan.task,
-                                   decode_steps=decode_steps, generate=generate)
+    with progress.phase("verifying the export against PyTorch"):
+        verification = compare_outputs(reference, candidate, profile="auto", provider=provider, task=plan.task,
+                                       decode_steps=decode_steps, generate=generate)
     verification.reference, verification.candidate = str(src), str(dst)
     crash = next((c for c in verification.checks if c.name == "runs" and not c.passed), None)
     if crash is not None:
@@ -163,7 +172,7 @@ def _to_onnx_seq2seq(src: Path, dst: Path, plan: ExportPlan, folder: Path, stack
     from llmconv.conversion import ConvertReport
     from llmconv.export.exporters import run_export
     from llmconv.export.onnx_post import finalize
-    from llmconv.formats.onnx import SEQ2SEQ_DECODERS, SEQ2SEQ_ENCODER
+    from llmconv.formats.onnx import SEQ2SEQ_DECODERS, SEQ2SEQ_ENCODER, SEQ2SEQ_NO_RECORD
     from llmconv.transforms.graph import record_data_files
 
     if to_file:
@@ -184,8 +193,10 @@ def _to_onnx_seq2seq(src: Path, dst: Path, plan: ExportPlan, folder: Path, stack
         raise Unsupported(f"the {plan.exporter} exporter wrote {', '.join(p.name for p in graphs) or 'no graph'} for "
                           f"{plan.model_type} ({plan.task}), not an encoder and a decoder", path=src)
     posts = {}
-    for g in graphs:
-        posts[g.name] = finalize(g, data_name=f"{g.name}_data", external_data=external_data)
+    for i, g in enumerate(graphs, 1):
+        with progress.phase(f"finishing {g.name} ({i}/{len(graphs)})"):
+            posts[g.name] = finalize(g, data_name=f"{g.name}_data", external_data=external_data,
+                                     no_record=SEQ2SEQ_NO_RECORD)
         lowered = posts[g.name]["ir_lowered_from"]
         if lowered is not None:
             notes.append(f"{g.name}: IR version lowered from {lowered} to {posts[g.name]['ir_version']}, the highest "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmconv import progress
 from llmconv.errors import ConversionError, MissingDependency, Unsupported, UsageError
 from llmconv.export._quiet import quiet
 from llmconv.export.tasks import (
@@ -103,7 +104,7 @@ def plan_export(config: dict[str, Any], *, task: str | None, opset: int | None, 
 
 def run_export(plan: ExportPlan, folder: Path, out_dir: Path) -> None:
     """Export ``folder`` into ``out_dir`` as ``model.onnx`` (+ config and tokenizer files)."""
-    with quiet():
+    with progress.phase(f"exporting to ONNX ({plan.exporter})"), quiet():
         if plan.exporter == "optimum":
             _export_optimum(plan, folder, out_dir)
         else:
@@ -216,7 +217,7 @@ def _export_torch(plan: ExportPlan, folder: Path, out_dir: Path) -> None:
 
 
 # Files an ONNX folder needs beside the graph: config, generation config, tokenizer and processor files.
-_CARRIED_PREFIXES = ("config.json", "generation_config.json", "tokenizer", "special_tokens_map.json", "vocab.",
+CARRIED_PREFIXES = ("config.json", "generation_config.json", "tokenizer", "special_tokens_map.json", "vocab.",
                      "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece", "chat_template",
                      "preprocessor_config.json")
 
@@ -224,5 +225,5 @@ _CARRIED_PREFIXES = ("config.json", "generation_config.json", "tokenizer", "spec
 def _carry_files(folder: Path, out_dir: Path) -> None:
     """Copy the config and tokenizer files the exporter did not write itself (never weights)."""
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name.startswith(_CARRIED_PREFIXES) and not (out_dir / p.name).exists():
+        if p.is_file() and p.name.startswith(CARRIED_PREFIXES) and not (out_dir / p.name).exists():
             shutil.copyfile(p, out_dir / p.name)

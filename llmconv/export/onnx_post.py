@@ -1,4 +1,5 @@
-"""After an exporter ran: one external data file beside the model, and an IR version onnxruntime loads."""
+"""After an exporter ran: one external data file beside the model, an IR version onnxruntime loads, and the
+name record (which initializer holds which checkpoint tensor, :func:`match_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmconv.errors import Unsupported
-from llmconv.formats.onnx import import_onnx, iter_graphs, load_graph, load_proto
+from llmconv.formats.onnx import TENSOR_MAP_KEY, NameRecord, import_onnx, iter_graphs, load_graph, load_proto
+
+if TYPE_CHECKING:
+    from llmconv.checkpoint import TensorSource
 
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: a ModelProto larger than this cannot be serialized
 _EXTERNAL = 1
@@ -66,21 +70,27 @@ def external_locations(model: Any) -> set[str]:
     return out
 
 
-def finalize(path: Path, *, data_name: str, external_data: bool) -> dict[str, Any]:
+def finalize(path: Path, *, data_name: str, external_data: bool, checkpoint: TensorSource | None = None,
+             no_record: str | None = None) -> dict[str, Any]:
     """Make the exported model at ``path`` one a user can ship and onnxruntime loads.
 
     - External data, when there is any, ends up in one file named ``data_name`` beside the model.
     - ``external_data`` moves inline weights out; so does a model too large for one protobuf.
     - An IR version above what the installed onnxruntime loads is lowered to its maximum, when
       the model's opsets allow it.
+    - With ``checkpoint``, the name record: which initializer holds each of its tensors
+      (:func:`match_checkpoint`), with its config.json.
 
     Args:
         path: the ``.onnx`` file, changed in place.
         data_name: the name the external data file must have (``<model file name>_data``).
         external_data: store the weights in ``data_name`` even if they would fit inline.
+        checkpoint: the checkpoint exported, to record the names of its tensors.
+        no_record: instead, record why this graph carries no names (one part of an encoder-decoder).
     Returns:
         ``ir_version``, ``external_data`` (file names), ``ir_lowered_from`` (None if unchanged),
-        ``initializers`` and ``parameters`` (their element count).
+        ``initializers`` and ``parameters`` (their element count), ``name_record`` (None, or ``tensors``,
+        ``transposed`` and the ``absent`` names).
     Example:
         >>> finalize(Path("out/model.onnx"), data_name="model.onnx_data", external_data=False)
     """
@@ -121,6 +131,15 @@ def finalize(path: Path, *, data_name: str, external_data: bool) -> dict[str, An
         onnx.save_model(full, str(path))
         del full
         model, inline = _structure(path)
+    summary = None
+    if checkpoint is not None or no_record is not None:
+        record = match_checkpoint(path, checkpoint) if checkpoint is not None else NameRecord(unavailable=no_record)
+        write_name_record(path, record)
+        model, inline = _structure(path)
+        if checkpoint is not None:
+            held = record.held()
+            summary = {"tensors": len(held), "absent": record.absent(),
+                       "transposed": sum(t.holders[0].transform == "transpose" for t in held.values())}
     from llmconv.verification.runners import remember_graph
 
     remember_graph(path, model)
@@ -135,7 +154,7 @@ def finalize(path: Path, *, data_name: str, external_data: bool) -> dict[str, An
                     n *= int(d)
                 parameters += n
     return {"ir_version": int(model.ir_version), "external_data": sorted(locations), "ir_lowered_from": lowered_from,
-            "initializers": len(names), "parameters": parameters}
+            "initializers": len(names), "parameters": parameters, "name_record": summary}
 
 
 def _structure(path: Path) -> tuple[Any, int]:
@@ -187,3 +206,123 @@ def rename_model(path: Path, new_name: str) -> Path:
         return new_path
     path.rename(new_path)
     return new_path
+
+
+# ---- the name record ----------------------------------------------------------------------------------------------
+
+def match_checkpoint(path: Path, checkpoint: TensorSource) -> NameRecord:
+    """Which initializer of the graph at ``path`` holds each tensor of ``checkpoint`` (the weights it was exported
+    from), found by hashing: the same bytes as they are, or transposed (``x @ W.T`` folded by the exporter).
+
+    Floating-point checkpoint tensors are compared as float32, the dtype the export runs in. Several checkpoint
+    names may share one initializer (tied weights; identical all-ones norm weights the exporter stored once);
+    a tensor held by several initializers (GPT-2's embedding, also the transposed head) lists them all, the
+    one held as it is first. One tensor at a time is read or transposed: memory stays bounded.
+
+    Args:
+        path: the exported ``.onnx`` file.
+        checkpoint: the checkpoint exported (its ``config`` is recorded too).
+    Returns:
+        The NameRecord; tensors no initializer holds are listed with no holder.
+    """
+    import torch
+
+    from llmconv.checkpoint import dtype_name
+    from llmconv.formats.onnx import Holder, RecordedTensor, exported_dtype, open_model
+
+    table: dict[tuple[bytes, torch.dtype, tuple[int, ...]], list[Holder]] = {}
+    with open_model(path) as graph:
+        for name in graph.names():
+            t = graph.tensor(name)
+            table.setdefault((_digest(t), t.dtype, tuple(t.shape)), []).append(Holder(name, "identity"))
+            if t.ndim == 2 and t.numel() > 1:
+                tt = t.t().contiguous()
+                table.setdefault((_digest(tt), t.dtype, tuple(tt.shape)), []).append(Holder(name, "transpose"))
+                del tt
+            del t
+    record = NameRecord(config=checkpoint.config, metadata=dict(checkpoint.metadata),
+                        aliases=dict(checkpoint.aliases))
+    by_dtype: dict[str, int] = {}
+    for name, info in checkpoint.infos.items():
+        if name in checkpoint.aliases:
+            continue
+        t = checkpoint.tensor(name)
+        want = exported_dtype(t.dtype)
+        as_exported = t.to(want) if t.dtype != want else t
+        found = table.get((_digest(as_exported), want, tuple(t.shape)), [])
+        del t, as_exported
+        # One held as it is before one held transposed; of those, the one carrying the checkpoint's own name
+        # first, then the others as the graph lists them (the first is the one a restore reads).
+        holders = sorted(found, key=lambda h: (h.transform != "identity", h.initializer != name))
+        record.tensors[name] = RecordedTensor(name, dtype_name(info.dtype), tuple(info.shape), tuple(holders))
+        if info.dtype.is_floating_point:
+            by_dtype[dtype_name(info.dtype)] = by_dtype.get(dtype_name(info.dtype), 0) + info.nbytes
+    record.dtype = max(sorted(by_dtype), key=lambda d: by_dtype[d]) if by_dtype else None
+    return record
+
+
+def _digest(t: Any) -> bytes:
+    """A hash of a tensor's bytes in row-major order.
+
+    SHA-1 hashes 1.8 GB/s here, BLAKE2b 1.0: the bytes are the user's own export, matched with its own
+    checkpoint (dtype and shape must agree too), so speed matters and collision resistance does not.
+    """
+    import hashlib
+
+    import torch
+
+    flat = t.contiguous().reshape(-1)
+    return hashlib.sha1(flat.view(torch.uint8).numpy() if flat.numel() else b"", usedforsecurity=False).digest()
+
+
+def write_name_record(path: Path, record: NameRecord) -> None:
+    """Store ``record`` in the graph at ``path`` as its ``llmconv.tensor_map`` metadata entry.
+
+    A ModelProto is a sequence of fields, and a repeated field may appear anywhere: the entry is appended
+    to the file (nothing else is read or rewritten, whatever the model's size) unless the graph already
+    has one, which is then replaced.
+    """
+    import json
+
+    from llmconv.formats.onnx import _encode_varint
+
+    value = json.dumps(record.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    view = load_graph(path)
+    try:
+        present = any(p.key == TENSOR_MAP_KEY for p in view.model.metadata_props)
+    finally:
+        view.close()
+    if present:
+        onnx = import_onnx()
+        model = load_proto(path)  # external references are kept as they are
+        kept = [(p.key, p.value) for p in model.metadata_props if p.key != TENSOR_MAP_KEY]
+        del model.metadata_props[:]
+        for k, v in [*kept, (TENSOR_MAP_KEY, value)]:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = k, v
+        onnx.save_model(model, str(path))
+        return
+    key, text = TENSOR_MAP_KEY.encode(), value.encode("utf-8")
+    entry = b"\x0a" + _encode_varint(len(key)) + key + b"\x12" + _encode_varint(len(text)) + text
+    with open(path, "ab") as fh:
+        fh.write(b"\x72" + _encode_varint(len(entry)) + entry)  # ModelProto field 14, metadata_props
+
+
+def drop_name_record(path: Path, *, why: str) -> None:
+    """Replace the name record of the graph at ``path`` (if it has one) by one saying why there is none.
+
+    For a transform that replaces initializers (``llmconv quantize``): the record would name weights the graph
+    no longer holds as they were, and a restore must say so rather than find out.
+    """
+    from llmconv.errors import CorruptInput
+    from llmconv.formats.onnx import name_record_values, parse_name_record
+
+    found = name_record_values(path)
+    if not found:
+        return
+    try:
+        if len(found) == 1 and parse_name_record(found[0], path=path).unavailable is not None:
+            return  # it already says why
+    except CorruptInput:
+        pass  # a malformed record is replaced all the same
+    write_name_record(path, NameRecord(unavailable=why))

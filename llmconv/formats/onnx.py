@@ -7,6 +7,11 @@ file, and those in external data files views of a mapping of the data file, afte
 reference stays inside the model's folder (``safe_child``) and within the file's bounds. Opening
 a 2 GB model costs milliseconds and no memory beyond the page cache.
 
+Exporters name most initializers after the node that reads them (``onnx::MatMul_123``). A graph
+llmconv exported carries a name record (``llmconv.tensor_map`` in its metadata) saying which
+initializer holds which checkpoint tensor; :func:`restore_names` gives the checkpoint's names back
+through it (``convert model.onnx out --to hf``).
+
 ONNX graphs come from an exporter (``llmconv.export``), not from named tensors, so this format is
 read-only here. ``onnx`` is imported when a model is opened, never when the module is imported.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import mmap
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -638,7 +644,10 @@ def _open_view(given: Path, mfile: Path, view: GraphView, ext: _ExternalFiles) -
     details["external_data"] = [str(p.relative_to(root.resolve())) for p in data_files]
     if packed:
         details["packed"] = packed
-    metadata = {p.key: p.value for p in model.metadata_props}
+    metadata = {p.key: p.value for p in model.metadata_props if p.key != TENSOR_MAP_KEY}
+    recorded = [p.value for p in model.metadata_props if p.key == TENSOR_MAP_KEY]
+    if recorded:
+        details["name_record"] = _record_summary(recorded, mfile)
     config = None
     if (root / "config.json").is_file():
         parsed = read_json(root / "config.json", what="config.json")
@@ -671,6 +680,364 @@ def _check_external_overlaps(external: list[tuple[Path, int, int, str, str]], mf
                                    path=mfile, hint="the model is damaged; export it again")
             if end > reach:
                 reach, owner = end, name
+
+
+# ---- the name record: which initializer holds which checkpoint tensor ------------------------------------------
+
+# The ModelProto metadata entry llmconv's export writes (llmconv.export.onnx_post.match_checkpoint): JSON naming,
+# for every tensor of the checkpoint exported, the initializer that holds it and how (as stored, or transposed: the
+# exporter folds ``x @ W.T`` into a transposed initializer), with the config.json an hf folder needs. Exporters
+# name most initializers after the node that reads them (``onnx::MatMul_123``); only this record gives a graph's
+# weights their checkpoint names back.
+TENSOR_MAP_KEY = "llmconv.tensor_map"
+TENSOR_MAP_SCHEMA = "llmconv.tensor_map/1"
+TRANSFORMS = ("identity", "transpose")
+_NO_RECORD = ("the graph carries no name record (it was exported by another tool, or by an llmconv older than "
+              "the record), so its initializers have only ONNX names such as onnx::MatMul_123")
+SEQ2SEQ_NO_RECORD = ("it is one graph of an encoder-decoder export, and llmconv records checkpoint names for "
+                     "single-graph exports only (decoder-only and encoder models)")
+_RECORD_HINT = "export the model again with `llmconv convert HF_FOLDER OUT --to onnx`, which records the names"
+
+
+@dataclass(frozen=True)
+class Holder:
+    """An initializer holding a checkpoint tensor: ``transform`` is ``identity`` (the same bytes) or ``transpose``."""
+
+    initializer: str
+    transform: str
+
+
+@dataclass(frozen=True)
+class RecordedTensor:
+    """A checkpoint tensor as the record lists it: its dtype and shape in the checkpoint, and the initializers
+    holding it (the first is the one restored; none when the exporter folded it into something else)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    holders: tuple[Holder, ...]
+
+
+@dataclass
+class NameRecord:
+    """A graph's ``llmconv.tensor_map`` entry, parsed and checked.
+
+    Attributes:
+        tensors: checkpoint name -> RecordedTensor, every tensor of the checkpoint (absent ones included).
+        aliases: checkpoint names that shared another's storage in the checkpoint -> that name.
+        config: the checkpoint's config.json.
+        metadata: the checkpoint's own string metadata (safetensors ``__metadata__``).
+        dtype: the checkpoint's dominant floating-point dtype.
+        unavailable: why there is no usable record (a quantized graph, one part of an encoder-decoder), or None.
+    """
+
+    tensors: dict[str, RecordedTensor] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    dtype: str | None = None
+    unavailable: str | None = None
+
+    def held(self) -> dict[str, RecordedTensor]:
+        """The tensors some initializer holds."""
+        return {n: t for n, t in self.tensors.items() if t.holders}
+
+    def absent(self) -> list[str]:
+        """The tensors no initializer holds as they are (folded into other constants by the exporter)."""
+        return [n for n, t in self.tensors.items() if not t.holders]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON written into the graph (keys sorted when dumped, so that an export is byte-identical)."""
+        if self.unavailable is not None:
+            return {"schema": TENSOR_MAP_SCHEMA, "unavailable": self.unavailable}
+        tensors: dict[str, Any] = {}
+        absent: dict[str, Any] = {}
+        for n, t in self.tensors.items():
+            entry: dict[str, Any] = {"dtype": t.dtype, "shape": list(t.shape)}
+            if not t.holders:
+                absent[n] = entry
+                continue
+            first, *copies = t.holders
+            entry.update(initializer=first.initializer, transform=first.transform)
+            if copies:
+                entry["copies"] = [{"initializer": h.initializer, "transform": h.transform} for h in copies]
+            tensors[n] = entry
+        return {"schema": TENSOR_MAP_SCHEMA, "dtype": self.dtype, "config": self.config, "metadata": self.metadata,
+                "tensors": tensors, "absent": absent, "aliases": self.aliases}
+
+
+def parse_name_record(text: str, *, path: Path) -> NameRecord:
+    """Parse a ``llmconv.tensor_map`` value (untrusted: any graph may carry one).
+
+    Raises:
+        CorruptInput: not JSON, another schema, or a field of the wrong type (the message names it).
+    """
+    import json
+
+    from llmconv.checkpoint import DTYPES_BY_NAME, check_config
+
+    def bad(what: str) -> CorruptInput:
+        return CorruptInput(f"the graph's {TENSOR_MAP_KEY} record is malformed: {what}", path=path,
+                            hint=_RECORD_HINT)
+
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"not JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("schema") != TENSOR_MAP_SCHEMA:
+        raise bad(f"schema is not {TENSOR_MAP_SCHEMA}")
+    if "unavailable" in raw:
+        if not isinstance(raw["unavailable"], str):
+            raise bad("'unavailable' is not a string")
+        return NameRecord(unavailable=raw["unavailable"])
+    config, metadata = raw.get("config"), raw.get("metadata", {})
+    if not isinstance(config, dict):
+        raise bad("'config' is not a config.json object")
+    check_config(config, path=path)
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise bad("'metadata' does not map strings to strings")
+    record = NameRecord(config=config, metadata=dict(metadata), dtype=raw.get("dtype") if isinstance(
+        raw.get("dtype"), str) else None)
+
+    def entry(name: Any, e: Any, *, held: bool) -> RecordedTensor:
+        if not isinstance(name, str) or not isinstance(e, dict):
+            raise bad(f"entry {name!r} is not an object")
+        dtype, shape, copies = e.get("dtype"), e.get("shape"), e.get("copies", [])
+        if not isinstance(dtype, str) or dtype not in DTYPES_BY_NAME:
+            raise bad(f"tensor {name!r} has dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
+            raise bad(f"tensor {name!r} has shape {shape!r}")
+        if not isinstance(copies, list):
+            raise bad(f"tensor {name!r} has copies {copies!r}")
+        holders = []
+        for h in ([e, *copies] if held else []):
+            if not isinstance(h, dict) or not isinstance(h.get("initializer"), str) or h.get("transform") not in \
+                    TRANSFORMS:
+                raise bad(f"tensor {name!r} names no initializer and transform ({', '.join(TRANSFORMS)})")
+            if h["transform"] == "transpose" and len(shape) != 2:
+                raise bad(f"tensor {name!r} of shape {shape} is said to be held transposed")
+            holders.append(Holder(h["initializer"], h["transform"]))
+        return RecordedTensor(name, dtype, tuple(shape), tuple(holders))
+
+    for key, held in (("tensors", True), ("absent", False)):
+        table = raw.get(key, {})
+        if not isinstance(table, dict) or (held and not table):
+            raise bad(f"'{key}' is not an object" + (" of tensors" if held else ""))
+        for name, e in table.items():
+            if name in record.tensors:
+                raise bad(f"tensor {name!r} is listed twice")
+            record.tensors[name] = entry(name, e, held=held)
+    aliases = raw.get("aliases", {})
+    if not (isinstance(aliases, dict) and all(isinstance(v, str) and v in record.tensors and k not in record.tensors
+                                              for k, v in aliases.items())):
+        raise bad("'aliases' does not map new names to recorded tensors")
+    record.aliases = dict(aliases)
+    return record
+
+
+def name_record_values(mfile: Path) -> list[str]:
+    """The raw name-record entries in the metadata of the graph file ``mfile`` (its weights are not read)."""
+    view = load_graph(mfile)
+    try:
+        return [p.value for p in view.model.metadata_props if p.key == TENSOR_MAP_KEY]
+    finally:
+        view.close()
+
+
+def read_name_record(path: Path) -> NameRecord | None:
+    """The name record of the ONNX model at ``path`` (a file or a folder holding one), or None when it has none.
+
+    Only the graph's structure is read (the weights stay in the file).
+
+    Raises:
+        CorruptInput: the record is malformed (:func:`parse_name_record`) or present twice.
+    """
+    mfile = model_file(Path(path))
+    found = name_record_values(mfile)
+    if not found:
+        return None
+    if len(found) > 1:
+        raise CorruptInput(f"the graph carries {len(found)} {TENSOR_MAP_KEY} records", path=mfile, hint=_RECORD_HINT)
+    return parse_name_record(found[0], path=mfile)
+
+
+def _record_summary(values: list[str], mfile: Path) -> dict[str, Any]:
+    """What ``inspect`` shows of a graph's name record (the record itself is for the readers)."""
+    try:
+        if len(values) > 1:
+            raise CorruptInput(f"the graph carries {len(values)} {TENSOR_MAP_KEY} records", path=mfile)
+        record = parse_name_record(values[0], path=mfile)
+    except CorruptInput as e:
+        return {"error": e.bare_message}
+    if record.unavailable is not None:
+        return {"unavailable": record.unavailable}
+    held = record.held()
+    return {"tensors": len(held), "transposed": sum(t.holders[0].transform == "transpose" for t in held.values()),
+            "absent": record.absent(), "model_type": (record.config or {}).get("model_type"), "dtype": record.dtype}
+
+
+def record_mismatch(record: NameRecord, source: TensorSource) -> str | None:
+    """Why ``record`` does not describe the initializers of ``source`` (the graph it came with), or None.
+
+    Each holder must still be an initializer of the shape the record implies and of the dtype the export
+    gives the checkpoint's tensor (float32 for floating-point tensors). A quantized or float16 graph, or one
+    whose initializers were renamed, fails here, naming the first tensor it no longer holds.
+    """
+    from llmconv.checkpoint import DTYPES_BY_NAME, dtype_name
+
+    for name, t in record.held().items():
+        for h in t.holders:
+            info = source.infos.get(h.initializer)
+            if info is None:
+                return f"it holds {name} in initializer {h.initializer!r}, which the graph no longer has"
+            want_dtype = exported_dtype(DTYPES_BY_NAME[t.dtype])
+            shape = t.shape[::-1] if h.transform == "transpose" else t.shape
+            if info.dtype != want_dtype or tuple(info.shape) != shape:
+                return (f"it holds {name} ({t.dtype} {list(t.shape)}) in initializer {h.initializer!r}, which is now "
+                        f"{dtype_name(info.dtype)} {list(info.shape)}, not {dtype_name(want_dtype)} {list(shape)}")
+    return None
+
+
+def exported_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an export gives a checkpoint tensor: float32 for floating point (graphs are exported in float32)."""
+    import torch
+
+    return torch.float32 if dtype.is_floating_point else dtype
+
+
+def held_tensor(source: TensorSource, holder: Holder, dtype: torch.dtype) -> torch.Tensor:
+    """The checkpoint tensor ``holder`` holds in the graph ``source``: transposed back, in the checkpoint's dtype.
+
+    The cast back is exact: the export widened the checkpoint's values to float32.
+    """
+    t = source.tensor(holder.initializer)
+    if holder.transform == "transpose":
+        t = t.t()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def restore_names(source: TensorSource, *, for_hf: bool) -> tuple[TensorSource, list[str]]:
+    """The graph ``source`` (from :func:`open_model`) as the checkpoint it was exported from, through its name record.
+
+    With a record, the tensors come out under the checkpoint's names, transposes undone, in the checkpoint's
+    dtype, with the checkpoint's ties (aliases) and config.json; for an hf folder, ``extra_files`` holds that
+    config.json and the tokenizer and generation files beside the graph (when it sits in a model folder).
+    Without one, ``source`` is returned as it is (ONNX names), with a note saying so.
+
+    Args:
+        source: the opened graph; closing it also removes what the view made (its config.json).
+        for_hf: the view is for an hf folder, which needs checkpoint names: no usable record is an error.
+    Returns:
+        (the view, notes for the conversion report).
+    Raises:
+        Unsupported: ``for_hf`` and the graph carries no usable record (none, a quantized graph, a record its
+            initializers no longer match), or the exporter folded a parameter of the model into another constant.
+        CorruptInput: the record is malformed.
+    Example:
+        >>> with open_model(Path("llama-onnx")) as g:
+        ...     view, notes = restore_names(g, for_hf=True); view.names()[0]
+        'lm_head.weight'
+    """
+    from llmconv.checkpoint import DTYPES_BY_NAME, TensorInfo, TensorSource
+
+    mfile = source.files[0]
+    record = read_name_record(mfile)
+    why, hint = (_NO_RECORD, _RECORD_HINT) if record is None else (record.unavailable, None)
+    if why is None and record is not None:
+        mismatch = record_mismatch(record, source)
+        if mismatch is not None:
+            why, hint = f"its name record no longer matches its initializers: {mismatch} (changed after export)", \
+                _RECORD_HINT
+    if why is not None:
+        if for_hf:
+            onnx_names = "--to safetensors writes the initializers under their ONNX names"
+            raise Unsupported(f"cannot write an hf folder from this graph: {why}", path=source.path,
+                              hint=f"{hint}; {onnx_names}" if hint else onnx_names)
+        return source, [f"tensors keep their ONNX initializer names: {why}"]
+    assert record is not None
+    notes: list[str] = []
+    absent = record.absent()
+    if absent:
+        _check_absent(record, absent, for_hf=for_hf, path=source.path, notes=notes)
+    held = record.held()
+    infos = {n: TensorInfo(n, DTYPES_BY_NAME[t.dtype], t.shape) for n, t in held.items()}
+    aliases = {a: c for a, c in record.aliases.items() if c in held}
+    for alias, canon in aliases.items():
+        infos[alias] = TensorInfo(alias, infos[canon].dtype, infos[canon].shape)
+
+    def load(name: str) -> torch.Tensor:
+        t = held[aliases.get(name, name)]
+        return held_tensor(source, t.holders[0], DTYPES_BY_NAME[t.dtype])
+
+    extra: list[Path] = []
+    if for_hf:
+        extra = _hf_files(source, mfile, record, notes)
+    transposed = sum(t.holders[0].transform == "transpose" for t in held.values())
+    notes.insert(0, f"checkpoint names restored from the graph's name record ({len(held)} tensors, {transposed} "
+                    "transposed back)")
+    view = TensorSource(format="onnx", path=mfile, infos=infos, loader=load, aliases=aliases,
+                        metadata=dict(record.metadata), config=record.config, weights_format="onnx",
+                        files=list(source.files), extra_files=extra, zero_copy=False,
+                        details={"restored": len(held)})
+    return view, notes
+
+
+def _check_absent(record: NameRecord, absent: list[str], *, for_hf: bool, path: Path, notes: list[str]) -> None:
+    """Refuse (for an hf folder) checkpoint tensors the graph does not hold that the model needs; note the rest."""
+    from llmconv.architecture import describe
+
+    arch = describe(record.config)
+    needed = [n for n in absent if arch is None or arch.own_name(n) is not None]
+    shown = ", ".join(absent[:6]) + (" ..." if len(absent) > 6 else "")
+    if needed and for_hf:
+        which = f"a parameter of {arch.model_class}" if arch is not None else "a tensor of the checkpoint"
+        raise Unsupported(f"cannot write an hf folder from this graph: the exporter folded {needed[0]} ({which}) into "
+                          f"other constants, so no initializer holds it ({len(needed)} such tensors)", path=path,
+                          hint="convert the original checkpoint instead; --to safetensors writes the tensors the "
+                               "graph holds")
+    why = "folded by the exporter into other constants" if needed else \
+        f"not parameters of {arch.model_class if arch else 'the model'}: from_pretrained does not read them"
+    notes.append(f"{len(absent)} checkpoint tensor(s) the graph does not hold, left out ({why}): {shown}")
+
+
+def _hf_files(source: TensorSource, mfile: Path, record: NameRecord, notes: list[str]) -> list[Path]:
+    """config.json from the record (written to a scratch folder that closing ``source`` removes), and the tokenizer
+    and generation files beside the graph when it sits in a model folder (one with a config.json)."""
+    import contextlib
+    import json
+    import tempfile
+
+    from llmconv.export.exporters import CARRIED_PREFIXES
+    from llmconv.formats.hf import outside_reason, skipped_note
+    from llmconv.io import scratch_dir
+
+    stack = contextlib.ExitStack()
+    scratch = Path(stack.enter_context(scratch_dir(Path(tempfile.gettempdir()) / "llmconv-config")))
+    source._closers.append(stack.close)
+    config = scratch / "config.json"
+    # As transformers' to_json_string writes it.
+    config.write_text(json.dumps(record.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    files = [config]
+    folder = mfile.parent
+    if not (folder / "config.json").is_file():
+        notes.append("config.json comes from the graph's name record; no tokenizer or generation files: the graph "
+                     "does not sit in a model folder")
+        return files
+    skipped: list[str] = []
+    for p in sorted(folder.iterdir()):
+        if p.name == "config.json" or not p.name.startswith(CARRIED_PREFIXES) or not (p.is_file() or p.is_symlink()):
+            continue
+        reason = outside_reason(folder, p)
+        if reason is None:
+            files.append(p)
+        else:
+            skipped.append(reason)
+    if skipped:
+        notes.append(skipped_note(skipped))
+    return files
 
 
 class OnnxFormat(Format):

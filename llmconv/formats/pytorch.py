@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from llmconv import progress as status
 from llmconv.checkpoint import TensorInfo, TensorSource, find_aliases
 from llmconv.errors import CorruptInput, InputError, UnsafeInput, Unsupported, UsageError
 from llmconv.formats import sharding
@@ -635,8 +636,8 @@ def open_file(path: Path) -> TensorSource:
 
 
 @contextlib.contextmanager
-def _watch_size(path: Path, progress):
-    """Report a growing file's size to ``progress`` while torch.save writes it in one call."""
+def _watch_size(path: Path, progress, limit: int):
+    """Report a growing file's size to ``progress``, up to ``limit``, while torch.save writes it in one call."""
     seen = [0]
     if progress is None:
         yield seen
@@ -646,7 +647,7 @@ def _watch_size(path: Path, progress):
     def poll() -> None:
         while not done.wait(0.2):
             with contextlib.suppress(OSError):
-                size = path.stat().st_size
+                size = min(path.stat().st_size, limit)  # the zip's own records are not counted
                 if size > seen[0]:
                     progress(size - seen[0])
                     seen[0] = size
@@ -674,7 +675,7 @@ def write_file(src: TensorSource, names: list[str], dst: Path, *, progress=None)
             state[n] = canon[c] if c in canon else src.tensor(n)
         # An open file object (not a path) keeps the archive's inner folder name fixed ("archive"),
         # so the output does not depend on the temporary file name: conversions are deterministic.
-        with open_output(dst) as f, _watch_size(dst, progress) as seen:
+        with open_output(dst) as f, _watch_size(dst, progress, total) as seen:
             _save(state, SlicedWriter(f))
         if progress:
             progress(max(0, total - seen[0]))
@@ -753,7 +754,9 @@ class PytorchFormat(Format):
             if options.shard_size and src.total_bytes > options.shard_size:
                 raise UsageError("--shard-size needs a folder destination (the model is larger than one shard)",
                                  path=dst, hint="give a destination without the .bin extension")
-            write_file(src, names, dst, progress=options.progress)
+            # The count is the tensors' bytes: the zip's records around them are not known before torch.save.
+            with status.bytes(src.total_bytes, "bytes written", also=options.progress) as advance:
+                write_file(src, names, dst, progress=advance)
             return [dst]
         canonical = src.canonical_names()
         shards = sharding.plan_shards(canonical, src.infos, options.shard_size)
@@ -765,10 +768,12 @@ class PytorchFormat(Format):
         files = sharding.shard_names("pytorch_model", ".bin", len(shards))
         written = []
         weight_map = {}
-        for shard, fname in zip(shards, files, strict=True):
-            write_file(src, shard, dst / fname, progress=options.progress)
-            weight_map.update(dict.fromkeys(shard, fname))
-            written.append(dst / fname)
+        label = "bytes written" if len(files) == 1 else f"{len(files)} shards"
+        with status.bytes(src.total_bytes, label, also=options.progress) as advance:
+            for shard, fname in zip(shards, files, strict=True):
+                write_file(src, shard, dst / fname, progress=advance)
+                weight_map.update(dict.fromkeys(shard, fname))
+                written.append(dst / fname)
         if len(shards) > 1:
             sharding.write_index(dst / sharding.PYTORCH_INDEX, weight_map, src.total_bytes)
             written.append(dst / sharding.PYTORCH_INDEX)

@@ -6,12 +6,14 @@ extensions themselves: they call :func:`detect` or :func:`get`.
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmconv.errors import InputError, Unsupported
+from llmconv.errors import InputError, Unsupported, UsageError
 from llmconv.io import check_usable_path
 
 if TYPE_CHECKING:
@@ -90,6 +92,51 @@ def by_extension(path: Path) -> Format | None:
         if suffix and suffix in fmt.extensions:
             return fmt
     return None
+
+
+# Extensions of model formats llmconv does not write (yet), with what each holds: a destination ending in one
+# is refused rather than turned into a folder of that name.
+_FOREIGN = {
+    ".gguf": "GGUF (llama.cpp, Ollama)", ".ggml": "GGML (llama.cpp's old format)",
+    ".ckpt": "a training checkpoint (PyTorch Lightning, TensorFlow)", ".h5": "Keras/TensorFlow HDF5",
+    ".hdf5": "Keras/TensorFlow HDF5", ".keras": "Keras", ".pb": "TensorFlow SavedModel/GraphDef",
+    ".tflite": "TensorFlow Lite", ".msgpack": "Flax (msgpack)", ".mlmodel": "Core ML", ".mlpackage": "Core ML",
+    ".engine": "a TensorRT engine", ".plan": "a TensorRT engine", ".pt2": "a torch.export program",
+    ".pkl": "a pickle", ".pickle": "a pickle", ".npz": "NumPy arrays", ".npy": "a NumPy array",
+    ".tar": "an archive", ".zip": "an archive", ".gz": "an archive", ".json": "JSON",
+}
+# A suffix read as a file extension: a letter, then letters, digits or "_" ("Qwen2.5-0.5B" and
+# "llama-3.1-8b" are folder names).
+_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9_]{0,15}")
+
+
+def check_extension(dst: Path, *, folder_hint: str) -> None:
+    """Refuse a destination whose extension names no format llmconv writes, instead of writing a folder of
+    that name (``out.gguf``, ``w.ckpt``, the typo ``w.safetensor``).
+
+    An existing folder, and a name whose suffix is no file extension, pass.
+
+    Args:
+        dst: the destination given without ``--to``.
+        folder_hint: how this command writes a folder whose name has a dot (for the hint).
+    Raises:
+        UsageError: the extension is unknown, or belongs to a format llmconv does not write.
+    """
+    _load_builtin()
+    dst = Path(dst)
+    suffix = dst.suffix
+    if not suffix or dst.is_dir() or by_extension(dst) is not None or not _EXTENSION.fullmatch(suffix):
+        return
+    known = sorted({e for f in _FORMATS.values() for e in f.extensions})
+    writes = ", ".join(known) + ", or a folder"
+    foreign = _FOREIGN.get(suffix.lower())
+    if foreign is not None:
+        raise UsageError(f"{suffix} is {foreign}, which llmconv does not write", path=dst,
+                         hint=f"llmconv writes {writes}; run `llmconv formats` for the conversions")
+    close = difflib.get_close_matches(suffix.lower(), known, n=1, cutoff=0.6)
+    guess = f"did you mean {close[0]}? " if close else ""
+    raise UsageError(f"unknown destination extension {suffix}", path=dst,
+                     hint=f"{guess}llmconv writes {writes}; {folder_hint}")
 
 
 def detect(path: Path) -> Format:

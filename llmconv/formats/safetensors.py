@@ -15,25 +15,63 @@ from pathlib import Path
 
 import torch
 
+from llmconv import progress as status
 from llmconv.checkpoint import TensorInfo, TensorSource, dtype_name
 from llmconv.errors import CorruptInput, InputError, UsageError
 from llmconv.formats import sharding
 from llmconv.formats.registry import Format, WriteOptions, register
 from llmconv.io import open_output, write_sliced
 
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "C64": torch.complex64,
-}
+# Every dtype name of the safetensors format, with the torch dtype that holds it. What is read and written is
+# the part of this table that the installed safetensors library itself handles (its ``_SIZE`` table, which
+# grows with its releases) and that this torch has: a file the library reads, llmconv reads.
+_ST_TORCH = (("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+             ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
+             ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+             ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"), ("F4", "float4_e2m1fn_x2"),
+             ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"))
+# Values per torch element: a safetensors F4 header counts 4-bit values, torch's float4_e2m1fn_x2 holds two
+# per byte, so the header's last dimension is twice torch's.
+_PACKED = {"F4": 2}
+
+
+def _library_dtypes() -> dict[str, torch.dtype]:
+    try:
+        from safetensors.torch import _SIZE as handled  # the library's own table of the dtypes it handles
+    except ImportError:  # a release that moved it: every dtype this torch has
+        handled = None
+    table = {}
+    for name, attr in _ST_TORCH:
+        dt = getattr(torch, attr, None)
+        if dt is not None and (handled is None or dt in handled):
+            table[name] = dt
+    return table
+
+
+ST_DTYPES: dict[str, torch.dtype] = _library_dtypes()
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 # The order the safetensors library lays tensors out in (its Dtype enum, descending), then by name;
 # following it makes our files byte-identical to save_file's.
 _LAYOUT_ORDER = {name: i for i, name in enumerate(
-    ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8",
-     "BOOL"))}
+    ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E5M2FNUZ", "F8_E4M3FNUZ",
+     "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8", "F4", "BOOL"))}
+
+
+def _torch_shape(dtype: str, shape: list[int]) -> tuple[int, ...] | None:
+    """The torch shape of a header's shape (None: a packed dtype whose last dimension does not divide)."""
+    per = _PACKED.get(dtype, 1)
+    if per == 1:
+        return tuple(shape)
+    if not shape or shape[-1] % per:
+        return None
+    return (*shape[:-1], shape[-1] // per)
+
+
+def _header_shape(dtype: str, shape: tuple[int, ...]) -> list[int]:
+    per = _PACKED.get(dtype, 1)
+    return list(shape) if per == 1 or not shape else [*shape[:-1], shape[-1] * per]
+
+
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit
 
 
@@ -98,7 +136,11 @@ def _validate(path: Path, header: dict, data_start: int) -> tuple[dict[str, Tens
                 if numel > size:  # every dtype read here takes at least a byte per element
                     raise CorruptInput(f"tensor {name!r} has shape {_gist(shape)}: more elements than the "
                                        f"{size}-byte file holds", path=path)
-        info = TensorInfo(name, dt, tuple(shape))
+        torch_shape = _torch_shape(dtype, shape)
+        if torch_shape is None:
+            raise CorruptInput(f"tensor {name!r} of {dtype} has shape {_gist(shape)}: its last dimension must hold "
+                               f"a whole number of {dtype_name(dt)} elements ({_PACKED[dtype]} values each)", path=path)
+        info = TensorInfo(name, dt, torch_shape)
         begin, end = offs
         if end - begin != info.nbytes or begin < 0:
             raise CorruptInput(f"tensor {name!r} claims bytes {_gist(begin, 24)}..{_gist(end, 24)} but shape "
@@ -158,9 +200,9 @@ def open_file(path: Path) -> TensorSource:
     return src
 
 
-def write_file(src: TensorSource, names: list[str], dst: Path, *, metadata: dict[str, str],
-               progress=None) -> None:
-    """Stream ``names`` of ``src`` into one safetensors file at ``dst``."""
+def _layout(src: TensorSource, names: list[str], metadata: dict[str, str]) -> tuple[list[str], bytes]:
+    """The order ``names`` are written in and the padded header that lists them (the file is 8 bytes, the
+    header, then the tensors' bytes)."""
     order = sorted(names, key=lambda n: (_LAYOUT_ORDER.get(ST_NAMES.get(src.infos[n].dtype, ""), -1), n))
     header: dict[str, object] = {}
     if metadata:
@@ -170,14 +212,28 @@ def write_file(src: TensorSource, names: list[str], dst: Path, *, metadata: dict
         info = src.infos[n]
         if info.dtype not in ST_NAMES:
             raise UsageError(f"tensor {n!r} has dtype {dtype_name(info.dtype)}, which safetensors cannot hold")
-        header[n] = {"dtype": ST_NAMES[info.dtype], "shape": list(info.shape),
+        header[n] = {"dtype": ST_NAMES[info.dtype], "shape": _header_shape(ST_NAMES[info.dtype], info.shape),
                      "data_offsets": [offset, offset + info.nbytes]}
         offset += info.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    return order, raw + b" " * (-len(raw) % 8)
+
+
+def file_size(src: TensorSource, names: list[str], metadata: dict[str, str]) -> int:
+    """The size of the file :func:`write_file` writes for these arguments."""
+    return 8 + len(_layout(src, names, metadata)[1]) + sum(src.infos[n].nbytes for n in names)
+
+
+def write_file(src: TensorSource, names: list[str], dst: Path, *, metadata: dict[str, str],
+               progress=None) -> None:
+    """Stream ``names`` of ``src`` into one safetensors file at ``dst``; ``progress(n)`` gets every byte
+    written, header included."""
+    order, raw = _layout(src, names, metadata)
     with open_output(dst) as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
+        if progress:
+            progress(8 + len(raw))
         for n in order:
             t = src.tensor(n)
             info = src.infos[n]
@@ -239,16 +295,21 @@ class SafetensorsFormat(Format):
             if options.shard_size and sum(src.infos[n].nbytes for n in names) > options.shard_size:
                 raise UsageError("--shard-size needs a folder destination (the model is larger than one shard)",
                                  path=dst, hint="give a destination without the .safetensors extension")
-            write_file(src, names, dst, metadata=metadata, progress=options.progress)
+            # dst is a temporary name: the caller's phase names the destination.
+            with status.bytes(file_size(src, names, metadata), "bytes written", also=options.progress) as advance:
+                write_file(src, names, dst, metadata=metadata, progress=advance)
             return [dst]
         shards = sharding.plan_shards(names, src.infos, options.shard_size)
         files = sharding.shard_names("model", ".safetensors", len(shards))
         written = []
         weight_map = {}
-        for shard, fname in zip(shards, files, strict=True):
-            write_file(src, shard, dst / fname, metadata=metadata, progress=options.progress)
-            weight_map.update(dict.fromkeys(shard, fname))
-            written.append(dst / fname)
+        total = sum(file_size(src, shard, metadata) for shard in shards)
+        label = "bytes written" if len(files) == 1 else f"{len(files)} shards"
+        with status.bytes(total, label, also=options.progress) as advance:
+            for shard, fname in zip(shards, files, strict=True):
+                write_file(src, shard, dst / fname, metadata=metadata, progress=advance)
+                weight_map.update(dict.fromkeys(shard, fname))
+                written.append(dst / fname)
         if len(shards) > 1:
             sharding.write_index(dst / sharding.SAFETENSORS_INDEX, weight_map,
                                  sum(src.infos[n].nbytes for n in names))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmconv import progress
 from llmconv.errors import CorruptInput, InputError, UsageError
 
 if TYPE_CHECKING:
@@ -329,8 +330,10 @@ class FeedReader:
 
     def get_next(self) -> dict[str, Any] | None:
         if self._next >= len(self._feeds):
+            progress.note("computing the ranges, quantizing")
             return None
         self._next += 1
+        progress.step(self._next, len(self._feeds), "calibration batch")
         return self._feeds[self._next - 1]
 
     def rewind(self) -> None:

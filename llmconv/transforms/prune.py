@@ -27,6 +27,7 @@ ONNX), the outputs are compared with the source's against the quality thresholds
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import re
 import time
@@ -34,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmconv import progress as status
 from llmconv.errors import NotEquivalent, Unsupported, UsageError
-from llmconv.io import atomic_output, check_destination
+from llmconv.io import atomic_output, check_destination, keep_candidate
 from llmconv.verification.report import Check, VerifyReport
 
 if TYPE_CHECKING:
@@ -104,14 +106,15 @@ class PruneReport:
     sparsity: float
     tensors: list[PrunedTensor]
     files: list[str]
-    bytes_written: int
+    bytes_written: int | None
     parameters: int = 0
+    destination_format: str | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
     verification: VerifyReport | None = None
     quality: VerifyReport | None = None
     thresholds: dict[str, float | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float | None = 0.0
 
     @property
     def overall(self) -> float:
@@ -129,20 +132,21 @@ class PruneReport:
         return all(r is None or r.passed for r in (self.verification, self.quality))
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+        """The ``llmconv.prune/1`` object, with the same keys for every format and on exit 1 (``quality`` None where
+        the model cannot run, or was not reached)."""
+        return {
             "schema": PRUNE_SCHEMA, "ok": self.passed, "source": self.source, "destination": self.destination,
-            "source_format": self.source_format, "pattern": self.pattern, "sparsity": self.sparsity,
+            "source_format": self.source_format, "destination_format": self.destination_format,
+            "pattern": self.pattern, "sparsity": self.sparsity,
             "achieved": {"overall": round(self.overall, 6), "model": round(self.model_sparsity, 6),
                          "tensors": len(self.tensors), "parameters": self.parameters},
             "tensors": [t.to_json() for t in self.tensors], "skipped": self.skipped, "files": self.files,
             "bytes_written": self.bytes_written, "thresholds": self.thresholds, "notes": self.notes,
-            "seconds": round(self.seconds, 3), "verified": self.verification is not None,
+            "seconds": None if self.seconds is None else round(self.seconds, 3),
+            "verified": self.verification is not None,
+            "verification": self.verification.to_json() if self.verification is not None else None,
+            "quality": self.quality.to_json() if self.quality is not None else None,
         }
-        if self.verification is not None:
-            out["verification"] = self.verification.to_json()
-        if self.quality is not None:
-            out["quality"] = self.quality.to_json()
-        return out
 
 
 # ---- the masks -----------------------------------------------------------------------------------
@@ -290,6 +294,7 @@ def prune(src: str | Path, dst: str | Path, *, sparsity: float | None = None, pa
     src_path, dst_path = Path(src), Path(dst)
     fmt = registry.detect(src_path)
     check_destination(src_path, dst_path, force=force, reads=[text, inputs])
+    registry.check_extension(dst_path, folder_hint="for a folder, give a name without this suffix")
     thresholds = {"min_top1": DEFAULT_MIN_TOP1 if min_top1 is None else min_top1,
                   "max_ppl_increase": DEFAULT_MAX_PPL_INCREASE if max_ppl_increase is None else max_ppl_increase}
     selection = {"include": list(include or []), "exclude": list(exclude or [])}
@@ -471,25 +476,34 @@ def _prune_weights(src_path: Path, dst_path: Path, *, fmt: Any, sparsity: float,
         options = WriteOptions(progress=progress, weights_format=dest.weights_format)
         verification = quality = None
         with atomic_output(dst_path, folder=dest.folder, force=force) as tmp:
-            files = dest.format.write(view, tmp, folder=dest.folder, options=options)
+            with status.phase(f"pruning into {dst_path.name}"):
+                files = dest.format.write(view, tmp, folder=dest.folder, options=options)
             if verify:
-                with dest.format.open(tmp) as written:
+                with status.phase("checking the written weights"), dest.format.open(tmp) as written:
                     verification = compare_weights(view, written, profile="exact")
                     tensors = [_measure(written, n, sparsity=sparsity, pattern=pattern, in_axis=axes[n])
                                for n in chosen]
                 _add_pattern_checks(verification, tensors, pattern=pattern, sparsity=sparsity)
                 verification.reference, verification.candidate = str(src_path), str(dst_path)
+                failed = functools.partial(PruneReport, source=str(src_path), destination=str(dst_path),
+                                           source_format=fmt.name, destination_format=dest.format.name,
+                                           pattern=pattern, sparsity=sparsity, tensors=tensors, files=[],
+                                           bytes_written=None, parameters=source.num_parameters, skipped=skipped,
+                                           verification=verification, thresholds=thresholds, notes=notes,
+                                           seconds=None)
                 if not verification.passed:
                     raise NotEquivalent(f"the written output does not hold the pruned weights: "
                                         f"{verification.summary()}; nothing was written", report=verification,
-                                        path=dst_path)
+                                        path=dst_path, result=failed())
                 if fmt.name == "hf":
-                    quality = _quality(src_path, tmp, checks=checks, thresholds=thresholds, provider="cpu")
+                    with status.phase("checking the pruned model's outputs"):
+                        quality = _quality(src_path, tmp, checks=checks, thresholds=thresholds, provider="cpu")
                     quality.reference, quality.candidate = str(src_path), str(dst_path)
                     rename_paths(quality, {tmp: dst_path})
                     if not quality.passed:
                         raise NotEquivalent(f"the pruned model fails the quality check: {quality.summary()}; "
-                                            "nothing was written", report=quality, path=dst_path)
+                                            "nothing was written", report=quality, path=dst_path,
+                                            result=failed(quality=quality))
                 else:
                     notes.append("quality not checked: a bare weights file cannot run; prune the hf folder "
                                  "(or an ONNX model) to compare outputs")
@@ -497,7 +511,8 @@ def _prune_weights(src_path: Path, dst_path: Path, *, fmt: Any, sparsity: float,
                 tensors = [measured[n] for n in chosen if n in measured]
             size = sum(f.stat().st_size for f in files)
             rel = [str(dst_path / f.relative_to(tmp)) if dest.folder else str(dst_path) for f in files]
-        return PruneReport(source=str(src_path), destination=str(dst_path), source_format=fmt.name, pattern=pattern,
+        return PruneReport(source=str(src_path), destination=str(dst_path), source_format=fmt.name,
+                           destination_format=dest.format.name, pattern=pattern,
                            sparsity=sparsity, tensors=tensors, files=rel, bytes_written=size,
                            parameters=source.num_parameters, skipped=skipped, verification=verification,
                            quality=quality, notes=notes)
@@ -623,7 +638,8 @@ def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str
     skipped: list[dict[str, str]] = []
     parameters = 0
     for ref_file in refs:
-        model = g.load_model(ref_file)
+        with status.phase(f"reading {ref_file.name}"):
+            model = g.load_model(ref_file)
         source_files = [ref_file, *g.external_data_files(g.load_model(ref_file, with_data=False), ref_file)]
         external = g.needs_external_data(model, source_files)
         g.name_nodes(model)
@@ -646,12 +662,15 @@ def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str
                 continue
             chosen[ln.weight] = ln
         tensors = []
-        for name, ln in chosen.items():
-            arr = numpy_helper.to_array(inits[name])
-            out = prune_tensor(torch.from_numpy(arr.copy()), sparsity=sparsity, pattern=pattern, in_axis=ln.in_axis,
-                               name=name).numpy()
-            inits[name].CopyFrom(numpy_helper.from_array(out, name))
-            tensors.append(PrunedTensor(name, list(out.shape), int((out == 0).sum()), out.size, ln.in_axis, ln.node))
+        with status.phase(f"pruning {ref_file.name}"):
+            for i, (name, ln) in enumerate(chosen.items()):
+                status.step(i + 1, len(chosen), "tensor")
+                arr = numpy_helper.to_array(inits[name])
+                out = prune_tensor(torch.from_numpy(arr.copy()), sparsity=sparsity, pattern=pattern,
+                                   in_axis=ln.in_axis, name=name).numpy()
+                inits[name].CopyFrom(numpy_helper.from_array(out, name))
+                tensors.append(PrunedTensor(name, list(out.shape), int((out == 0).sum()), out.size, ln.in_axis,
+                                            ln.node))
         parameters += sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in (1, 10, 11, 16))
         made.append((ref_file, model, tensors, external))
     if not any(m[2] for m in made):
@@ -663,7 +682,8 @@ def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str
         outs = []
         for ref_file, model, tensors, external in made:
             out_file = out_dir / (ref_file.name if seq2seq else "model.onnx" if folder_out else dst_path.name)
-            g.save_model(model, out_file, external_data=external)
+            with status.phase(f"writing the pruned {ref_file.name}"):
+                g.save_model(model, out_file, external_data=external)
             outs.append((out_file, tensors))
         del made, model
         if folder_out:
@@ -671,6 +691,8 @@ def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str
         verification = quality = None
         all_tensors: list[PrunedTensor] = []
         if verify:
+            # A check that fails keeps the output inside a keep_failed block.
+            keep_candidate(out_dir if folder_out else outs[0][0], dst_path, folder=folder_out)
             from llmconv.formats.onnx import open_model
 
             verification = VerifyReport(mode="weights", profile="exact", reference=str(src_path),
@@ -687,17 +709,23 @@ def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str
                                                                      "made"))
                 all_tensors += measured
             _add_pattern_checks(verification, all_tensors, pattern=pattern, sparsity=sparsity)
+            failed = functools.partial(PruneReport, source=str(src_path), destination=str(dst_path),
+                                       source_format="onnx", destination_format="onnx", pattern=pattern,
+                                       sparsity=sparsity, tensors=all_tensors, files=[], bytes_written=None,
+                                       parameters=parameters, skipped=skipped, verification=verification,
+                                       thresholds=thresholds, notes=notes, seconds=None)
             if not verification.passed:
                 raise NotEquivalent(f"the written model does not hold the pruned weights: {verification.summary()}; "
-                                    "nothing was written", report=verification, path=dst_path)
+                                    "nothing was written", report=verification, path=dst_path, result=failed())
             reference, candidate = (src_path, out_dir) if seq2seq else (refs[0], outs[0][0])
-            quality = _quality(reference, candidate, checks=checks, thresholds=thresholds, provider=provider)
+            with status.phase("checking the pruned model's outputs"):
+                quality = _quality(reference, candidate, checks=checks, thresholds=thresholds, provider=provider)
             quality.reference, quality.candidate = str(src_path), str(dst_path)
             rename_paths(quality, {outs[0][0]: dst_path / outs[0][0].name if folder_out else dst_path,
                                    out_dir: dst_path if folder_out else dst_path.parent})
             if not quality.passed:
                 raise NotEquivalent(f"the pruned model fails the quality check: {quality.summary()}; nothing was "
-                                    "written", report=quality, path=dst_path)
+                                    "written", report=quality, path=dst_path, result=failed(quality=quality))
         else:
             for out_file, tensors in outs:
                 g.check_loads(out_file)
@@ -707,7 +735,8 @@ def _prune_onnx(src_path: Path, dst_path: Path, *, sparsity: float, pattern: str
         tensors = all_tensors
         size = sum(p.stat().st_size for p in out_dir.iterdir() if p.name.endswith((".onnx", "_data", ".data")))
         written = install(out_dir, dst_path, folder=folder_out, force=force, notes=notes)
-    return PruneReport(source=str(src_path), destination=str(dst_path), source_format="onnx", pattern=pattern,
+    return PruneReport(source=str(src_path), destination=str(dst_path), source_format="onnx",
+                       destination_format="onnx", pattern=pattern,
                        sparsity=sparsity, tensors=tensors, files=[str(p) for p in written], bytes_written=size,
                        parameters=parameters, skipped=skipped, verification=verification, quality=quality,
                        notes=notes)

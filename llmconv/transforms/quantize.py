@@ -20,6 +20,7 @@ before it is renamed into place; a failed verification raises NotEquivalent and 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -28,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmconv import progress as status
 from llmconv.errors import ConversionError, NotEquivalent, Unsupported, UsageError
-from llmconv.io import atomic_output, check_destination
+from llmconv.io import atomic_output, check_destination, keep_candidate
 from llmconv.verification.report import VerifyReport
 
 QUANTIZE_SCHEMA = "llmconv.quantize/1"
@@ -204,8 +206,11 @@ class QuantizeReport:
         target: ``cpu`` or ``gpu``.
         method: the method used (``auto`` resolved).
         size_before: bytes of the float model (the exported ONNX for an hf source).
-        size_after: bytes of the output's model files.
+        size_after: bytes of the output's model files (None when nothing was written).
         files: the files written.
+        destination_format: ``onnx`` for the graph methods, else the format written (``hf`` for a model folder),
+            as convert names it.
+        bytes_written: bytes of every file written (companions such as config.json included), as convert counts.
         linear_ops: linear layers (MatMul/Gemm with a float32 weight) in the source graph.
         ops_quantized: of those, how many of each op type no longer compute with float32 weights.
         embeddings_quantized: Gather nodes whose float32 table was quantized.
@@ -225,23 +230,27 @@ class QuantizeReport:
     source_format: str
     target: str
     method: str
-    size_before: int
-    size_after: int
+    size_before: int | None
+    size_after: int | None
     files: list[str]
-    linear_ops: int = 0
-    ops_quantized: dict[str, int] = field(default_factory=dict)
-    embeddings_quantized: int = 0
-    ops_before: dict[str, int] = field(default_factory=dict)
-    ops_after: dict[str, int] = field(default_factory=dict)
-    tensors_cast: int = 0
+    destination_format: str | None = None
+    bytes_written: int | None = None
+    linear_ops: int | None = 0
+    ops_quantized: dict[str, int] | None = field(default_factory=dict)
+    embeddings_quantized: int | None = 0
+    ops_before: dict[str, int] | None = field(default_factory=dict)
+    ops_after: dict[str, int] | None = field(default_factory=dict)
+    tensors_cast: int | None = 0
     options: dict[str, Any] = field(default_factory=dict)
     verification: VerifyReport | None = None
     notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float | None = 0.0
     attempts: list[Attempt] = field(default_factory=list)
 
     @property
-    def size_ratio(self) -> float:
+    def size_ratio(self) -> float | None:
+        if self.size_after is None or self.size_before is None:
+            return None
         return self.size_after / self.size_before if self.size_before else 0.0
 
     @property
@@ -249,22 +258,35 @@ class QuantizeReport:
         return self.verification is None or self.verification.passed
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+        """The ``llmconv.quantize/1`` object, with the same keys for every method and on exit 1 (None for what is
+        not known when verification failed: the output's size, its op counts)."""
+        ratio = self.size_ratio
+        return {
             "schema": QUANTIZE_SCHEMA, "ok": self.passed, "source": self.source, "destination": self.destination,
-            "source_format": self.source_format, "target": self.target, "method": self.method,
+            "source_format": self.source_format, "destination_format": self.destination_format,
+            "target": self.target, "method": self.method,
             "profile": PROFILES[self.method], "size_before": self.size_before, "size_after": self.size_after,
-            "size_ratio": round(self.size_ratio, 4), "files": self.files, "linear_ops": self.linear_ops,
+            "size_ratio": None if ratio is None else round(ratio, 4), "bytes_written": self.bytes_written,
+            "files": self.files, "linear_ops": self.linear_ops,
             "ops_quantized": self.ops_quantized, "embeddings_quantized": self.embeddings_quantized,
-            "ops_before": self.ops_before, "ops_after": self.ops_after, "options": self.options,
-            "notes": self.notes, "seconds": round(self.seconds, 3), "verified": self.verification is not None,
+            "ops_before": self.ops_before, "ops_after": self.ops_after, "tensors_cast": self.tensors_cast,
+            "options": self.options, "attempts": [a.to_json() for a in self.attempts],
+            "notes": self.notes, "seconds": None if self.seconds is None else round(self.seconds, 3),
+            "verified": self.verification is not None,
+            "verification": self.verification.to_json() if self.verification is not None else None,
         }
-        if self.tensors_cast:
-            out["tensors_cast"] = self.tensors_cast
-        if self.attempts:
-            out["attempts"] = [a.to_json() for a in self.attempts]
-        if self.verification is not None:
-            out["verification"] = self.verification.to_json()
-        return out
+
+
+def _failed_report(src_path: Path, dst_path: Path, *, fmt: Any, target: str, method: str, destination_format: str,
+                   verification: VerifyReport, **known: Any) -> QuantizeReport:
+    """The report of a quantization whose output failed verification (``NotEquivalent.result``): what is known,
+    None for the rest; nothing was written."""
+    fields: dict[str, Any] = {"size_before": None, "linear_ops": None, "ops_quantized": None,
+                              "embeddings_quantized": None, "ops_before": None, "ops_after": None,
+                              "tensors_cast": None, "seconds": None, **known}
+    return QuantizeReport(source=str(src_path), destination=str(dst_path), source_format=fmt.name, target=target,
+                          method=method, size_after=None, files=[], destination_format=destination_format,
+                          verification=verification, **fields)
 
 
 def resolve_method(method: str, *, target: str, source_format: str, onnx_destination: bool) -> str:
@@ -350,6 +372,7 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
     src_path, dst_path = Path(src), Path(dst)
     fmt = registry.detect(src_path)
     check_destination(src_path, dst_path, force=force, reads=[calibration, text, inputs])
+    registry.check_extension(dst_path, folder_hint="for a folder, give a name without this suffix")
     onnx_dst = dst_path.suffix.lower() == ".onnx"
     if not verify:
         for flag, given in (("--text", text), ("--inputs", inputs), ("--atol", atol), ("--rtol", rtol),
@@ -466,7 +489,8 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
 
         # Text is tokenized with the source's tokenizer files: refuse one that needs the folder's code, or that
         # cannot be read, up front (naming the source's file, not the exported copy).
-        check_tokenizer(src_path if fmt.name == "hf" else model_file(src_path).parent)
+        with status.phase("reading the tokenizer (transformers)"):
+            check_tokenizer(src_path if fmt.name == "hf" else model_file(src_path).parent)
     int8 = method in ("int8-dynamic", "int8-static")
     plan = _int8_plan(target=target, cpu=cpu, per_channel=per_channel, verify=verify, notes=notes) if int8 else None
     # Fallback is for --method auto (int8-dynamic on a CPU); an explicit --method is one setting.
@@ -506,14 +530,16 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             return out_file, options
 
         def make(setting: Any) -> tuple[Path, dict[str, Any], VerifyReport | None]:
-            out_file, options = build(setting)
+            with status.phase(f"quantizing ({method})"):
+                out_file, options = build(setting)
             out_dir = out_file.parent
             verification = None
             if verify:
-                verification = _verify_outputs(ref_file, out_file, profile=PROFILES[method], atol=atol, rtol=rtol,
-                                               text=text, inputs=inputs, provider=provider,
-                                               max_ppl_increase=max_ppl_increase, decode_steps=decode_steps,
-                                               generate=generate)
+                with status.phase("verifying against the float graph"):
+                    verification = _verify_outputs(ref_file, out_file, profile=PROFILES[method], atol=atol,
+                                                   rtol=rtol, text=text, inputs=inputs, provider=provider,
+                                                   max_ppl_increase=max_ppl_increase, decode_steps=decode_steps,
+                                                   generate=generate)
                 verification.reference, verification.candidate = str(src_path), str(dst_path)
                 rename_paths(verification, {out_file: dst_path / out_name if folder_out else dst_path,
                                             out_dir: dst_path if folder_out else dst_path.parent, **renames})
@@ -535,12 +561,18 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             from llmconv.verification.outputs import GATE_HINT
 
             verification.notes.append(GATE_HINT)
+            # Inside a keep_failed block the output this report is about (the closest attempt) is kept.
+            keep_candidate(out_file.parent if folder_out else out_file, dst_path, folder=folder_out,
+                           prepare=lambda: folder_out and copy_companions(companions_from, out_file.parent))
             what = f"{method} output is not within the {PROFILES[method]} profile"
             if len(attempts) > 1:
                 what += (f" with any of the {len(attempts)} settings tried (closest: "
                          f"{attempts[_best(attempts)].setting_label})")
             raise NotEquivalent(f"{what}: {verification.summary()}; nothing was written", report=verification,
-                                path=dst_path)
+                                path=dst_path, result=_failed_report(
+                                    src_path, dst_path, fmt=fmt, target=target, method=method,
+                                    destination_format="onnx", verification=verification, size_before=size_before,
+                                    options=options, notes=notes, attempts=attempts))
         if verification is None:
             g.check_loads(out_file)
         if len(attempts) > 1:
@@ -639,9 +671,17 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
                 from llmconv.verification.outputs import GATE_HINT
 
                 verification.notes.append(GATE_HINT)
+                keep_candidate(out_dir, dst_path, folder=True)  # kept inside a keep_failed block
                 raise NotEquivalent(f"{method} output is not within the {PROFILES[method]} profile: "
                                     f"{verification.summary()}; nothing was written", report=verification,
-                                    path=dst_path)
+                                    path=dst_path, result=_failed_report(
+                                        src_path, dst_path, fmt=fmt, target=target, method=method,
+                                        destination_format="onnx", verification=verification,
+                                        size_before=size_before, options=options, notes=notes,
+                                        linear_ops=counts["linear_ops"],
+                                        ops_quantized=dict(sorted(counts["ops_quantized"].items())),
+                                        embeddings_quantized=counts["embeddings_quantized"],
+                                        ops_before=dict(counts["ops_before"]), ops_after=dict(counts["ops_after"])))
         else:
             for out in graph_files(out_dir):
                 g.check_loads(out)
@@ -674,6 +714,12 @@ def _write_graph(method: str, src: Path, out: Path, model: Any, *, setting: Any,
                             notes=notes)
         else:
             options = _fp16(src, out, external=external)
+    from llmconv.export.onnx_post import drop_name_record
+
+    # The export's name record would name weights this graph no longer holds as they were: say so instead.
+    drop_name_record(out, why=f"llmconv quantize ({method}) replaced its weights, so its initializers no longer "
+                              "hold the checkpoint's tensors; convert the float32 export instead (with --dtype fp16 "
+                              "for half precision)")
     g.record_data_files(out)  # what a later --force onto this output may remove
     out_model = g.load_model(out, with_data=False)
     files = [out, *g.external_data_files(out_model, out)]
@@ -693,7 +739,9 @@ def _quantize_report(src_path: Path, dst_path: Path, *, fmt: Any, target: str, m
                      "than fp32")
     return QuantizeReport(
         source=str(src_path), destination=str(dst_path), source_format=fmt.name, target=target, method=method,
-        size_before=size_before, size_after=size_after, files=[str(p) for p in written],
+        size_before=size_before, size_after=size_after, files=[str(p) for p in written], destination_format="onnx",
+        bytes_written=sum(f.stat().st_size for p in written for f in ([p] if p.is_file() else p.rglob("*"))
+                          if f.is_file()),
         linear_ops=counts["linear_ops"], ops_quantized=dict(sorted(counts["ops_quantized"].items())),
         embeddings_quantized=counts["embeddings_quantized"], ops_before=dict(counts["ops_before"]),
         ops_after=dict(counts["ops_after"]), options=options, verification=verification, notes=notes,
@@ -722,7 +770,10 @@ def _attempts(make: Any, build: Any, settings: list[Any], attempts: list[Attempt
 
     def run(setting: Any) -> bool:
         t0 = time.perf_counter()
-        result = make(setting)
+        shown = (status.phase(f"attempt {len(attempts) + 1}: {Attempt(setting, None, 0).setting_label}")
+                 if fallback else contextlib.nullcontext())
+        with shown:
+            result = make(setting)
         v = result[2]
         attempts.append(Attempt(setting, v, time.perf_counter() - t0))
         results.append(result)
@@ -753,10 +804,11 @@ def _attempts(make: Any, build: Any, settings: list[Any], attempts: list[Attempt
                     break  # measured from here already, or try the nodes found so far before measuring again
                 # Measure from where we stand: a node whose error another one hides shows once that one is float.
                 done = tuple(kept)
-                gains, seconds = leave_one_out(
-                    ref_file, base_file, [n for n in nodes if n[0] not in done],
-                    lambda keep, done=done: build(replace(closest.setting, exclude=done + keep))[0],
-                    profile=profile, inputs=inputs)
+                with status.phase("measuring which nodes cost the most (each left in float alone)"):
+                    gains, seconds = leave_one_out(
+                        ref_file, base_file, [n for n in nodes if n[0] not in done],
+                        lambda keep, done=done: build(replace(closest.setting, exclude=done + keep))[0],
+                        profile=profile, inputs=inputs)
                 base_attempt.measured = [g.to_json() for g in gains[:8]]
                 base_attempt.measure_seconds = seconds
                 measured_from = done
@@ -798,8 +850,9 @@ def _export(src_path: Path, out_dir: Path, *, fmt: Any, verify: bool, provider: 
 
     out_dir.mkdir(parents=True)
     target = out_dir / "model.onnx"
-    to_onnx(src_path, target, src_format=fmt, dtype="keep", verify=verify, force=True, provider=provider,
-            decode_steps=decode_steps, generate=generate)
+    with status.phase("float32 ONNX export first"):
+        to_onnx(src_path, target, src_format=fmt, dtype="keep", verify=verify, force=True, provider=provider,
+                decode_steps=decode_steps, generate=generate)
     return model_file(target if target.exists() else out_dir)
 
 
@@ -885,11 +938,13 @@ def _int8_static(src: Path, out: Path, model: Any, *, target: str, calibration: 
         raise Unsupported(f"the graph has no {'/'.join(types)} node with a float32 weight to quantize", path=src)
     nodes = [n for n in nodes if n not in setting.exclude]
     weight = QuantType.QInt8 if setting.weight_type == "int8" else QuantType.QUInt8
-    feeds, described = calibration_batches(model, src, calibration, config=config, samples=samples, seed=seed)
+    with status.phase("preparing the calibration inputs"):
+        feeds, described = calibration_batches(model, src, calibration, config=config, samples=samples, seed=seed)
     # uint8 activations with int8 weights (U8S8) is what onnxruntime's x86 CPU kernels run fastest
     # (measured 0.55x fp32 latency against 0.96x for S8S8); GPUs (TensorRT) want symmetric int8.
     activation = QuantType.QUInt8 if target == "cpu" else QuantType.QInt8
     model_in = _model_for_ort(src, model)
+    status.note("calibrating (onnxruntime)")
     _ort_call(src, lambda: quantize_static(
         model_in, out, FeedReader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(types),
         per_channel=setting.per_channel, reduce_range=setting.reduce_range, activation_type=activation,
@@ -1102,6 +1157,7 @@ def _cast_weights(src_path: Path, dst_path: Path, *, fmt: Any, target: str, meth
         if dest.format.name == "hf":  # the folder files the hf reader leaves out, and why
             notes.extend(source.details.get("notes", []))
         size_before = _weights_bytes(source.files)
+        cast_options = {"dtype": "float16" if short == "fp16" else "bfloat16", "overflow_check": True}
         options = WriteOptions(progress=progress, weights_format=dest.weights_format)
         with atomic_output(dst_path, folder=dest.folder, force=force) as tmp:
             files = dest.format.write(view, tmp, folder=dest.folder, options=options)
@@ -1115,16 +1171,20 @@ def _cast_weights(src_path: Path, dst_path: Path, *, fmt: Any, target: str, meth
                 if not verification.passed:
                     raise NotEquivalent(f"{method} weights are not within the {name} profile of the source: "
                                         f"{verification.summary()}; nothing was written", report=verification,
-                                        path=dst_path)
+                                        path=dst_path, result=_failed_report(
+                                            src_path, dst_path, fmt=fmt, target=target, method=method,
+                                            destination_format=dest.format.name,
+                                            verification=verification, size_before=size_before,
+                                            tensors_cast=len(cast), notes=notes, options=cast_options))
             extra = {tmp / p.relative_to(source.path) for p in source.extra_files} if source.path.is_dir() else set()
             weight_files = [f for f in files if f not in extra]
             size_after = _weights_bytes(weight_files)
+            bytes_written = sum(f.stat().st_size for f in files)
             rel = [str(dst_path / f.relative_to(tmp)) if dest.folder else str(dst_path) for f in files]
     return QuantizeReport(source=str(src_path), destination=str(dst_path), source_format=fmt.name, target=target,
                           method=method, size_before=size_before, size_after=size_after, files=rel,
-                          tensors_cast=len(cast), options={"dtype": "float16" if short == "fp16" else "bfloat16",
-                                                           "overflow_check": True},
-                          verification=verification, notes=notes)
+                          destination_format=dest.format.name, bytes_written=bytes_written,
+                          tensors_cast=len(cast), options=cast_options, verification=verification, notes=notes)
 
 
 def _weights_bytes(files: list[Path]) -> int:

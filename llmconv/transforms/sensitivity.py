@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from llmconv import progress
+
 MEASURE_BATCH = 2
 MEASURE_SEQ_LEN = 16
 MEASURE_SAMPLES = 2
@@ -86,13 +88,16 @@ def leave_one_out(reference: Path, base: Path, nodes: list[tuple[str, str, str |
     """
     t0 = time.perf_counter()
     feeds = _feeds(reference, inputs)
+    progress.note("running the float and the quantized graph")
     ref_outputs, names = _run_all(reference, feeds)
     base_short = _shortfall(ref_outputs, _run_all(base, feeds, names)[0], names, profile)
     if len(nodes) > limit:
+        progress.note("ranking the nodes by drift")
         ranked = drift_ranking(reference, base, nodes, feeds)
         nodes = [n for n in nodes if n[0] in set(ranked[:limit])]
     gains = []
-    for name, op, _, _ in nodes:
+    for i, (name, op, _, _) in enumerate(nodes):
+        progress.step(i + 1, len(nodes), "node")
         path = make((name,))
         short = _shortfall(ref_outputs, _run_all(path, feeds, names)[0], names, profile)
         gains.append(NodeGain(name, op, base_short - short, short))

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from llmconv import progress
 from llmconv.errors import InputError, Unsupported, UsageError
 from llmconv.verification.metrics import OutputComparison
 from llmconv.verification.profiles import OutputsProfile
@@ -365,6 +366,7 @@ def run_loop(runner: Any, sig: Any, plan: DecodePlan, *, calls: int, forced: np.
     """
     side = _stepper(runner, sig)
     mask = plan.mask
+    progress.note("prefill")
     logits = np.asarray(side.forward(plan.ids, mask, positions(mask)), dtype=np.float32)
     width = mask.shape[1]
     trace = Trace(prefill=logits[(mask == 1) & (np.arange(width) >= width - PREFILL_KEEP)[None, :]])
@@ -375,6 +377,7 @@ def run_loop(runner: Any, sig: Any, plan: DecodePlan, *, calls: int, forced: np.
         trace.prefill_cache = side.feed_past()
     ones = np.ones((mask.shape[0], 1), dtype=mask.dtype)
     for s in range(calls):
+        progress.step(s + 1, calls, "step")
         token = forced[:, s] if forced is not None else chosen[-1]
         mask = np.concatenate([mask, ones], axis=1)
         pos = mask.sum(axis=1, keepdims=True).astype(np.int64) - 1
@@ -395,15 +398,19 @@ def decode_side(runner: Any, sig: Any, plan: DecodePlan, reference: Trace | None
         (trace, the candidate's freely generated tokens [prompts, N] or None when they equal the reference's).
     """
     if reference is None:
-        return run_loop(runner, sig, plan, calls=plan.calls, keep_prefill_cache=keep_prefill_cache), None
+        with progress.phase("decoding greedily"):
+            return run_loop(runner, sig, plan, calls=plan.calls, keep_prefill_cache=keep_prefill_cache), None
     assert reference.tokens is not None
-    trace = run_loop(runner, sig, plan, calls=plan.calls, forced=reference.tokens)
+    with progress.phase("decoding the reference's tokens"):
+        trace = run_loop(runner, sig, plan, calls=plan.calls, forced=reference.tokens)
     assert trace.tokens is not None
     if plan.decode_steps and trace.cache is not None:
-        trace.recomputed = recompute(runner, sig, plan, reference.tokens[:, :plan.decode_steps])
+        with progress.phase("recomputing the decoded steps without the cache"):
+            trace.recomputed = recompute(runner, sig, plan, reference.tokens[:, :plan.decode_steps])
     n = plan.generate
     if n and (trace.tokens[:, :n] != reference.tokens[:, :n]).any():
-        free = run_loop(runner, sig, plan, calls=n - 1)
+        with progress.phase("generating on its own (its tokens part from the reference's)"):
+            free = run_loop(runner, sig, plan, calls=n - 1)
         assert free.tokens is not None
         return trace, free.tokens[:, :n]
     return trace, None

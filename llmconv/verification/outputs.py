@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from llmconv import progress
 from llmconv.errors import GraphRunError, InputError, UsageError
 from llmconv.export.tasks import base_task, is_causal
+from llmconv.io import note_inputs
 from llmconv.verification.report import Check, VerifyReport
 
 DEFAULT_PPL_WINDOW = 1024  # tokens per window when neither model says how many positions it has
@@ -73,7 +75,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
                                text=text, batch=batch, seq_len=seq_len, samples=samples, seed=seed, provider=provider,
                                decode_steps=decode_steps, generate=generate, prompts=prompts, localize=localize,
                                max_ppl_increase=max_ppl_increase)
-    ref_sig, cand_sig = describe(Path(reference)), describe(Path(candidate))
+    with progress.phase("reading both models' signatures"):
+        ref_sig, cand_sig = describe(Path(reference)), describe(Path(candidate))
     ref_task, cand_task = settle_task(ref_sig, cand_sig)
     check_provider_pair(provider, ref_sig, cand_sig, candidate=Path(candidate))
     if task is not None:
@@ -107,6 +110,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         meta = {"batch": batch, "seq_len": seq_len, "samples": len(feeds), "seed": seed, "shapes": feed_shapes(feeds)}
         if batch < 2 and samples < 2 and "attention_mask" in plan.wants:
             notes.append("one row in one sample: no padded row was tried (use --batch 2 or --samples 2)")
+    note_inputs(feeds)  # inside a keep_failed block, verify keeps the inputs of a failing comparison
 
     ref_outputs = _planned_outputs(ref_sig, ref_task)
     cand_outputs = _planned_outputs(cand_sig, cand_task)
@@ -123,7 +127,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
 
     texts = None
     if text is not None:
-        texts = _tokenize_both(Path(text), ref_sig, cand_sig, ref_task, cand_task, notes)
+        with progress.phase(f"tokenizing {Path(text).name}"):
+            texts = _tokenize_both(Path(text), ref_sig, cand_sig, ref_task, cand_task, notes)
     window = min(positions) if positions else DEFAULT_PPL_WINDOW
     dplan = _decode_plan(ref_sig, cand_sig, ref_task, cand_task, shared, decode_steps=decode_steps,
                          generate=generate, prompts=prompts, texts=texts, seq_len=seq_len, seed=seed, notes=notes)
@@ -131,7 +136,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     text_ref: list[Any] = []
     ref_results, ref_nll, ref_label, ref_trace = _run_side(
         ref_sig, ref_task, feeds, shared, provider=provider, tokens=texts[0] if texts else None, window=window,
-        on_text=_keeper(text_ref), decode=dplan, keep_prefill_cache=localize)
+        on_text=_keeper(text_ref), decode=dplan, keep_prefill_cache=localize, role="reference")
     # With a text, top-k agreement and KL are judged on its tokens (text.logits), not on random ids.
     forward_prof = replace(prof, min_top1=None, min_top5=None, max_kl=None) if texts is not None else prof
     comparisons = {o: OutputComparison(o, profile=forward_prof, logits=o in ("logits", "start_logits", "end_logits"))
@@ -161,7 +166,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     try:
         _, cand_nll, cand_label, cand_trace = _run_side(
             cand_sig, cand_task, feeds, shared, provider=provider, tokens=texts[1] if texts else None,
-            window=window, sink=fold, on_text=fold_text, decode=dplan, reference=ref_trace)
+            window=window, sink=fold, on_text=fold_text, decode=dplan, reference=ref_trace, role="candidate")
     except GraphRunError as e:
         if not crashed_in(e, Path(candidate)):
             raise
@@ -211,7 +216,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         from llmconv.errors import LlmconvError
 
         try:
-            report.extra["localization"] = _localize(ref_sig, cand_sig, feeds, dplan, ref_trace, prof, provider)
+            with progress.phase("localizing the difference"):
+                report.extra["localization"] = _localize(ref_sig, cand_sig, feeds, dplan, ref_trace, prof, provider)
         except LlmconvError as e:  # the verdict stands; only the search for where failed
             report.extra["localization"] = {"first": None, "error": str(e),
                                             "summary": f"could not localize the difference: {e}"}
@@ -398,8 +404,10 @@ def _planned_outputs(sig: Any, task: str) -> list[str]:
 
 def _run_side(sig: Any, task: str, feeds: list[dict[str, Any]], names: list[str], *, provider: str,
               tokens: list[int] | None, window: int, sink: Any = None, on_text: Any = None, decode: Any = None,
-              reference: Any = None, keep_prefill_cache: bool = False) -> tuple[list[dict[str, Any]], Any, str, Any]:
-    """Load one model, run every feed, the perplexity windows and the decode loop, release it.
+              reference: Any = None, keep_prefill_cache: bool = False,
+              role: str = "model") -> tuple[list[dict[str, Any]], Any, str, Any]:
+    """Load one model, run every feed, the perplexity windows and the decode loop, release it (``role``, the
+    side's name, is for the status shown meanwhile).
 
     Returns:
         (outputs per feed unless ``sink`` takes them, the summed NLL on the text, what ran it, and the
@@ -407,26 +415,31 @@ def _run_side(sig: Any, task: str, feeds: list[dict[str, Any]], names: list[str]
     """
     from llmconv.verification.runners import open_runner
 
-    runner = open_runner(sig, task=task, provider=provider)
-    results: list[dict[str, Any]] = []
-    nll = None
-    traced = None
-    try:
-        for i, feed in enumerate(feeds):
-            out = runner.run(feed, names)
-            if sink is None:
-                results.append(out)
-            else:
-                sink(i, out)
-        if tokens is not None:
-            nll = _nll(runner, sig, tokens, window, on_logits=on_text)
-        if decode is not None:
-            from llmconv.verification.decode import decode_side
+    engine = "PyTorch" if sig.kind == "torch" else "onnxruntime"
+    with progress.phase(f"{role} ({engine})"):
+        progress.note(f"loading {Path(sig.path).name}")
+        runner = open_runner(sig, task=task, provider=provider)
+        results: list[dict[str, Any]] = []
+        nll = None
+        traced = None
+        try:
+            for i, feed in enumerate(feeds):
+                progress.step(i + 1, len(feeds), "sample")
+                out = runner.run(feed, names)
+                if sink is None:
+                    results.append(out)
+                else:
+                    sink(i, out)
+            if tokens is not None:
+                with progress.phase("perplexity"):
+                    nll = _nll(runner, sig, tokens, window, on_logits=on_text)
+            if decode is not None:
+                from llmconv.verification.decode import decode_side
 
-            traced = decode_side(runner, sig, decode, reference[0] if reference is not None else None,
-                                 keep_prefill_cache=keep_prefill_cache)
-    finally:
-        runner.close()
+                traced = decode_side(runner, sig, decode, reference[0] if reference is not None else None,
+                                     keep_prefill_cache=keep_prefill_cache)
+        finally:
+            runner.close()
     return results, nll, runner.label, traced
 
 
@@ -440,6 +453,7 @@ def _nll(runner: Any, sig: Any, tokens: list[int], window: int, *, on_logits: An
 
     total, count = 0.0, 0
     for start in range(0, len(tokens), window):
+        progress.step(start // window + 1, -(-len(tokens) // window), "window")
         chunk = tokens[start:start + window]
         if len(chunk) < 2:
             continue

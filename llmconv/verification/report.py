@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 VERIFY_SCHEMA = "llmconv.verify/1"
+# What verification adds beside the checks, always present in the JSON (None where it does not apply); "kept" is
+# verify's record of a failing report kept by --keep-failed (llmconv.io.keep_report).
+EXTRA_KEYS = ("thresholds", "runners", "decode", "localization", "graphs", "kept")
 
 
 @dataclass
@@ -46,6 +49,7 @@ class VerifyReport:
     inputs: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    seconds: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -72,18 +76,17 @@ class VerifyReport:
         return "the 1 check passed" if len(self.checks) == 1 else f"all {len(self.checks)} checks passed"
 
     def to_json(self) -> dict[str, Any]:
+        """The ``llmconv.verify/1`` object: the same keys in every mode and on every exit (None where a figure does
+        not apply: ``inputs`` in weights mode, ``decode`` without a causal LM), then what a caller added
+        (quantize's ``attempts`` and ``cpu``)."""
         out: dict[str, Any] = {
             "schema": VERIFY_SCHEMA, "ok": self.passed, "mode": self.mode, "profile": self.profile,
-            "reference": self.reference, "candidate": self.candidate,
+            "reference": self.reference, "candidate": self.candidate, "inputs": self.inputs,
+            "checks": [c.to_json() for c in self.checks], "missing": list(self.missing),
+            "unexpected": list(self.unexpected), "tied": list(self.tied),
         }
-        if self.inputs is not None:
-            out["inputs"] = self.inputs
-        out["checks"] = [c.to_json() for c in self.checks]
-        if self.mode == "weights":
-            out["missing"] = list(self.missing)
-            out["unexpected"] = list(self.unexpected)
-            out["tied"] = list(self.tied)
-        out.update(self.extra)
-        if self.notes:
-            out["notes"] = list(self.notes)
+        out.update({k: self.extra.get(k) for k in EXTRA_KEYS})
+        out.update({k: v for k, v in self.extra.items() if k not in EXTRA_KEYS})
+        out["notes"] = list(self.notes)
+        out["seconds"] = None if self.seconds is None else round(self.seconds, 3)
         return out

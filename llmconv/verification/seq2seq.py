@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from llmconv import progress as status
 from llmconv.errors import GraphRunError, InputError, Unsupported, UsageError
 from llmconv.formats.onnx import SEQ2SEQ_DECODERS, SEQ2SEQ_ENCODER, is_seq2seq_folder
 from llmconv.verification.decode import DecodePlan
@@ -513,10 +514,12 @@ def compare(reference: Path, candidate: Path, *, profile: str = "auto", atol: fl
 
     enc_cmp = OutputComparison("encoder.last_hidden_state", profile=prof, logits=False)
     dec_cmp = OutputComparison("logits", profile=prof, logits=True)
-    ref_out, ref_trace, ref_cross, ref_label = _run_side(ref_sig, feeds, dec_feeds, plan, provider=provider)
+    with status.phase("reference"):
+        ref_out, ref_trace, ref_cross, ref_label = _run_side(ref_sig, feeds, dec_feeds, plan, provider=provider)
     try:
-        cand_out, cand_trace, cand_cross, cand_label = _run_side(cand_sig, feeds, dec_feeds, plan, provider=provider,
-                                                                 reference=ref_trace)
+        with status.phase("candidate"):
+            cand_out, cand_trace, cand_cross, cand_label = _run_side(cand_sig, feeds, dec_feeds, plan,
+                                                                     provider=provider, reference=ref_trace)
     except GraphRunError as e:
         if not crashed_in(e, Path(candidate)):
             raise
@@ -549,10 +552,12 @@ def _run_side(sig: Seq2SeqSig, feeds: list[dict[str, Any]], dec_feeds: list[np.n
     """
     from llmconv.verification.decode import decode_side
 
+    status.note(f"loading {Path(sig.path).name}")
     runner = _open(sig, provider)
     try:
         out = []
-        for feed, dec in zip(feeds, dec_feeds, strict=True):
+        for i, (feed, dec) in enumerate(zip(feeds, dec_feeds, strict=True)):
+            status.step(i + 1, len(feeds), "sample")
             step = _Stepper(runner, feed["input_ids"], feed["attention_mask"])
             logits = np.asarray(step.forward(dec, np.ones_like(dec), np.zeros_like(dec)), dtype=np.float32)
             hidden = step.hidden

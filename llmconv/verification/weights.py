@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from llmconv import progress as status
 from llmconv.checkpoint import TensorSource, dtype_name, left_out_when_tied
 from llmconv.errors import InputError
 from llmconv.verification.report import Check, VerifyReport
@@ -160,15 +161,94 @@ def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: f
     tied, report.unexpected = _unmatched(candidate, reference)
     report.tied += tied
     checks = []
-    for n in reference.infos:
-        if n not in cand_names:
-            continue
-        ref_t, cand_t = reference.tensor(n), candidate.tensor(n)
-        checks.append(compare_tensor(n, ref_t, cand_t, atol=atol, rtol=rtol))
-        del ref_t, cand_t
-        if progress:
-            progress(reference.infos[n].nbytes)
+    compared = [n for n in reference.infos if n in cand_names]
+    with status.bytes(sum(reference.infos[n].nbytes for n in compared), "bytes compared", also=progress) as advance:
+        for n in compared:
+            ref_t, cand_t = reference.tensor(n), candidate.tensor(n)
+            checks.append(compare_tensor(n, ref_t, cand_t, atol=atol, rtol=rtol))
+            del ref_t, cand_t
+            advance(reference.infos[n].nbytes)
     # Failing first, worst first; a failure with no figure (a shape or name mismatch) is the worst.
     checks.sort(key=lambda c: (c.passed, 0.0 if c.passed else -(_worst(c.figures.get("max_abs")))))
     report.checks = checks
     return report
+
+
+def compare_graph_weights(checkpoint: TensorSource, graph: TensorSource, *, atol: float | None = None,
+                          rtol: float | None = None) -> Check:
+    """Compare the weights of a graph llmconv exported with a checkpoint's, tensor by tensor, through the graph's
+    name record (:mod:`llmconv.formats.onnx`): every initializer holding a checkpoint tensor is compared with it,
+    copies included (GPT-2's embedding is also its transposed output head).
+
+    Outputs mode on random token ids never reads most rows of an embedding; this reads them all.
+
+    Args:
+        checkpoint: the named weights (an hf folder, safetensors, PyTorch).
+        graph: the ONNX graph (:func:`llmconv.formats.onnx.open_model`), which carries a usable name record.
+        atol: absolute tolerance; ``None`` (with ``rtol`` None) means bit-exact, as an export copies the weights.
+        rtol: relative tolerance.
+    Returns:
+        One check, ``weights``: ``tensors`` compared, ``initializers`` read, ``differ`` (how many tensors),
+        ``equal`` (all bit-exact), ``max_abs`` and ``worst`` (the tensor furthest off, and the initializer holding
+        it), ``failed`` (the first ten that differ), and the checkpoint tensors the graph does not hold
+        (``not_in_graph``) or its record does not know (``missing``).
+    Example:
+        >>> with open_checkpoint(Path("gpt2-hf")) as ck, open_model(Path("gpt2-onnx")) as g:
+        ...     compare_graph_weights(ck, g).passed
+        True
+    """
+    from llmconv.formats.onnx import held_tensor, read_name_record, record_mismatch
+
+    record = read_name_record(graph.files[0])
+    if record is None or record.unavailable is not None:
+        raise ValueError("compare_graph_weights needs a graph with a usable name record")
+    figs: dict = {"tensors": 0, "initializers": 0, "differ": 0, "equal": False, "max_abs": None, "worst": None}
+    mismatch = record_mismatch(record, graph)
+    if mismatch is not None:
+        return Check("weights", False, figs, f"the graph's name record no longer matches its initializers: {mismatch}")
+    missing, not_in_graph, failed = [], [], []
+    worst: tuple[float, str, Check] | None = None
+    equal, max_abs = True, 0.0
+    for name in checkpoint.infos:
+        if name in checkpoint.aliases or name in record.aliases:
+            continue  # the tensor it shares storage with is compared
+        recorded = record.tensors.get(name)
+        if recorded is None:
+            missing.append(name)
+            continue
+        if not recorded.holders:
+            not_in_graph.append(name)
+            continue
+        figs["tensors"] += 1
+        ref = checkpoint.tensor(name)
+        for h in recorded.holders:
+            figs["initializers"] += 1
+            where = f"{name} (initializer {h.initializer!r}{', transposed' if h.transform == 'transpose' else ''})"
+            check = compare_tensor(where, ref, held_tensor(graph, h, ref.dtype), atol=atol, rtol=rtol)
+            equal = equal and bool(check.figures.get("equal"))
+            score = _worst(check.figures.get("max_abs"))
+            max_abs = max(max_abs, score)
+            if not check.passed:
+                if not failed or failed[-1] != name:
+                    failed.append(name)
+                if worst is None or score > worst[0]:
+                    worst = (score, where, check)
+        del ref
+    figs.update(differ=len(failed), equal=equal and figs["tensors"] > 0, max_abs=max_abs if figs["tensors"] else None)
+    if failed:
+        figs["failed"] = failed[:10]
+    if not_in_graph:
+        figs["not_in_graph"] = not_in_graph
+    if missing:
+        figs["missing"] = missing
+    if worst is not None:
+        figs["worst"] = worst[1]
+        return Check("weights", False, figs, f"{len(failed)} of {figs['tensors']} tensors differ from the "
+                                             f"checkpoint's; worst {worst[1]}: {worst[2].reason}")
+    if missing:
+        return Check("weights", False, figs, f"the checkpoint holds {len(missing)} tensor(s) the graph's name record "
+                                             f"does not know (first: {missing[0]}): the graph was exported from "
+                                             "another checkpoint")
+    if not figs["tensors"]:
+        return Check("weights", False, figs, "the graph holds no tensor of the checkpoint")
+    return Check("weights", True, figs)

@@ -58,7 +58,7 @@ def test_no_verify(cli, fx, tmp_path):
     r = cli("convert", fx("llama.safetensors"), tmp_path / "o.bin", "--no-verify", "--json")
     assert r.exit_code == 0
     out = json.loads(r.stdout)
-    assert out["verified"] is False and "verification" not in out
+    assert out["verified"] is False and out["verification"] is None
     r = cli("convert", fx("llama.safetensors"), tmp_path / "p.bin", "--no-verify")
     assert "not verified" in r.stdout
 
@@ -188,9 +188,35 @@ def test_failed_verification_exit_1_and_nothing_written(cli, fx, tmp_path, monke
     out = json.loads(r.stdout)
     assert out["schema"] == "llmconv.convert/1" and out["ok"] is False and out["error"]["code"] == 1
     assert "written output differs from the source" in out["error"]["message"]
-    failing = [c for c in out["checks"] if not c["passed"]]
+    failing = [c for c in out["verification"]["checks"] if not c["passed"]]
     assert len(failing) == 1 and failing[0]["max_abs"] > 0
     assert not dst.exists() and leftovers(tmp_path) == []
     r = cli("convert", fx("llama.safetensors"), dst)
     assert r.exit_code == 1 and "FAIL" in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.rstrip().splitlines()[-1].startswith(f"error: {dst}: written output differs")
+
+
+@pytest.mark.parametrize(("name", "said"), [
+    ("out.gguf", ".gguf is GGUF (llama.cpp, Ollama), which llmconv does not write"),
+    ("w.ckpt", ".ckpt is a training checkpoint"),
+    ("w.h5", ".h5 is Keras/TensorFlow HDF5"),
+    ("w.safetensor", "unknown destination extension .safetensor (did you mean .safetensors?"),
+    ("out.v2", "unknown destination extension .v2 (llmconv writes"),
+])
+def test_a_destination_extension_of_no_format_llmconv_writes_is_refused_not_made_a_folder(cli, fx, tmp_path, name,
+                                                                                           said):
+    r = cli("convert", fx("gpt2-state-dict.bin"), tmp_path / name)
+    assert r.exit_code == 2 and said in r.stderr, r.stderr
+    assert ".bin, .onnx, .pt, .pth, .safetensors, or a folder" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+    r = cli("prune", fx("gpt2-state-dict.bin"), tmp_path / name, "--sparsity", "0.5")
+    assert r.exit_code == 2 and said in r.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_name_with_a_dot_is_written_with_to_or_when_the_suffix_is_no_extension(cli, fx, tmp_path):
+    r = cli("convert", fx("gpt2-state-dict.bin"), tmp_path / "gpt2.v2", "--to", "safetensors")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "gpt2.v2" / "model.safetensors").is_file()
+    r = cli("convert", fx("gpt2-state-dict.bin"), tmp_path / "Qwen2.5-0.5B")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "Qwen2.5-0.5B").is_dir()

@@ -147,8 +147,9 @@ def test_json_errors_are_one_object_on_stdout(cli, fx, tmp_path):
     r = cli("convert", fx("llama.safetensors"), dst, "--json")
     assert r.exit_code == 2
     out = json.loads(r.stdout)
-    assert out == {"schema": "llmconv.convert/1", "ok": False,
-                   "error": {"code": 2, "message": f"{dst}: destination exists (pass --force to replace it)"}}
+    assert out["schema"] == "llmconv.convert/1" and out["ok"] is False and out["tensors"] is None
+    assert out["error"] == {"code": 2, "message": f"{dst}: destination exists (pass --force to replace it)",
+                            "kept": None}
 
 
 @pytest.mark.parametrize("command", ["inspect", "convert", "verify", "formats"])

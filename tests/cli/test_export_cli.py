@@ -50,7 +50,8 @@ def test_failed_verification_exit_1_nothing_written(fx, cli, tmp_path):
     out = json.loads(r.stdout)
     assert out["ok"] is False and out["error"]["code"] == 1
     assert "outputs differ from PyTorch's" in out["error"]["message"]
-    assert out["mode"] == "outputs" and out["checks"][0]["nan"] > 0  # the report travels with the error
+    v = out["verification"]  # the report travels with the error, under the command's own fields
+    assert v["mode"] == "outputs" and v["checks"][0]["nan"] > 0 and out["source"] == str(fx("llama-hf-nan"))
     assert list(tmp_path.iterdir()) == []
     r = cli("convert", fx("llama-hf-nan"), dst, "--no-verify")
     assert r.exit_code == 0 and "not verified" in r.stdout and dst.is_file()

@@ -44,7 +44,7 @@ def test_tie_that_only_the_config_shows(cli, fx):
     # its config.json leaves tie_word_embeddings at the class default (true).
     info = inspect_json(cli, fx("gpt2-hf"))
     assert "lm_head.weight" not in [t["name"] for t in info["largest"]] and info["tied"] == {}
-    assert "tie_word_embeddings" not in info and info["tied_by_config"] == ["lm_head.weight"]
+    assert info["tie_word_embeddings"] is None and info["tied_by_config"] == ["lm_head.weight"]
     r = cli("inspect", fx("gpt2-hf"), env={"COLUMNS": "200"})
     assert "tied          lm_head.weight = input embedding (by config: stored once, tied on load)" in r.stdout
 
@@ -67,7 +67,7 @@ def test_mixed_dtypes_histogram_and_metadata(cli, fx):
     assert info["bytes_by_dtype"]["float32"] == (32 + 0 + 1 + 5) * 4
     assert info["bytes"] == sum(info["bytes_by_dtype"].values()) == 406
     assert info["files"] == ["mixed-dtypes.safetensors"] and info["shards"] == 1
-    assert "architecture" not in info
+    assert info["architecture"] is None and info["tied_by_config"] is None
     info = inspect_json(cli, fx("llama.safetensors"))
     assert info["metadata"] == {"format": "pt", "source": "llmconv-fixture"}
 
@@ -109,7 +109,8 @@ def test_inspect_errors(cli, fx, tmp_path):
     r = cli("inspect", tmp_path / "missing.safetensors", "--json")
     assert r.exit_code == 2
     out = json.loads(r.stdout)
-    assert out == {"schema": "llmconv.inspect/1", "ok": False,
-                   "error": {"code": 2, "message": f"{tmp_path / 'missing.safetensors'}: no such file or folder"}}
+    assert out["schema"] == "llmconv.inspect/1" and out["ok"] is False and out["path"] is None
+    assert out["error"] == {"code": 2, "message": f"{tmp_path / 'missing.safetensors'}: no such file or folder",
+                            "kept": None}
     r = cli("inspect", fx("not-a-model.txt"))
     assert r.exit_code == 2 and "not a checkpoint llmconv recognises" in r.stderr and r.stdout == ""

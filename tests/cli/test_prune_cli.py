@@ -22,7 +22,7 @@ def test_prune_json(cli, fx, tmp_path):
     assert out["schema"] == "llmconv.prune/1" and out["ok"] is True and out["pattern"] == "2:4"
     assert out["achieved"]["overall"] == 0.5 and out["achieved"]["tensors"] == 14
     assert all(t["sparsity"] == 0.5 and t["pattern_ok"] for t in out["tensors"])
-    assert out["verified"] is True and out["verification"]["ok"] is True and "quality" not in out
+    assert out["verified"] is True and out["verification"]["ok"] is True and out["quality"] is None
     assert out["files"] == [str(dst)] and r.stderr == ""
 
 
@@ -45,8 +45,9 @@ def test_prune_quality_failure_exits_1(cli, llama_onnx, tmp_path):
     assert r.exit_code == 1
     out = json.loads(r.stdout)
     assert out["schema"] == "llmconv.prune/1" and out["ok"] is False and out["error"]["code"] == 1
-    assert "fails the quality check" in out["error"]["message"] and out["profile"] == "quality"
-    assert out["thresholds"] == {"min_top1": 0.99, "max_ppl_increase": 0.5, "finite": True}
+    assert "fails the quality check" in out["error"]["message"] and out["quality"]["profile"] == "quality"
+    assert out["quality"]["thresholds"] == {"min_top1": 0.99, "max_ppl_increase": 0.5, "finite": True}
+    assert out["verification"]["ok"] is True and out["files"] == [] and out["tensors"]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -49,7 +49,7 @@ def test_quantize_verification_failure_exits_1_and_writes_nothing(cli, gpt2_onnx
     out = json.loads(r.stdout)
     assert out["schema"] == "llmconv.quantize/1" and out["ok"] is False and out["error"]["code"] == 1
     assert "not within the int8 profile" in out["error"]["message"] and "nothing was written" in out["error"]["message"]
-    assert out["checks"][0]["passed"] is False  # the verification report travels with the error
+    assert out["verification"]["checks"][0]["passed"] is False  # the verification report travels with the error
     assert list(tmp_path.iterdir()) == []
     r = cli("quantize", gpt2_onnx, dst, "--target", "cpu", "--atol", "1e-7", "--rtol", "0")
     assert r.exit_code == 1 and "error:" in r.stderr and "Traceback" not in r.stderr

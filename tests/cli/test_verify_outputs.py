@@ -27,10 +27,10 @@ def test_equivalent_table_and_exit_0(gpt2, cli):
     hf, onnx_dir = gpt2
     r = cli("verify", hf, onnx_dir / "model.onnx")
     assert r.exit_code == 0, r.output
-    for text in ("outputs · profile fp32 · 10 checks", "logits", "present.1.value", "decode.steps", "decode.cache",
-                 "generation: 4 prompts x 6 tokens, 4 identical, agreement 1 (min 1)",
+    for text in ("outputs · profile fp32 · 11 checks", "logits", "present.1.value", "decode.steps", "decode.cache",
+                 "weights", "generation: 4 prompts x 6 tokens, 4 identical, agreement 1 (min 1)",
                  "decode: prompts=4, prompt_lengths=[8, 6, 4, 2], left_padded=3, decode_steps=4",
-                 "EQUIVALENT: all 10 checks passed",
+                 "EQUIVALENT: all 11 checks passed",
                  "note: profile auto -> fp32 (candidate: float32)",
                  "runners: reference=torch (text-generation-with-past), candidate=onnxruntime"):
         assert text in r.stdout, text
@@ -48,15 +48,17 @@ def test_json_and_junit(gpt2, cli, tmp_path):
     assert out["inputs"] == {"batch": 1, "seq_len": 9, "samples": 4, "seed": 5, "shapes": [[1, 9], [1, 5], [1, 1]]}
     assert [c["name"] for c in out["checks"]][:2] == ["logits", "present.0.key"]
     assert all(list(c) == CHECK_KEYS for c in out["checks"][:5])
-    assert [c["name"] for c in out["checks"][5:]] == DECODE_CHECKS
-    gen = out["checks"][-1]
+    # Then the graph's weights against the checkpoint's, tensor by tensor (its name record): bit-exact.
+    assert [c["name"] for c in out["checks"][5:]] == [*DECODE_CHECKS, "weights"]
+    assert out["checks"][-1]["equal"] is True and out["checks"][-1]["tensors"] == 28
+    gen = out["checks"][-2]
     assert gen["prompts"] == 4 and gen["new_tokens"] == 6 and gen["identical"] == 4 and gen["agreement"] == 1.0
     assert [p["first_divergence"] for p in gen["per_prompt"]] == [None] * 4
     assert out["decode"]["prompt_lengths"] == [8, 6, 4, 2]  # at most 8 tokens
     assert out["checks"][0]["shape"] == [1, 9, 1024]
     suite = ET.parse(junit).getroot().find("testsuite")
-    assert suite.get("tests") == "10" and suite.get("failures") == "0"
-    gen_case = suite.findall("testcase")[-1]
+    assert suite.get("tests") == "11" and suite.get("failures") == "0"
+    gen_case = suite.findall("testcase")[-2]
     assert gen_case.get("name") == "generation" and "prompt 3: identical, agreement 1.000" in gen_case.find(
         "system-out").text
     assert [tc.get("name") for tc in suite.findall("testcase")][0] == "logits"
@@ -75,7 +77,9 @@ def test_not_equivalent_exit_1(gpt2, fx, cli, tmp_path):
     failure = ET.parse(junit).getroot().find("testsuite/testcase/failure")
     assert failure is not None and "max_abs=" in failure.get("message")
     r = cli("verify", fx("gpt2-hf"), broken)
-    assert r.exit_code == 1 and "NOT EQUIVALENT: 8 of 10 checks failed (first: logits:" in r.stdout
+    # The outputs, and the weights check, which names the changed initializer.
+    assert r.exit_code == 1 and "NOT EQUIVALENT: 9 of 11 checks failed (first: logits:" in r.stdout
+    assert "worst transformer.h.0.ln_1.weight (initializer 'transformer.h.0.ln_1.weight')" in r.stdout
     assert "rerun verify with --localize" in r.stdout
 
 
@@ -86,7 +90,7 @@ def test_text_perplexity_and_budget_flag(gpt2, cli, tmp_path):
     text.write_text(" ".join(f"w{rng.randrange(1000)}" for _ in range(200)), encoding="utf-8")
     r = cli("verify", hf, onnx_dir, "--text", text, "--max-ppl-increase", "0.03", "--json")
     assert r.exit_code == 0, r.output
-    ppl = json.loads(r.stdout)["checks"][-1]
+    ppl = next(c for c in json.loads(r.stdout)["checks"] if c["name"] == "perplexity")
     assert ppl["name"] == "perplexity" and ppl["passed"] is True and ppl["budget"] == 0.03
     # 200 words, 200 tokens, windows of 128 positions: 127 + 71 tokens are predicted.
     assert ppl["reference_ppl"] > 1 and abs(ppl["relative_change"]) < 1e-6 and ppl["tokens"] == 198

@@ -75,14 +75,44 @@ def test_written_file_is_byte_identical_to_the_library_writer(fx, tmp_path):
 def test_every_dtype_is_laid_out_as_the_library_does(tmp_path):
     from llmconv.checkpoint import TensorInfo, TensorSource
 
-    tensors = {f"t_{name}": torch.ones(3).to(dtype) for dtype, name in st_format.ST_NAMES.items()}
-    tensors["t_BOOL"] = torch.tensor([True, False, True])
+    tensors = {f"t_{name}": _sample(dtype) for dtype, name in st_format.ST_NAMES.items()}
     ref_path, our_path = tmp_path / "ref.safetensors", tmp_path / "ours.safetensors"
     save_file(tensors, ref_path)
     src = TensorSource(format="test", path=tmp_path, loader=lambda n: tensors[n],
                        infos={n: TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()})
     st_format.write_file(src, sorted(tensors), our_path, metadata={})
     assert our_path.read_bytes() == ref_path.read_bytes()
+
+
+def _sample(dtype: torch.dtype) -> torch.Tensor:
+    """A small tensor of ``dtype`` with varied bytes (1-byte dtypes, float8 scales and packed float4 included)."""
+    if dtype == torch.bool:
+        return torch.tensor([[True, False, True, True]])
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = (torch.arange(2 * 4 * size) * 37 % 120).to(torch.uint8)
+    return raw.view(dtype).view(2, -1) if size == 1 else raw.view(dtype).view(2, -1).clone()
+
+
+def test_every_dtype_the_safetensors_library_handles_is_read_and_written_back_unchanged(tmp_path, cli):
+    """F8_E8M0 scales, the FNUZ float8s and packed F4 (header shape counts 4-bit values) included: a file the
+    library reads, llmconv reads, and writes back byte for byte."""
+    from safetensors import safe_open
+    from safetensors.torch import _SIZE
+
+    assert {torch.float8_e8m0fnu, torch.float4_e2m1fn_x2} <= set(_SIZE)
+    assert set(st_format.ST_NAMES) == set(_SIZE)
+    tensors = {f"t_{str(dt).removeprefix('torch.')}": _sample(dt) for dt in _SIZE}
+    path, back = tmp_path / "all.safetensors", tmp_path / "back.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    with registry.open_checkpoint(path) as src, safe_open(str(path), framework="pt") as lib:
+        for name in tensors:
+            ours, theirs = src.tensor(name), lib.get_tensor(name)
+            assert (ours.dtype, ours.shape) == (theirs.dtype, theirs.shape), name
+            assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8)), name
+    r = cli("convert", path, back)
+    assert r.exit_code == 0, r.output
+    assert back.read_bytes() == path.read_bytes()
+    assert cli("inspect", path).exit_code == 0
 
 
 def test_write_file_streams_non_contiguous_tensors(tmp_path):

@@ -206,9 +206,9 @@ def test_cli_flags_json_and_localize_hint(llama, cli, tmp_path):
     assert r.exit_code == 1, r.output
     out = json.loads(r.stdout)
     names = [c["name"] for c in out["checks"]]
-    assert names[-5:] == DECODE_CHECKS
+    assert names[-6:] == [*DECODE_CHECKS, "weights"]  # the weights check: the graph's name record (unbroken weights)
     assert out["decode"]["decode_steps"] == 4 and out["decode"]["generate"] == 6
-    assert len(out["checks"][-4]["steps"]) == 4
+    assert len(out["checks"][-5]["steps"]) == 4 and out["checks"][-1]["passed"] is True
     assert any("--localize" in n for n in out["notes"])
     xml = junit.read_text()
     assert 'name="generation"' in xml and "parts at token" in xml

@@ -119,7 +119,8 @@ def test_verify_json_judges_class_scores(vision, cli, kind):
     r = cli("verify", hf, onnx_dir, "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    (check,) = out["checks"]
+    check, weights = out["checks"]  # then the graph's weights against the checkpoint's (its name record)
+    assert weights["name"] == "weights" and weights["passed"] and weights["equal"]
     assert check["name"] == "logits" and check["passed"] and check["shape"] == [2, 5]
     assert check["top1_agreement"] == 1.0 and check["top5_agreement"] is None and check["max_abs"] < 1e-4
     assert out["runners"] == {"reference": "torch (image-classification)",
@@ -131,7 +132,8 @@ def test_feature_extraction_compares_the_features(vision, cli, kind):
     hf, onnx_dir = vision(kind, "feature-extraction")
     r = cli("verify", hf, onnx_dir, "--json")
     assert r.exit_code == 0, r.output
-    (check,) = json.loads(r.stdout)["checks"]
+    check, weights = json.loads(r.stdout)["checks"]
+    assert weights["name"] == "weights" and weights["passed"]
     assert check["name"] == "last_hidden_state" and check["passed"] and check["top1_agreement"] is None
     assert check["shape"] == ([2, 17, 64] if kind == "vit" else [2, 32, 4, 4])  # 16 patches and [CLS]
 
