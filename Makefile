@@ -32,8 +32,8 @@ demo: install
 	$(LLMCONV) verify $(DEMO_MODEL) $(DEMO_OUT)/gpt2-fp16.safetensors --profile fp16
 	$(LLMCONV) convert $(DEMO_MODEL) $(DEMO_OUT)/gpt2-onnx --to onnx
 	$(LLMCONV) verify $(DEMO_MODEL) $(DEMO_OUT)/gpt2-onnx/model.onnx --text fixtures/data/heldout.txt
-	$(LLMCONV) quantize $(DEMO_OUT)/gpt2-onnx/model.onnx $(DEMO_OUT)/gpt2-int8.onnx --target cpu
-	$(LLMCONV) verify $(DEMO_OUT)/gpt2-onnx/model.onnx $(DEMO_OUT)/gpt2-int8.onnx --profile int8 --text fixtures/data/heldout.txt --junit $(DEMO_OUT)/verify-int8.xml
+	$(LLMCONV) quantize $(DEMO_OUT)/gpt2-onnx $(DEMO_OUT)/gpt2-int8 --target cpu
+	$(LLMCONV) verify $(DEMO_OUT)/gpt2-onnx $(DEMO_OUT)/gpt2-int8 --profile int8 --text fixtures/data/heldout.txt --junit $(DEMO_OUT)/verify-int8.xml
 	@echo "demo done: outputs in $(DEMO_OUT)"
 
 # The test command CI runs (.ci/run) and the README gives.

@@ -256,7 +256,8 @@ def guarded(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
                 import traceback
 
                 traceback.print_exc()
-            emit_error(command, e.exit_code, str(e), as_json=as_json, report=getattr(e, "report", None))
+            emit_error(command, e.exit_code, str(e), as_json=as_json, report=getattr(e, "report", None),
+                       quiet=bool(kwargs.get("quiet")))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             _reported()

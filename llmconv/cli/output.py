@@ -81,7 +81,7 @@ def print_json(obj: dict[str, Any]) -> None:
 
 
 def emit_error(command: str, code: int, message: str, *, as_json: bool, report: Any = None, result: Any = None,
-               kept: Any = None) -> None:
+               kept: Any = None, quiet: bool = False) -> None:
     """The one red line on stderr (and, with --json, the command's JSON object with ``error`` on stdout).
 
     Args:
@@ -94,6 +94,7 @@ def emit_error(command: str, code: int, message: str, *, as_json: bool, report: 
         result: the command's own report as far as it got (``NotEquivalent.result``); by default that of the
             exception being handled (:func:`llmconv.cli.app.guarded` calls this from its ``except`` clauses).
         kept: where ``--keep-failed`` kept the failed output (``NotEquivalent.kept``); by default likewise.
+        quiet: ``--quiet``: the line alone, without the report's table above it.
     """
     from llmconv.errors import LlmconvError
 
@@ -104,11 +105,10 @@ def emit_error(command: str, code: int, message: str, *, as_json: bool, report: 
     _run["error"] = (command, code, message)
     if as_json:
         print_json(failure_json(command, code, message, report=report, result=result, kept=kept))
-    else:
-        if report is not None and hasattr(report, "checks"):
-            from llmconv.cli.verify_cmd import render_report
+    elif not quiet and report is not None and hasattr(report, "checks"):
+        from llmconv.cli.verify_cmd import render_report
 
-            render_report(report, console=err)
+        render_report(report, console=err)
     err.print(f"[bold red]error:[/] {escape(message)}")
 
 

@@ -94,7 +94,7 @@ def command(
             write_command_junit(junit, command="quantize", result=e.result, verification=e.report, error=str(e),
                                 seconds=time.perf_counter() - t0)
         tried = getattr(e.report, "extra", {}).get("attempts", [])
-        if len(tried) > 1 and not json_output:
+        if len(tried) > 1 and not (json_output or quiet):
             err.print(attempts_table(tried))  # every setting tried, above the closest one's checks
         raise
     if junit is not None:

@@ -114,7 +114,8 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
                 keep_candidate(model_path, dst, folder=False)
             # The hf folder itself, so that messages name it (the runner makes its own view of it).
             verification = _gate(src if fmt_name == "hf" else folder, model_path, plan, src=src, dst=dst,
-                                 provider=provider, decode_steps=decode_steps, generate=generate)
+                                 provider=provider, decode_steps=decode_steps, generate=generate, fmt_name=fmt_name,
+                                 t0=t0)
         record_data_files(model_path)  # what a later --force onto this model may remove
         if to_file:
             data_files = [model_path.parent / d for d in post["external_data"]]
@@ -142,24 +143,32 @@ def to_onnx(src_path: str | Path, dst_path: str | Path, *, src_format: Format | 
 
 
 def _gate(reference: Path, candidate: Path, plan: ExportPlan, *, src: Path, dst: Path, provider: str,
-          decode_steps: int | None, generate: int | None) -> VerifyReport:
+          decode_steps: int | None, generate: int | None, fmt_name: str, t0: float) -> VerifyReport:
     """Verify the export (in the scratch folder) against PyTorch; raise, naming ``dst``, when it is not the model."""
+    from llmconv.conversion import ConvertReport
     from llmconv.verification.outputs import GATE_HINT, compare_outputs
 
     with progress.phase("verifying the export against PyTorch"):
         verification = compare_outputs(reference, candidate, profile="auto", provider=provider, task=plan.task,
                                        decode_steps=decode_steps, generate=generate)
     verification.reference, verification.candidate = str(src), str(dst)
+
+    def result() -> ConvertReport:  # what the command knows of the export it did not write
+        return ConvertReport(source=str(src), destination=str(dst), source_format=fmt_name, destination_format="onnx",
+                             weights_format=None, tensors=None, parameters=None, bytes_written=None, files=[],
+                             dtype=None, verification=verification, seconds=time.perf_counter() - t0,
+                             extra={"task": plan.task, "opset": plan.opset, "exporter": plan.exporter})
+
     crash = next((c for c in verification.checks if c.name == "runs" and not c.passed), None)
     if crash is not None:
         # "the candidate does not run in onnxruntime: <op> node <name>: <message>, on inputs of shape [1, 1]"
         raise NotEquivalent(f"the exported graph{crash.reason.removeprefix('the candidate')} ({plan.model_type}, "
                             f"exported with {plan.exporter} for {plan.task}); nothing was written",
-                            report=verification, path=dst)
+                            report=verification, path=dst, result=result())
     if not verification.passed:
         verification.notes.append(GATE_HINT)
         raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "
-                            "nothing was written", report=verification, path=dst)
+                            "nothing was written", report=verification, path=dst, result=result())
     return verification
 
 
@@ -204,7 +213,7 @@ def _to_onnx_seq2seq(src: Path, dst: Path, plan: ExportPlan, folder: Path, stack
     verification = None
     if verify:
         verification = _gate(src if fmt_name == "hf" else folder, out_dir, plan, src=src, dst=dst, provider=provider,
-                             decode_steps=decode_steps, generate=generate)
+                             decode_steps=decode_steps, generate=generate, fmt_name=fmt_name, t0=t0)
     for g in graphs:
         record_data_files(g)
     everything = sorted(p for p in out_dir.rglob("*") if p.is_file())
