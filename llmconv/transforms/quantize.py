@@ -527,6 +527,8 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
                                          op_types=op_types, block_size=block_size, external=external, notes=notes,
                                          calibration=calibration, config=config, samples=calibration_samples,
                                          seed=seed)
+            if folder_out:  # what the folder will hold, there for verification too (the candidate's tokenizer)
+                copy_companions(companions_from, out_dir)
             return out_file, options
 
         def make(setting: Any) -> tuple[Path, dict[str, Any], VerifyReport | None]:
