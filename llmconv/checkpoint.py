@@ -42,6 +42,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+_PACKED_VALUES = {dt: 2 for dt in (getattr(torch, "float4_e2m1fn_x2", None),) if dt is not None}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What is known of a tensor without reading its data."""
@@ -60,6 +63,12 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+    @property
+    def values(self) -> int:
+        """How many numbers the tensor holds: its elements, times two for a packed dtype (torch's
+        ``float4_e2m1fn_x2`` holds two 4-bit values per element)."""
+        return self.numel * _PACKED_VALUES.get(self.dtype, 1)
 
 
 @dataclass
@@ -120,7 +129,7 @@ class TensorSource:
 
     @property
     def num_parameters(self) -> int:
-        return sum(i.numel for n, i in self.infos.items() if n not in self.aliases)
+        return sum(i.values for n, i in self.infos.items() if n not in self.aliases)
 
     def canonical_names(self) -> list[str]:
         """Names to store when a format cannot hold aliases (safetensors).

@@ -63,7 +63,7 @@ class ConvertReport:
             "bytes_written": self.bytes_written, "files": self.files, "dtype": self.dtype, "cast": self.cast,
             "aliases": self.aliases, "dropped_aliases": self.dropped_aliases, "notes": self.notes,
             "seconds": round(self.seconds, 3),
-            "verified": self.verification is not None,
+            "verified": self.verification is not None and self.verification.passed,
             "verification": self.verification.to_json() if self.verification is not None else None,
         }
         out.update({k: self.extra.get(k) for k in EXPORT_KEYS})
@@ -222,7 +222,9 @@ def tie_notes(src: TensorSource, dropped: dict[str, str], copied: dict[str, str]
     from llmconv.architecture import describe, unavailable_reason
 
     arch = None
-    if src.config is not None:
+    if src.config is not None and (dropped or copied):
+        # Only tied names have anything to explain; building the class (importing transformers, a second
+        # or more) is skipped for a checkpoint without them, whose notes cannot change.
         with status.phase("reading the architecture (transformers)"):
             arch = describe(src.config)
     notes = []

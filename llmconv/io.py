@@ -330,6 +330,15 @@ def _cannot_write(dst: Path, e: BaseException) -> DestinationError | None:
     return None
 
 
+def _name_destination(e: BaseException, tmp: Path, dst: Path) -> None:
+    """Make an error about the temporary output (a writer refusing a tensor, the written file read back for
+    verification) name ``dst`` instead: the temporary name is gone by the time the user reads it."""
+    if not isinstance(e, LlmconvError) or e.path is None or not e.path.is_relative_to(tmp):
+        return
+    e.path = dst / e.path.relative_to(tmp)
+    e.args = tuple(a.replace(str(tmp), str(dst)) if isinstance(a, str) else a for a in e.args)
+
+
 def file_size_limit() -> int | None:
     """The soft limit on the size of a file this process writes (``ulimit -f``), in bytes; None when unlimited."""
     try:
@@ -583,6 +592,8 @@ def atomic_output(dst: Path, *, folder: bool, force: bool = False) -> Iterator[P
             instead = _cannot_write(dst, e)
             if instead is not None:
                 raise instead from e
+            if tmp is not None:
+                _name_destination(e, tmp, dst)
             raise
     except BaseException:
         if not committed:
@@ -945,15 +956,16 @@ def keep_failure(error: BaseException, output: Path, dst: Path, *, folder: bool)
             _place(state, name, dst, [t for _, t in moves] + [report_path], moves=moves)
             try:
                 if has_extra:
-                    from llmconv.verification.outputs import GATE_HINT
+                    from llmconv.verification.outputs import is_gate_hint
 
                     report.extra["kept"] = record
                     # The output need not be written again with --no-verify to be searched: it is here.
+                    src = getattr(report, "reference", None) or "SRC"
                     report.notes = [f"to name the first layer or node where the models part, run llmconv verify "
-                                    f"SRC {target} --localize" if n == GATE_HINT else n for n in notes]
+                                    f"{src} {target} --localize" if is_gate_hint(n) else n for n in notes]
                 data = report.to_json() if report is not None and hasattr(report, "to_json") else {"ok": False}
                 data["kept"] = record
-                data["error"] = {"code": error.exit_code, "message": f"{error}; {text}"}
+                data["error"] = {"code": error.exit_code, "message": f"{error}; {text}", "kept": str(target)}
                 _write_json(report_path, data)
             except _CannotKeep:
                 for src, kept in reversed(moves):  # the output goes back, to be removed as without the block
@@ -1093,7 +1105,8 @@ def keep_report(report: Any, candidate: Path) -> Any:
             if feeds:
                 note = (f"the report is kept at {report_path} and the inputs run at {inputs[0]}"
                         + (f" ... {inputs[-1].name} (one file per input sample)" if len(inputs) > 1 else "")
-                        + f"; rerun one with llmconv verify REFERENCE {candidate} --inputs FILE")
+                        + f"; rerun one with llmconv verify {getattr(report, 'reference', None) or 'REFERENCE'} "
+                          f"{candidate} --inputs FILE")
             elif report.mode == "weights":
                 note = f"the report is kept at {report_path} (weights mode runs no inputs)"
             else:

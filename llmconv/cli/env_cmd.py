@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from llmconv.cli import options as o
-from llmconv.cli.output import escape, kv_table, out, print_json
+from llmconv.cli.output import escape, kv_table, out, print_json, run_seconds
 
 HELP = ("Show this machine as llmconv sees it: versions, the CPU's int8 features and the int8 settings "
         "quantize --target cpu picks for it, and the execution providers onnxruntime has.")
 EPILOG = "Example: [bold]llmconv env --json[/]"
+JSON_FIELDS = ("llmconv", "python", "platform", "executable", "packages", "cpu", "int8_rule", "execution_providers",
+               "seconds")
 
 
 def command(json_output: o.Json = False) -> None:
@@ -15,7 +17,7 @@ def command(json_output: o.Json = False) -> None:
 
     env = environment()
     if json_output:
-        print_json(env)
+        print_json({**env, "seconds": round(run_seconds(), 3)})
         return
     cpu, rule = env["cpu"], env["int8_rule"]
     rows = [("llmconv", env["llmconv"]), ("python", f"{env['python']} ({env['platform']})")]

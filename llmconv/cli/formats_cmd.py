@@ -8,11 +8,13 @@ import typer
 from rich.table import Table
 
 from llmconv.cli import options as o
-from llmconv.cli.output import out, print_json
+from llmconv.cli.output import out, print_json, run_seconds
 
 HELP = "Show the matrix of supported conversions and transforms (--models: the architectures tested)."
 EPILOG = "Example: [bold]llmconv formats --json[/], [bold]llmconv formats --models[/]"
 
+# The keys of `formats --json` on every exit (`--models` prints its own object, llmconv.models/1).
+JSON_FIELDS = ("formats", "format_details", "conversions", "conversion_conditions", "transforms", "seconds")
 Models = Annotated[bool, typer.Option("--models", help="List the architecture x task pairs the test suite exports "
                                                          "to ONNX and verifies, and those it shows refused.")]
 
@@ -25,7 +27,7 @@ def command(json_output: o.Json = False, models: Models = False) -> None:
 
     m = matrix()
     if json_output:
-        print_json(m)
+        print_json({**m, "seconds": round(run_seconds(), 3)})
         return
     t = Table(title="conversions (source -> destination)", title_justify="left")
     t.add_column("from \\ to")
@@ -51,7 +53,7 @@ def _models(json_output: bool) -> None:
     from llmconv.coverage import CHECKS, MODELS, REFUSED, models_json
 
     if json_output:
-        print_json(models_json())
+        print_json({**models_json(), "seconds": round(run_seconds(), 3)})
         return
     t = Table(title="exported to ONNX and verified against PyTorch by the test suite", title_justify="left")
     for col in ("family", "model_type", "architecture", "task", "exporter"):

@@ -233,9 +233,11 @@ class _Status:
         if self._live is None:
             from rich.progress import Progress, SpinnerColumn
 
-            text, bar, size, seconds = _columns()
+            text, bar, size, seconds = _columns(self._console)
+            # A terminal that cannot show braille dots gets a spinner in ASCII.
+            spinner = SpinnerColumn("line" if _narrow(self._console.file) else "dots")
             # stdout is not redirected: it carries the command's output (and --json's object), never this.
-            self._live = Progress(SpinnerColumn(), text(), bar(), size(), seconds(), console=self._console,
+            self._live = Progress(spinner, text(), bar(), size(), seconds(), console=self._console,
                                   transient=True, redirect_stdout=False, redirect_stderr=True,
                                   refresh_per_second=8)
             self._live.start()
@@ -296,7 +298,7 @@ class _Status:
             self._stop_if_idle()
 
 
-def _columns() -> tuple[Any, ...]:
+def _columns(console: Console) -> tuple[Any, ...]:
     """The display's columns (rich.progress is imported only when something is shown): the text; for a byte
     count, its bar, bytes and speed; the seconds since the row began."""
     from rich.progress import BarColumn, DownloadColumn, ProgressColumn, TransferSpeedColumn
@@ -306,6 +308,10 @@ def _columns() -> tuple[Any, ...]:
         def render(self, task: Any) -> Any:
             text = Text.from_markup(task.description, overflow="ellipsis")
             text.no_wrap = True
+            # Too long for the line: its start goes, not its end, where the step counter changes.
+            room = console.width - (60 if task.fields.get("bytes") else 12)
+            if room > 10 and len(text) > room:
+                text = Text("...") + text[len(text) - room + 3:]
             return text
 
     class Bar(BarColumn):

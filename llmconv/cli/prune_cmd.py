@@ -18,7 +18,8 @@ HELP = ("Magnitude-prune the linear-layer weights (embeddings, output head, norm
         "output quality against the source (--min-top1, --max-ppl-increase with --text); exit 1 if a check "
         "fails.")
 EPILOG = ("Examples: [bold]llmconv prune model.safetensors pruned.safetensors --sparsity 0.5[/]  ·  "
-          "[bold]llmconv prune hf-folder out --pattern 2:4 --text heldout.txt --max-ppl-increase 0.3[/]  ·  "
+          "[bold]llmconv prune hf-folder out --pattern 2:4 --text fixtures/data/heldout.txt "
+          "--max-ppl-increase 0.3[/]  ·  "
           "[bold]llmconv prune model.onnx rows.onnx --sparsity 0.1 --pattern rows --exclude '*mlp*'[/]")
 _SHOWN = 12
 # The JSON object's keys besides schema, ok and error, on every exit (llmconv.prune/1).

@@ -17,10 +17,11 @@ HELP = ("Quantize a model for CPU or GPU with onnxruntime's own tools (int8 dyna
         "Defaults: --target cpu is int8-dynamic, --target gpu is fp16. hf folders are exported to ONNX first. "
         "int4 MatMulNBits and fp16 graphs also run on onnxruntime's CUDA provider; without a GPU they are "
         "verified on the CPU provider.")
-EPILOG = ("Examples: [bold]llmconv quantize model.onnx model-int8.onnx --target cpu[/]  ·  "
-          "[bold]llmconv quantize hf-folder out-int4 --target gpu --method int4[/]  ·  "
+EPILOG = ("Examples: [bold]llmconv quantize onnx-folder out-int8 --target cpu[/] (a folder: loads in "
+          "ORTModelForCausalLM)  ·  [bold]llmconv quantize hf-folder out-int4 --target gpu --method int4[/]  ·  "
+          "[bold]llmconv quantize model.onnx model-int8.onnx --target cpu[/] (the graph alone)  ·  "
           "[bold]llmconv quantize model.onnx static.onnx --target cpu --method int8-static "
-          "--calibration heldout.txt[/]  ·  [bold]llmconv quantize model.safetensors half.safetensors "
+          "--calibration fixtures/data/heldout.txt[/]  ·  [bold]llmconv quantize model.safetensors half.safetensors "
           "--target gpu[/]")
 # The JSON object's keys besides schema, ok and error, on every exit (llmconv.quantize/1).
 JSON_FIELDS = ("source", "destination", "source_format", "destination_format", "target", "method", "profile",

@@ -150,6 +150,8 @@ def command(
         "--localize", help="When the models differ, name the first node (ONNX vs ONNX) or decoder layer (PyTorch "
                            "vs ONNX) whose output leaves the profile.")] = False,
     provider: o.Provider = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No status line and no table: the verdict line "
+                                                                "alone (and the exit code).")] = False,
     json_output: o.Json = False,
     junit: o.Junit = None,
     keep_failed: o.KeepFailed = None,
@@ -188,7 +190,8 @@ def command(
             obj["error"] = {"code": 1, "message": report.summary(), "kept": kept}
         print_json(obj)
     else:
-        render_report(report)
+        if not quiet:
+            render_report(report)
         verdict = "[green]EQUIVALENT[/]" if report.passed else "[red]NOT EQUIVALENT[/]"
         out.print(f"{verdict}: {escape(report.summary())}")
     if not report.passed:

@@ -146,7 +146,7 @@ def _gate(reference: Path, candidate: Path, plan: ExportPlan, *, src: Path, dst:
           decode_steps: int | None, generate: int | None, fmt_name: str, t0: float) -> VerifyReport:
     """Verify the export (in the scratch folder) against PyTorch; raise, naming ``dst``, when it is not the model."""
     from llmconv.conversion import ConvertReport
-    from llmconv.verification.outputs import GATE_HINT, compare_outputs
+    from llmconv.verification.outputs import compare_outputs, gate_hint
 
     with progress.phase("verifying the export against PyTorch"):
         verification = compare_outputs(reference, candidate, profile="auto", provider=provider, task=plan.task,
@@ -166,7 +166,7 @@ def _gate(reference: Path, candidate: Path, plan: ExportPlan, *, src: Path, dst:
                             f"exported with {plan.exporter} for {plan.task}); nothing was written",
                             report=verification, path=dst, result=result())
     if not verification.passed:
-        verification.notes.append(GATE_HINT)
+        verification.notes.append(gate_hint(src, dst))
         raise NotEquivalent(f"the exported graph's outputs differ from PyTorch's: {verification.summary()}; "
                             "nothing was written", report=verification, path=dst, result=result())
     return verification

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import io
 import mmap
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from llmconv import progress as status
-from llmconv.checkpoint import TensorInfo, TensorSource, find_aliases
+from llmconv.checkpoint import TensorInfo, TensorSource, dtype_name, find_aliases
 from llmconv.errors import CorruptInput, InputError, UnsafeInput, Unsupported, UsageError
 from llmconv.formats import sharding
 from llmconv.formats.registry import Format, WriteOptions, register
@@ -239,7 +240,7 @@ def _check_view(name: str, t: torch.Tensor, path: Path) -> None:
         raise CorruptInput(f"tensor {name!r} has a negative stride or offset", path=path, hint=_CORRUPT_HINT)
     extent = _extent(t)
     last = t.storage_offset() + extent - 1
-    held = t.untyped_storage().nbytes() // t.element_size()
+    held = t.untyped_storage().nbytes() // t.element_size() * _values_per_element(t.dtype)
     if last >= held:
         raise CorruptInput(f"tensor {name!r} reaches element {last} of a storage that holds {held}",
                            path=path, hint=_CORRUPT_HINT)
@@ -292,7 +293,8 @@ def _check_overlaps(sd: dict[str, torch.Tensor], path: Path) -> None:
         if view in views:
             continue  # a tie: find_aliases makes it an alias
         views.add(view)
-        spans.append((t.data_ptr(), t.data_ptr() + _extent(t) * t.element_size(), name, t))
+        stored = -(-_extent(t) // _values_per_element(t.dtype))  # elements holding the tensor's values
+        spans.append((t.data_ptr(), t.data_ptr() + stored * t.element_size(), name, t))
     spans.sort(key=lambda s: (s[0], s[1]))
     cluster: list[tuple[int, int, str, torch.Tensor]] = []
     reach = 0
@@ -306,6 +308,18 @@ def _check_overlaps(sd: dict[str, torch.Tensor], path: Path) -> None:
     _check_cluster(cluster, reach, path)
 
 
+@functools.cache
+def _values_per_element(dtype: torch.dtype) -> int:
+    """How many values one stored element of ``dtype`` holds: more than one only for the sub-byte quantized
+    dtypes (quint4x2, quint2x4), whose sizes and strides count values; asked of torch, which packs them."""
+    if dtype not in _storable()[1]:
+        return 1
+    with warnings.catch_warnings():  # torch warns that quantized dtypes are deprecated
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_tensor(torch.zeros(8), 1.0, 0, dtype)
+    return max(1, 8 * q.element_size() // q.untyped_storage().nbytes())
+
+
 def _extent(t: torch.Tensor) -> int:
     """How many elements lie between a tensor's first and last (inclusive)."""
     return 1 + sum((size - 1) * st for size, st in zip(t.shape, t.stride(), strict=True))
@@ -314,7 +328,8 @@ def _extent(t: torch.Tensor) -> int:
 def _check_cluster(cluster: list[tuple[int, int, str, torch.Tensor]], reach: int, path: Path) -> None:
     if len(cluster) < 2:
         return
-    if all(t.numel() == _extent(t) for *_, t in cluster):
+    # Packed values (quint4x2) have no byte of their own to mark: their ranges are taken as dense.
+    if all(t.numel() == _extent(t) or _values_per_element(t.dtype) > 1 for *_, t in cluster):
         raise _overlap(cluster[0][2], cluster[1][2], path)  # the second starts inside the first
     base = cluster[0][0]
     mask = torch.zeros(reach - base, dtype=torch.bool)
@@ -349,6 +364,7 @@ class _Storage:
     key: object
     dtype: torch.dtype
     numel: int
+    untyped: bool = False  # torch.UntypedStorage, counted in bytes: the tensors on it carry their dtypes
 
     @property
     def nbytes(self) -> int:
@@ -360,12 +376,14 @@ class _Storage:
 
 @dataclass(eq=False)
 class _View:
-    """A tensor as the pickle declares it: the arguments torch's ``_rebuild_tensor_v2`` would get."""
+    """A tensor as the pickle declares it: the arguments torch's ``_rebuild_tensor_v2`` would get, and the
+    dtype ``_rebuild_tensor_v3`` gets (None: the storage's own)."""
 
     storage: object
     offset: object
     size: object
     stride: object
+    dtype: object = None
 
     def __setstate__(self, state: object) -> None:
         raise _Unmodelled("BUILD on a tensor")
@@ -374,6 +392,7 @@ class _View:
 @dataclass(frozen=True)
 class _StorageType:
     dtype: torch.dtype
+    untyped: bool = False
 
 
 class _Opaque:
@@ -402,12 +421,12 @@ class _Storages:
         self.declared: list[_Storage] = []
         self.by_key: dict[object, _Storage] = {}
 
-    def declare(self, key: object, dtype: torch.dtype, numel: int) -> _Storage:
+    def declare(self, key: object, dtype: torch.dtype, numel: int, *, untyped: bool = False) -> _Storage:
         # As torch.load: a zip checkpoint re-reads a key until it has loaded a storage with data (its
         # data pointer is null while it is empty); a legacy one keeps the first declaration of a key.
         if key in self.by_key:
             return self.by_key[key]
-        st = _Storage(key, dtype, numel)
+        st = _Storage(key, dtype, numel, untyped)
         self.declared.append(st)
         if self.legacy or st.nbytes > 0:
             self.by_key[key] = st
@@ -418,16 +437,33 @@ def _view(storage: object, offset: object, size: object, stride: object, *rest: 
     return _View(storage, offset, size, stride)
 
 
+def _view_v3(storage: object, offset: object, size: object, stride: object, requires_grad: object = None,
+             hooks: object = None, dtype: object = None, *rest: object) -> _View:
+    # torch.save's form for the dtypes without a legacy storage class (float8, float4, uint16-64, ...): the
+    # storage is untyped (counted in bytes) and the dtype comes along; offset and strides count elements.
+    return _View(storage, offset, size, stride, dtype)
+
+
 def _parameter(data: object, *rest: object) -> object:
     return data
 
 
 _MODELLED = {("torch._utils", "_rebuild_tensor_v2"): _view, ("torch._utils", "_rebuild_tensor"): _view,
+             ("torch._utils", "_rebuild_tensor_v3"): _view_v3,
              ("torch._utils", "_rebuild_parameter"): _parameter,
              ("torch._utils", "_rebuild_parameter_with_state"): _parameter,
              ("collections", "OrderedDict"): collections.OrderedDict}
 # What reading a damaged pickle can raise (pickle's pure-Python reader, over a capped file).
 _PARSE_ERRORS = (pickle.UnpicklingError, _Unmodelled, OverflowError, *_CORRUPT_ERRORS)
+
+
+@functools.cache
+def _torch_globals() -> dict[str, object]:
+    """What ``torch.load(weights_only=True)`` resolves each global it allows to, by ``module.name``: its own
+    allow-list, so that storage classes and dtypes are named here as torch names them."""
+    from torch import _weights_only_unpickler
+
+    return dict(_weights_only_unpickler._get_allowed_globals())
 
 
 class _StructureReader(pickle._Unpickler):
@@ -442,13 +478,14 @@ class _StructureReader(pickle._Unpickler):
         self.table = table
 
     def find_class(self, module: str, name: str) -> object:
-        if module == "torch" and name == "UntypedStorage":
-            return _StorageType(torch.uint8)
-        if module == "torch" and name.endswith("Storage"):
-            try:
-                return _StorageType(torch.serialization.StorageType(name).dtype)
-            except KeyError:
-                return _Opaque
+        # Storage classes and dtypes as torch's safe loader takes them (its allow-list, by the same name).
+        real = _torch_globals().get(f"{module}.{name}")
+        if real is torch.UntypedStorage or (module, name) == ("torch", "UntypedStorage"):
+            return _StorageType(torch.uint8, untyped=True)
+        if isinstance(real, torch.serialization.StorageType):
+            return _StorageType(real.dtype)
+        if isinstance(real, torch.dtype):
+            return real  # a value, not a callable: nothing runs
         return _MODELLED.get((module, name), _Opaque)
 
     def persistent_load(self, pid: object) -> _Storage:
@@ -460,7 +497,7 @@ class _StructureReader(pickle._Unpickler):
             raise _Unmodelled("persistent id")
         if not isinstance(stype, _StorageType) or type(numel) is not int or not isinstance(key, str | int | bytes):
             raise _Unmodelled("storage")
-        return self.table.declare(key, stype.dtype, numel)
+        return self.table.declare(key, stype.dtype, numel, untyped=stype.untyped)
 
 
 def _declared_views(obj: object) -> dict[str, _View]:
@@ -493,13 +530,20 @@ def _check_declared_views(views: dict[str, _View], path: Path) -> None:
             numel = f", storage of {st.numel} elements" if isinstance(st, _Storage) and st.numel < 0 else ""
             raise CorruptInput(f"tensor {name!r} has a negative size, stride or offset (size {list(v.size)}, "
                                f"stride {list(v.stride)}, offset {v.offset}{numel})", path=path, hint=_CORRUPT_HINT)
+        if not isinstance(st, _Storage) or 0 in v.size:
+            continue
+        dtype = st.dtype if v.dtype is None else v.dtype
+        if not isinstance(dtype, torch.dtype):
+            continue  # not a dtype torch's safe loader knows: it refuses the file itself
+        # A v3 view of an untyped storage counts its elements in its own dtype, the storage in bytes.
+        held = st.nbytes // dtype.itemsize
         last = v.offset + sum((n - 1) * s for n, s in zip(v.size, v.stride, strict=False))
-        if isinstance(st, _Storage) and 0 not in v.size and last >= st.numel:
-            raise CorruptInput(f"tensor {name!r} reaches element {last} of a storage that holds {st.numel}",
+        if last >= held:
+            raise CorruptInput(f"tensor {name!r} reaches element {last} of a storage that holds {held}",
                                path=path, hint=_CORRUPT_HINT)
 
 
-def _legacy_problem(f: _Capped, path: Path) -> CorruptInput | None:
+def _legacy_problem(f: _Capped, path: Path) -> InputError | None:
     """What is provably wrong with a legacy checkpoint, found before torch allocates its storages.
 
     The layout: pickles of the magic number, protocol and system info, the state dict, the list of
@@ -516,6 +560,14 @@ def _legacy_problem(f: _Capped, path: Path) -> CorruptInput | None:
         keys = _StructureReader(f, table).load()
     views = _declared_views(obj)
     users = _first_users(views)
+    for name, v in views.items():
+        if isinstance(v.storage, _Storage) and v.storage.untyped:
+            # torch.save writes the dtypes without a legacy storage class (float8, uint16, ...) this way
+            # when asked for the legacy format, but torch.load reads no untyped storage from one.
+            what = dtype_name(v.dtype) if isinstance(v.dtype, torch.dtype) else "untyped"
+            return Unsupported(f"tensor {name!r} ({what}) is stored in the legacy (non-zip) format, from which "
+                               "torch.load cannot read it back", path=path,
+                               hint="save it again with torch.save's default (zip) format, or as safetensors")
     total = 0
     for st in table.declared:
         total += max(0, st.nbytes)
@@ -661,12 +713,63 @@ def _watch_size(path: Path, progress, limit: int):
         th.join()
 
 
+@functools.cache
+def _storable() -> tuple[frozenset[torch.dtype], frozenset[torch.dtype]]:
+    """The dtypes a state dict holds: those ``torch.save`` stores in a form ``torch.load(weights_only=True)``
+    reads back; and of those, the quantized ones.
+
+    Both sides are torch's own rules: torch.save stores the dtypes of ``torch.storage._new_dtypes()`` as an
+    untyped storage plus the dtype (``_rebuild_tensor_v3``), the others as the legacy storage class
+    ``_dtype_to_storage_type_map()`` names; the safe loader must allow each of those globals.
+    """
+    allowed = _torch_globals()
+    legacy = torch.storage._dtype_to_storage_type_map()
+    v3 = torch.storage._new_dtypes()
+    v3_ok = "torch._utils._rebuild_tensor_v3" in allowed and allowed.get("torch.storage.UntypedStorage") is not None
+
+    def reads_back(d: torch.dtype) -> bool:
+        if d in v3:
+            return v3_ok and allowed.get(str(d)) is d
+        return d in legacy and f"torch.{legacy[d]}" in allowed
+
+    storable = frozenset(v for v in vars(torch).values() if isinstance(v, torch.dtype) and reads_back(v))
+    with warnings.catch_warnings():  # torch warns that quantized dtypes are deprecated
+        warnings.simplefilter("ignore")
+        quantized = frozenset(d for d in storable if torch.empty(0, dtype=d).is_quantized)
+    return storable, quantized
+
+
+def _check_storable(src: TensorSource, names: list[str], dst: Path) -> None:
+    storable, quantized = _storable()
+    for n in names:
+        dtype = src.infos[n].dtype
+        if dtype not in storable:
+            known = ", ".join(sorted(dtype_name(d) for d in storable - quantized))
+            raise Unsupported(f"tensor {n!r} has dtype {dtype_name(dtype)}, which a PyTorch state dict cannot hold: "
+                              "torch.save has no form of it that torch.load(weights_only=True) reads back",
+                              path=dst, hint=f"cast it to one of: {known}")
+
+
+def _quantized(name: str, t: torch.Tensor, dst: Path) -> torch.Tensor:
+    """A tensor of a quantized dtype is stored with its quantizer (scale, zero point): bare bytes are not enough."""
+    if t.dtype in _storable()[1] and not t.is_quantized:
+        raise Unsupported(f"tensor {name!r} has dtype {dtype_name(t.dtype)} but no quantizer (scale and zero "
+                          "point), so torch.save cannot store it", path=dst,
+                          hint="dequantize it first, or convert from the quantized PyTorch checkpoint itself")
+    return t
+
+
 def write_file(src: TensorSource, names: list[str], dst: Path, *, progress=None) -> None:
-    """Write ``names`` (aliases included, sharing storage) as one zip state dict at ``dst``."""
+    """Write ``names`` (aliases included, sharing storage) as one zip state dict at ``dst``.
+
+    Raises:
+        Unsupported: a tensor's dtype has no form ``torch.load(weights_only=True)`` reads (named, with its dtype).
+    """
+    _check_storable(src, names, dst)
     total = sum(src.infos[n].nbytes for n in names if n not in src.aliases)
     with contextlib.ExitStack() as stack:
         if src.zero_copy:
-            canon = {n: src.tensor(n) for n in names if n not in src.aliases}
+            canon = {n: _quantized(n, src.tensor(n), dst) for n in names if n not in src.aliases}
         else:
             canon = _spill(src, [n for n in names if n not in src.aliases], dst, stack)
         state = {}
@@ -701,10 +804,15 @@ def _spill(src: TensorSource, names: list[str], near: Path, stack: contextlib.Ex
     tmpdir = Path(stack.enter_context(scratch_dir(near)))
     spill = tmpdir / "spill.bin"
     offsets: dict[str, int] = {}
+    kept: dict[str, torch.Tensor] = {}
+    quantized = _storable()[1]
     with open(spill, "wb") as f:
         pos = 0
         for n in names:
             t = src.tensor(n)
+            if t.dtype in quantized:
+                kept[n] = _quantized(n, t, near)  # its quantizer goes with it; it cannot be mapped back from bytes
+                continue
             pad = -pos % 64
             f.write(b"\0" * pad)
             pos += pad
@@ -718,7 +826,9 @@ def _spill(src: TensorSource, names: list[str], near: Path, stack: contextlib.Ex
     out = {}
     for n in names:
         info = src.infos[n]
-        if info.numel == 0:
+        if n in kept:
+            out[n] = kept[n]
+        elif info.numel == 0:
             out[n] = torch.empty(info.shape, dtype=info.dtype)
         else:
             out[n] = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=offsets[n]).view(info.shape)

@@ -143,7 +143,8 @@ class PruneReport:
             "tensors": [t.to_json() for t in self.tensors], "skipped": self.skipped, "files": self.files,
             "bytes_written": self.bytes_written, "thresholds": self.thresholds, "notes": self.notes,
             "seconds": None if self.seconds is None else round(self.seconds, 3),
-            "verified": self.verification is not None,
+            "verified": self.verification is not None and self.verification.passed
+                        and (self.quality is None or self.quality.passed),
             "verification": self.verification.to_json() if self.verification is not None else None,
             "quality": self.quality.to_json() if self.quality is not None else None,
         }

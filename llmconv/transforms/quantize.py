@@ -272,7 +272,7 @@ class QuantizeReport:
             "ops_before": self.ops_before, "ops_after": self.ops_after, "tensors_cast": self.tensors_cast,
             "options": self.options, "attempts": [a.to_json() for a in self.attempts],
             "notes": self.notes, "seconds": None if self.seconds is None else round(self.seconds, 3),
-            "verified": self.verification is not None,
+            "verified": self.verification is not None and self.verification.passed,
             "verification": self.verification.to_json() if self.verification is not None else None,
         }
 
@@ -560,9 +560,9 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             verification.extra["attempts"] = [a.to_json() for a in attempts]
             if cpu_json is not None:
                 verification.extra["cpu"] = cpu_json
-            from llmconv.verification.outputs import GATE_HINT
+            from llmconv.verification.outputs import gate_hint
 
-            verification.notes.append(GATE_HINT)
+            verification.notes.append(gate_hint(src_path, dst_path))
             # Inside a keep_failed block the output this report is about (the closest attempt) is kept.
             keep_candidate(out_file.parent if folder_out else out_file, dst_path, folder=folder_out,
                            prepare=lambda: folder_out and copy_companions(companions_from, out_file.parent))
@@ -670,9 +670,9 @@ def _quantize_seq2seq(src_path: Path, dst_path: Path, *, fmt: Any, target: str, 
             verification.reference, verification.candidate = str(src_path), str(dst_path)
             rename_paths(verification, {out_dir: dst_path, ref_dir: src_path})
             if not verification.passed:
-                from llmconv.verification.outputs import GATE_HINT
+                from llmconv.verification.outputs import gate_hint
 
-                verification.notes.append(GATE_HINT)
+                verification.notes.append(gate_hint(src_path, dst_path))
                 keep_candidate(out_dir, dst_path, folder=True)  # kept inside a keep_failed block
                 raise NotEquivalent(f"{method} output is not within the {PROFILES[method]} profile: "
                                     f"{verification.summary()}; nothing was written", report=verification,

@@ -278,6 +278,15 @@ def crash_report(e: GraphRunError, *, reference: Path, candidate: Path, profile:
 LOCALIZE_HINT = "to name the first layer or node where the two models part, rerun verify with --localize"
 GATE_HINT = ("to name the first layer or node where the models part, write the output with --no-verify, then run "
              "llmconv verify SRC DST --localize")
+
+
+def gate_hint(src: str | Path, dst: str | Path) -> str:
+    """:data:`GATE_HINT` with the command's own source and destination in place of SRC and DST."""
+    return GATE_HINT.replace("SRC DST", f"{src} {dst}")
+
+
+def is_gate_hint(note: str) -> bool:
+    return note.startswith(GATE_HINT.split(", then run")[0])
 TEXT_LOGITS_BYTES = 256 << 20  # the reference's logits on the text kept for text.logits, at most
 
 

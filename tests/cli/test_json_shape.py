@@ -20,6 +20,8 @@ def keys(cli, *args, code: int) -> dict:
     assert out["ok"] is (code == 0) and ("error" in out) is (code != 0)
     if code:
         assert out["error"]["code"] == code and out["error"]["message"] and "kept" in out["error"]
+    if "verified" in out and code != 2:  # true only for an output verified and put in place (exit 2: null)
+        assert out["verified"] is (code == 0 and out["verification"] is not None)
     return out
 
 
@@ -93,3 +95,14 @@ def test_inspect(cli, fx, tmp_path, fixture):
     usage = keys(cli, "inspect", tmp_path / "missing.safetensors", code=2)
     same_shape(inspect_cmd, ok, usage)
     assert ok["seconds"] >= 0 and (ok["architecture"] is None) is (fixture == "llama.safetensors")
+
+
+@pytest.mark.parametrize("command", ["formats", "env"])
+def test_formats_and_env_keep_their_keys_on_a_usage_error(cli, command):
+    from llmconv.cli import env_cmd, formats_cmd
+
+    module = {"formats": formats_cmd, "env": env_cmd}[command]
+    ok = keys(cli, command, code=0)
+    usage = keys(cli, command, "--bogus", code=2)
+    same_shape(module, ok, usage)
+    assert ok["seconds"] >= 0 and usage["seconds"] >= 0

@@ -225,3 +225,12 @@ def test_junit_stays_well_formed_when_names_hold_control_characters(cli, fx, tmp
     names = [tc.get("name") for tc in suite.iter("testcase")]
     assert any("\\x1b[" in n for n in names), names
     assert not any(ch in "".join(names) for ch in "\x1b\x07")
+
+
+def test_quiet_prints_the_verdict_line_alone(cli, llama, tmp_path):
+    r = cli("verify", llama, llama, "--quiet")
+    assert r.exit_code == 0 and r.stdout == "EQUIVALENT: all 21 checks passed\n" and r.stderr == ""
+    cand = variant(llama, tmp_path, "pert", perturb)
+    r = cli("verify", llama, cand, "-q")
+    assert r.exit_code == 1 and r.stdout.startswith("NOT EQUIVALENT: 1 of 21 checks failed") and r.stderr == ""
+    assert len(r.stdout.splitlines()) == 1

@@ -205,3 +205,158 @@ def test_pytorch_content_wins_over_a_misleading_extension(fx, tmp_path):
     assert registry.detect(disguised).name == "pytorch"
     with registry.open_checkpoint(disguised) as src:
         assert "embeddings.word_embeddings.weight" in src.infos
+
+
+# ---- every dtype torch.save stores ----
+
+def _sample_any(dtype: torch.dtype) -> torch.Tensor:
+    """A [2, n] tensor of ``dtype`` with varied bytes; a quantized dtype gets a real quantizer."""
+    import warnings
+
+    from tests.formats.test_safetensors import _sample
+
+    with warnings.catch_warnings():  # torch warns that quantized dtypes are deprecated
+        warnings.simplefilter("ignore")
+        if torch.empty(0, dtype=dtype).is_quantized:
+            return torch.quantize_per_tensor(torch.linspace(-1, 1, 16).view(2, 8), 0.05, 3, dtype)
+    return _sample(dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return (t.int_repr() if t.is_quantized else t).contiguous().view(torch.uint8)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    same_q = not a.is_quantized or (a.q_scale(), a.q_zero_point()) == (b.q_scale(), b.q_zero_point())
+    return (a.dtype, a.shape) == (b.dtype, b.shape) and same_q and torch.equal(_bits(a), _bits(b))
+
+
+def _torch_saved_dtypes() -> list[torch.dtype]:
+    """Every dtype whose tensors torch.save writes and torch.load(weights_only=True) reads back, found by trying."""
+    import io
+    import warnings
+
+    found = []
+    for dtype in sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str):
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                t = _sample_any(dtype)
+                torch.save(t, buf)
+                buf.seek(0)
+                back = torch.load(buf, weights_only=True)
+            except (RuntimeError, KeyError, TypeError):  # int1..int7, uint1..uint7: torch.save has no storage
+                continue
+        assert _same(back, t), dtype
+        found.append(dtype)
+    return found
+
+
+def test_every_safetensors_dtype_converts_to_a_state_dict_torch_loads_bit_for_bit(tmp_path, cli):
+    """float8 (E8M0 and FNUZ included), packed float4 and uint16/32/64: safetensors -> .bin, as a file and as a
+    folder; torch.load(weights_only=True) reads every tensor back bit for bit, and so does llmconv."""
+    from safetensors.torch import _SIZE, load_file, save_file
+
+    src = tmp_path / "all.safetensors"
+    save_file({f"t_{str(dt).removeprefix('torch.')}": _sample_any(dt) for dt in _SIZE}, src)
+    tensors = load_file(src)
+    for dst, more in ((tmp_path / "o" / "c.bin", ()), (tmp_path / "dir", ("--to", "pytorch"))):
+        r = cli("convert", src, dst, *more)
+        assert r.exit_code == 0, r.output
+        out = torch.load(dst if dst.suffix else dst / "pytorch_model.bin", weights_only=True)
+        assert sorted(out) == sorted(tensors)
+        assert [n for n, t in tensors.items() if not _same(out[n], t)] == []
+    back = tmp_path / "back.safetensors"
+    assert cli("convert", tmp_path / "o" / "c.bin", back).exit_code == 0
+    again = load_file(back)
+    assert [n for n, t in tensors.items() if not _same(again[n], t)] == []
+
+
+def test_every_dtype_torch_save_stores_is_read_and_written_bit_for_bit(tmp_path, cli):
+    """A torch.save file of every dtype torch.load(weights_only=True) reads (bits, complex32 and quantized too),
+    each as a slice at an offset of a shared storage: inspect reads it, llmconv's tensors are torch's, and both
+    a .bin and (for the dtypes safetensors holds) a .safetensors written from it hold the same bytes."""
+    from safetensors.torch import _SIZE, load_file
+
+    dtypes = _torch_saved_dtypes()
+    assert {torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz,
+            torch.float8_e8m0fnu, torch.float4_e2m1fn_x2, torch.uint16, torch.uint32, torch.uint64,
+            torch.bool, torch.complex64, torch.qint8} <= set(dtypes)
+    sd = {}
+    for dt in dtypes:
+        base, name = _sample_any(dt), str(dt).removeprefix("torch.")
+        sd[f"{name}.whole"] = base
+        if not base.is_quantized:  # rows 0 and 1 as two tensors of one storage, the second at an offset
+            rows = base.reshape(2, -1)
+            sd[f"{name}.whole"], sd[f"{name}.row1"] = rows[0], rows[1]
+    path = tmp_path / "all.bin"
+    torch.save(sd, path)
+    ref = torch.load(path, weights_only=True)
+    r = cli("inspect", path, "--json")
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)["dtypes"]) == {str(dt).removeprefix("torch.") for dt in dtypes}
+    with registry.open_checkpoint(path) as src:
+        assert [n for n, t in ref.items() if not _same(src.tensor(n), t)] == []
+    out = tmp_path / "out.bin"
+    assert cli("convert", path, out).exit_code == 0
+    written = torch.load(out, weights_only=True)
+    assert sorted(written) == sorted(ref) and [n for n, t in ref.items() if not _same(written[n], t)] == []
+
+    st_path = tmp_path / "st.bin"
+    torch.save({n: t for n, t in sd.items() if t.dtype in _SIZE}, st_path)
+    r = cli("convert", st_path, tmp_path / "st.safetensors")
+    assert r.exit_code == 0, r.output
+    st = load_file(tmp_path / "st.safetensors")
+    assert len(st) == 2 * len(_SIZE) and [n for n, t in st.items() if not _same(t, ref[n])] == []
+
+
+def test_tensors_made_in_memory_are_spilled_and_stored_in_every_dtype(tmp_path):
+    """The writer's other path (a cast, a source that is not mapped): bytes go through a scratch file and are
+    mapped back; a quantized tensor keeps its quantizer."""
+    from llmconv.checkpoint import TensorInfo, TensorSource
+
+    tensors = {str(dt).removeprefix("torch."): _sample_any(dt) for dt in _torch_saved_dtypes()}
+    src = TensorSource(format="test", path=tmp_path, loader=lambda n: tensors[n], zero_copy=False,
+                       infos={n: TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()})
+    dst = tmp_path / "spilled.bin"
+    pt_format.write_file(src, list(tensors), dst)
+    out = torch.load(dst, weights_only=True)
+    assert [n for n, t in tensors.items() if not _same(out[n], t)] == []
+
+
+@pytest.mark.skipif(not hasattr(torch, "int4"), reason="this torch has no int4 dtype")
+@pytest.mark.parametrize("folder", [False, True])
+def test_a_dtype_torch_save_cannot_store_is_refused_naming_the_tensor_and_the_destination(tmp_path, folder):
+    """torch.int4 has no storage torch.save can write: the refusal names the tensor, its dtype and DST (never the
+    temporary name the writer was given), and leaves nothing behind."""
+    from llmconv.checkpoint import TensorInfo, TensorSource
+    from llmconv.io import atomic_output
+
+    t = torch.zeros(4, dtype=torch.uint8).view(torch.int4)
+    with pytest.raises(KeyError):  # torch itself cannot
+        torch.save({"w": t}, tmp_path / "torch.bin")
+    tensors = {"ok": torch.ones(2), "w": t}
+    src = TensorSource(format="test", path=tmp_path, loader=lambda n: tensors[n],
+                       infos={n: TensorInfo(n, v.dtype, tuple(v.shape)) for n, v in tensors.items()})
+    dst = tmp_path / "out" / ("dir" if folder else "c.bin")
+    with pytest.raises(Unsupported) as info, atomic_output(dst, folder=folder) as tmp:
+        pt_format.FORMAT.write(src, tmp, folder=folder, options=WriteOptions())
+    named = dst / "pytorch_model.bin" if folder else dst
+    msg = str(info.value)
+    assert msg.startswith(f"{named}: tensor 'w' has dtype int4, which a PyTorch state dict cannot hold")
+    assert info.value.path == named and "llmconv-tmp" not in msg and "float8_e4m3fn" in msg  # the hint lists
+    assert not (tmp_path / "out").exists()
+
+
+def test_legacy_file_of_a_dtype_torch_cannot_read_back_is_refused_as_such(tmp_path, cli):
+    """torch.save(_use_new_zipfile_serialization=False) writes float8 as an untyped storage torch.load cannot read."""
+    path = tmp_path / "legacy-f8.pt"
+    torch.save({"w": _sample_any(torch.float8_e5m2)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(AttributeError):
+        torch.load(path, weights_only=True)
+    r = cli("inspect", path)
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (f"error: {path}: tensor 'w' (float8_e5m2) is stored in the legacy (non-zip) format, "
+                                "from which torch.load cannot read it back (save it again with torch.save's default "
+                                "(zip) format, or as safetensors)")

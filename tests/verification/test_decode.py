@@ -293,8 +293,9 @@ def test_a_failed_gate_says_how_to_localize_what_it_did_not_keep(llama, tmp_path
     with pytest.raises(NotEquivalent) as e:
         quantize(onnx_dir, tmp_path / "q", target="cpu", method="int8-dynamic", atol=1e-9)
     assert not (tmp_path / "q").exists()
-    assert any("write the output with --no-verify, then run llmconv verify SRC DST --localize" in n
-               for n in e.value.report.notes), e.value.report.notes
+    # The command's own paths, not placeholders.
+    assert any(f"write the output with --no-verify, then run llmconv verify {onnx_dir} {tmp_path / 'q'} --localize"
+               in n for n in e.value.report.notes), e.value.report.notes
 
 
 @pytest.fixture(scope="module")
