@@ -45,6 +45,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 _PACKED_VALUES = {dt: 2 for dt in (getattr(torch, "float4_e2m1fn_x2", None),) if dt is not None}
 
 
+def packed_values(dtype: torch.dtype) -> int:
+    """Values per element of ``dtype``: 2 for a packed dtype (``float4_e2m1fn_x2``), else 1."""
+    return _PACKED_VALUES.get(dtype, 1)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What is known of a tensor without reading its data."""
@@ -68,7 +73,7 @@ class TensorInfo:
     def values(self) -> int:
         """How many numbers the tensor holds: its elements, times two for a packed dtype (torch's
         ``float4_e2m1fn_x2`` holds two 4-bit values per element)."""
-        return self.numel * _PACKED_VALUES.get(self.dtype, 1)
+        return self.numel * packed_values(self.dtype)
 
 
 @dataclass

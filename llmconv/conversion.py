@@ -178,6 +178,18 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             with status.phase(f"writing {dst_path.name}{cast_to}"):
                 files = dest.format.write(view, tmp, folder=dest.folder, options=options)
             verification = None
+
+            def report(bytes_written: int | None, written_files: list[str]) -> ConvertReport:
+                """This conversion's report; on exit 1 with nothing written (``None``, ``[]``)."""
+                return ConvertReport(
+                    source=str(src_path), destination=str(dst_path), source_format=src_fmt.name,
+                    destination_format=dest.format.name, weights_format=dest.weights_format,
+                    tensors=len(view.infos) - len(view.aliases), aliases=dict(view.aliases),
+                    parameters=view.num_parameters, bytes_written=bytes_written, files=written_files,
+                    dtype=dtype if dtype == "keep" else dtype_name(CAST_TARGETS[dtype]), cast=cast,
+                    dropped_aliases=dropped, notes=notes, verification=verification,
+                    seconds=time.perf_counter() - t0)
+
             if verify:
                 with status.phase(f"verifying {dst_path.name} against the source"), \
                         dest.format.open(tmp) as written:
@@ -190,23 +202,10 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                 if not verification.passed:
                     raise NotEquivalent(
                         f"written output differs from the source: {verification.summary()}; nothing was written",
-                        report=verification, path=dst_path, result=ConvertReport(
-                            source=str(src_path), destination=str(dst_path), source_format=src_fmt.name,
-                            destination_format=dest.format.name, weights_format=dest.weights_format,
-                            tensors=len(view.infos) - len(view.aliases), aliases=dict(view.aliases),
-                            parameters=view.num_parameters, bytes_written=None, files=[],
-                            dtype=dtype if dtype == "keep" else dtype_name(CAST_TARGETS[dtype]), cast=cast,
-                            dropped_aliases=dropped, notes=notes, verification=verification,
-                            seconds=time.perf_counter() - t0))
+                        report=verification, path=dst_path, result=report(None, []))
             rel = [str(dst_path / f.relative_to(tmp)) if dest.folder else str(dst_path) for f in files]
             size = sum(f.stat().st_size for f in files)
-        return ConvertReport(
-            source=str(src_path), destination=str(dst_path), source_format=src_fmt.name,
-            destination_format=dest.format.name, weights_format=dest.weights_format,
-            tensors=len(view.infos) - len(view.aliases), aliases=dict(view.aliases),
-            parameters=view.num_parameters, bytes_written=size, files=rel,
-            dtype=dtype if dtype == "keep" else dtype_name(CAST_TARGETS[dtype]), cast=cast,
-            dropped_aliases=dropped, notes=notes, verification=verification, seconds=time.perf_counter() - t0)
+        return report(size, rel)
 
 
 def tie_notes(src: TensorSource, dropped: dict[str, str], copied: dict[str, str]) -> list[str]:

@@ -105,7 +105,6 @@ class NotEquivalent(LlmconvError):
                  result: Any = None) -> None:
         self.report = report
         self.result = result
-        self.kept = None
         super().__init__(message, path=path)
 
     def amend(self, text: str) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import dataclasses
 import errno
+import glob
 import hashlib
 import json
 import math
@@ -826,13 +827,8 @@ def _kept_names(folder: Path, name: str, *, model: bool) -> list[Path]:
     if model:
         main = folder / name
         return [main, *data_files_beside(main), folder / f"{name}{REPORT_SUFFIX}"]
-    inputs = sorted(folder.glob(f"{glob_escape(name)}.inputs-*.npz")) if folder.is_dir() else []
+    inputs = sorted(folder.glob(f"{glob.escape(name)}.inputs-*.npz")) if folder.is_dir() else []
     return [folder / f"{name}{REPORT_SUFFIX}", *inputs]
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with the characters glob reads as patterns escaped."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _in_the_way(folder: Path, name: str, owner: Path, paths: Iterable[Path]) -> Path | None:

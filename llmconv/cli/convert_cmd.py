@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from llmconv.cli import options as o
-from llmconv.cli.output import escape, out, print_json
+from llmconv.cli.output import escape, out, print_json, run_recorded
 
 HELP = "Convert a checkpoint between formats (lossless by default), verified before it is put in place."
 EPILOG = ("Examples: [bold]llmconv convert model/pytorch_model.bin model.safetensors[/]  ·  "
@@ -48,10 +48,8 @@ def command(
     junit: o.Junit = None,
     keep_failed: o.KeepFailed = None,
 ) -> None:
-    from llmconv.conversion import ConvertReport, convert
-    from llmconv.errors import NotEquivalent
+    from llmconv.conversion import convert
     from llmconv.io import human_size
-    from llmconv.io import keep_failed as keeping
 
     t0 = time.perf_counter()
     if junit is not None:
@@ -66,28 +64,12 @@ def command(
         if value is not None:
             export_options[key] = value
     # The bytes written and the export's steps reach the terminal through llmconv.progress (see guarded()).
-    try:
-        with keeping(keep_failed):
-            report = convert(src, dst, to=to, dtype=dtype, shard_size=shard_size, verify=verify, force=force,
-                             **export_options)
-    except NotEquivalent as e:
-        if e.result is None:  # the ONNX export's check: its report is all the library hands back
-            e.result = ConvertReport(source=str(src), destination=str(dst), source_format=None,
-                                     destination_format=None, weights_format=None, tensors=None, parameters=None,
-                                     bytes_written=None, files=[], dtype=None, verification=e.report,
-                                     seconds=time.perf_counter() - t0)
-        if junit is not None:
-            from llmconv.verification.junit import write_command_junit
-
-            write_command_junit(junit, command="convert", result=e.result, error=str(e),
-                                seconds=time.perf_counter() - t0)
-        raise
-    if junit is not None:
-        from llmconv.verification.junit import write_command_junit
-
-        write_command_junit(junit, command="convert", result=report, seconds=time.perf_counter() - t0,
-                            summary=f"{report.source_format} -> {report.destination_format}: {report.tensors} tensors, "
-                                    f"{human_size(report.bytes_written)} in {len(report.files)} file(s)")
+    report = run_recorded(
+        "convert", lambda: convert(src, dst, to=to, dtype=dtype, shard_size=shard_size, verify=verify, force=force,
+                                   **export_options),
+        junit=junit, keep=keep_failed, t0=t0,
+        summary=lambda r: f"{r.source_format} -> {r.destination_format}: {r.tensors} tensors, "
+                          f"{human_size(r.bytes_written)} in {len(r.files)} file(s)")
     if json_output:
         print_json(report.to_json())
         return

@@ -8,7 +8,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console, ConsoleDimensions
@@ -110,6 +111,38 @@ def emit_error(command: str, code: int, message: str, *, as_json: bool, report: 
 
         render_report(report, console=err)
     err.print(f"[bold red]error:[/] {escape(message)}")
+
+
+def run_recorded(command: str, call: Callable[[], Any], *, junit: Path | None, keep: Path | None, t0: float,
+                 summary: Callable[[Any], str], failed: Callable[[Any], None] | None = None) -> Any:
+    """Run a writing command's library call (convert, quantize, prune) inside ``--keep-failed``'s block, and
+    record it in ``--junit``: the passing step with ``summary(report)``, or on exit 1 the failed step and its
+    checks (``failed(error)`` is called first).
+
+    Returns:
+        What ``call`` returned.
+    """
+    from llmconv.errors import NotEquivalent
+    from llmconv.io import keep_failed
+
+    try:
+        with keep_failed(keep):
+            report = call()
+    except NotEquivalent as e:
+        if failed is not None:
+            failed(e)
+        if junit is not None:
+            from llmconv.verification.junit import write_command_junit
+
+            write_command_junit(junit, command=command, result=e.result, verification=e.report, error=str(e),
+                                seconds=time.perf_counter() - t0)
+        raise
+    if junit is not None:
+        from llmconv.verification.junit import write_command_junit
+
+        write_command_junit(junit, command=command, result=report, seconds=time.perf_counter() - t0,
+                            summary=summary(report))
+    return report
 
 
 def failure_json(command: str, code: int, message: str, *, report: Any = None, result: Any = None,

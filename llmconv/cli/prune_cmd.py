@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from llmconv.cli import options as o
-from llmconv.cli.output import escape, fmt_num, kv_table, out, print_json
+from llmconv.cli.output import escape, fmt_num, kv_table, out, print_json, run_recorded
 
 HELP = ("Magnitude-prune the linear-layer weights (embeddings, output head, norms and biases untouched unless "
         "--include names them) of safetensors, PyTorch, hf folders or ONNX models. Patterns: unstructured; "
@@ -55,9 +55,7 @@ def command(
     junit: o.Junit = None,
     keep_failed: o.KeepFailed = None,
 ) -> None:
-    from llmconv.errors import NotEquivalent
     from llmconv.io import human_size
-    from llmconv.io import keep_failed as keeping
     from llmconv.transforms.prune import prune
 
     t0 = time.perf_counter()
@@ -65,24 +63,13 @@ def command(
         from llmconv.verification.junit import check_report_path
 
         check_report_path(junit, models=[src], writes=[dst], reads={"--text": text, "--inputs": inputs})
-    try:
-        with keeping(keep_failed):
-            report = prune(src, dst, sparsity=sparsity, pattern=pattern, include=include, exclude=exclude, text=text,
-                           inputs=inputs, min_top1=min_top1, max_ppl_increase=max_ppl_increase, provider=provider,
-                           verify=verify, force=force, decode_steps=decode_steps, generate=generate)
-    except NotEquivalent as e:
-        if junit is not None:
-            from llmconv.verification.junit import write_command_junit
-
-            write_command_junit(junit, command="prune", result=e.result, verification=e.report, error=str(e),
-                                seconds=time.perf_counter() - t0)
-        raise
-    if junit is not None:
-        from llmconv.verification.junit import write_command_junit
-
-        write_command_junit(junit, command="prune", result=report, seconds=time.perf_counter() - t0,
-                            summary=f"{report.pattern} at {fmt_num(report.sparsity)}: {len(report.tensors)} tensors, "
-                                    f"{report.overall:.2%} zeros")
+    report = run_recorded(
+        "prune", lambda: prune(src, dst, sparsity=sparsity, pattern=pattern, include=include, exclude=exclude,
+                               text=text, inputs=inputs, min_top1=min_top1, max_ppl_increase=max_ppl_increase,
+                               provider=provider, verify=verify, force=force, decode_steps=decode_steps,
+                               generate=generate),
+        junit=junit, keep=keep_failed, t0=t0,
+        summary=lambda r: f"{r.pattern} at {fmt_num(r.sparsity)}: {len(r.tensors)} tensors, {r.overall:.2%} zeros")
     if json_output:
         print_json(report.to_json())
         return

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from llmconv.cli import options as o
-from llmconv.cli.output import err, escape, fmt_num, kv_table, out, print_json
+from llmconv.cli.output import err, escape, fmt_num, kv_table, out, print_json, run_recorded
 
 HELP = ("Quantize a model for CPU or GPU with onnxruntime's own tools (int8 dynamic/static, int4 MatMulNBits, "
         "fp16), or cast weights to fp16/bf16; the output is verified against the source before it is put in "
@@ -69,9 +69,7 @@ def command(
     junit: o.Junit = None,
     keep_failed: o.KeepFailed = None,
 ) -> None:
-    from llmconv.errors import NotEquivalent
     from llmconv.io import human_size
-    from llmconv.io import keep_failed as keeping
     from llmconv.transforms.quantize import PROFILES, quantize
 
     t0 = time.perf_counter()
@@ -81,29 +79,20 @@ def command(
         check_report_path(junit, models=[src], writes=[dst],
                           reads={"--calibration": calibration, "--text": text, "--inputs": inputs})
     types = [t.strip() for t in op_types.split(",") if t.strip()] if op_types is not None else None
-    try:
-        with keeping(keep_failed):
-            report = quantize(src, dst, target=target, method=method, calibration=calibration,
-                              per_channel=per_channel, block_size=block_size, op_types=types, text=text, inputs=inputs,
-                              atol=atol, rtol=rtol, max_ppl_increase=max_ppl_increase, provider=provider,
-                              calibration_samples=calibration_samples, verify=verify, force=force, cpu=cpu,
-                              decode_steps=decode_steps, generate=generate)
-    except NotEquivalent as e:
-        if junit is not None:
-            from llmconv.verification.junit import write_command_junit
 
-            write_command_junit(junit, command="quantize", result=e.result, verification=e.report, error=str(e),
-                                seconds=time.perf_counter() - t0)
+    def show_attempts(e: Any) -> None:
         tried = getattr(e.report, "extra", {}).get("attempts", [])
         if len(tried) > 1 and not (json_output or quiet):
             err.print(attempts_table(tried))  # every setting tried, above the closest one's checks
-        raise
-    if junit is not None:
-        from llmconv.verification.junit import write_command_junit
 
-        write_command_junit(junit, command="quantize", result=report, seconds=time.perf_counter() - t0,
-                            summary=f"{report.method} for {report.target}: {human_size(report.size_before)} -> "
-                                    f"{human_size(report.size_after)}")
+    report = run_recorded(
+        "quantize", lambda: quantize(src, dst, target=target, method=method, calibration=calibration,
+                                     per_channel=per_channel, block_size=block_size, op_types=types, text=text,
+                                     inputs=inputs, atol=atol, rtol=rtol, max_ppl_increase=max_ppl_increase,
+                                     provider=provider, calibration_samples=calibration_samples, verify=verify,
+                                     force=force, cpu=cpu, decode_steps=decode_steps, generate=generate),
+        junit=junit, keep=keep_failed, t0=t0, failed=show_attempts,
+        summary=lambda r: f"{r.method} for {r.target}: {human_size(r.size_before)} -> {human_size(r.size_after)}")
     if json_output:
         print_json(report.to_json())
         return

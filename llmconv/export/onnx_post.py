@@ -137,9 +137,7 @@ def finalize(path: Path, *, data_name: str, external_data: bool, checkpoint: Ten
         write_name_record(path, record)
         model, inline = _structure(path)
         if checkpoint is not None:
-            held = record.held()
-            summary = {"tensors": len(held), "absent": record.absent(),
-                       "transposed": sum(t.holders[0].transform == "transpose" for t in held.values())}
+            summary = record.summary()
     from llmconv.verification.runners import remember_graph
 
     remember_graph(path, model)
@@ -230,12 +228,22 @@ def match_checkpoint(path: Path, checkpoint: TensorSource) -> NameRecord:
     from llmconv.checkpoint import dtype_name
     from llmconv.formats.onnx import Holder, RecordedTensor, exported_dtype, open_model
 
+    # Only an initializer of a checkpoint tensor's dtype and shape (as it is, or transposed) can hold it: the others
+    # (the graph's own constants) are not read or hashed.
+    wanted = {(exported_dtype(i.dtype), tuple(i.shape)) for n, i in checkpoint.infos.items()
+              if n not in checkpoint.aliases}
     table: dict[tuple[bytes, torch.dtype, tuple[int, ...]], list[Holder]] = {}
     with open_model(path) as graph:
         for name in graph.names():
+            info = graph.infos[name]
+            shape = tuple(info.shape)
+            as_is, transposed = (info.dtype, shape) in wanted, len(shape) == 2 and (info.dtype, shape[::-1]) in wanted
+            if not (as_is or transposed):
+                continue
             t = graph.tensor(name)
-            table.setdefault((_digest(t), t.dtype, tuple(t.shape)), []).append(Holder(name, "identity"))
-            if t.ndim == 2 and t.numel() > 1:
+            if as_is:
+                table.setdefault((_digest(t), t.dtype, shape), []).append(Holder(name, "identity"))
+            if transposed and t.numel() > 1:
                 tt = t.t().contiguous()
                 table.setdefault((_digest(tt), t.dtype, tuple(tt.shape)), []).append(Holder(name, "transpose"))
                 del tt

@@ -746,6 +746,12 @@ class NameRecord:
         """The tensors no initializer holds as they are (folded into other constants by the exporter)."""
         return [n for n, t in self.tensors.items() if not t.holders]
 
+    def summary(self) -> dict[str, Any]:
+        """How many tensors the record restores, how many of them transposed back, and the absent ones."""
+        held = self.held()
+        return {"tensors": len(held), "transposed": sum(t.holders[0].transform == "transpose" for t in held.values()),
+                "absent": self.absent()}
+
     def to_json(self) -> dict[str, Any]:
         """The JSON written into the graph (keys sorted when dumped, so that an export is byte-identical)."""
         if self.unavailable is not None:
@@ -872,9 +878,7 @@ def _record_summary(values: list[str], mfile: Path) -> dict[str, Any]:
         return {"error": e.bare_message}
     if record.unavailable is not None:
         return {"unavailable": record.unavailable}
-    held = record.held()
-    return {"tensors": len(held), "transposed": sum(t.holders[0].transform == "transpose" for t in held.values()),
-            "absent": record.absent(), "model_type": (record.config or {}).get("model_type"), "dtype": record.dtype}
+    return {**record.summary(), "model_type": (record.config or {}).get("model_type"), "dtype": record.dtype}
 
 
 def record_mismatch(record: NameRecord, source: TensorSource) -> str | None:
@@ -975,9 +979,8 @@ def restore_names(source: TensorSource, *, for_hf: bool) -> tuple[TensorSource, 
     extra: list[Path] = []
     if for_hf:
         extra = _hf_files(source, mfile, record, notes)
-    transposed = sum(t.holders[0].transform == "transpose" for t in held.values())
-    notes.insert(0, f"checkpoint names restored from the graph's name record ({len(held)} tensors, {transposed} "
-                    "transposed back)")
+    notes.insert(0, f"checkpoint names restored from the graph's name record ({len(held)} tensors, "
+                    f"{record.summary()['transposed']} transposed back)")
     view = TensorSource(format="onnx", path=mfile, infos=infos, loader=load, aliases=aliases,
                         metadata=dict(record.metadata), config=record.config, weights_format="onnx",
                         files=list(source.files), extra_files=extra, zero_copy=False,

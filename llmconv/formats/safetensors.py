@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llmconv import progress as status
-from llmconv.checkpoint import TensorInfo, TensorSource, dtype_name
+from llmconv.checkpoint import TensorInfo, TensorSource, dtype_name, packed_values
 from llmconv.errors import CorruptInput, InputError, UsageError
 from llmconv.formats import sharding
 from llmconv.formats.registry import Format, WriteOptions, register
@@ -30,9 +30,6 @@ _ST_TORCH = (("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16"
              ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
              ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"), ("F4", "float4_e2m1fn_x2"),
              ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"))
-# Values per torch element: a safetensors F4 header counts 4-bit values, torch's float4_e2m1fn_x2 holds two
-# per byte, so the header's last dimension is twice torch's.
-_PACKED = {"F4": 2}
 
 
 def _library_dtypes() -> dict[str, torch.dtype]:
@@ -49,6 +46,9 @@ def _library_dtypes() -> dict[str, torch.dtype]:
 
 
 ST_DTYPES: dict[str, torch.dtype] = _library_dtypes()
+# A safetensors F4 header counts 4-bit values and torch's float4_e2m1fn_x2 holds two per byte, so the header's
+# last dimension is twice torch's (checkpoint.packed_values).
+_PACKED = {name: packed_values(dt) for name, dt in ST_DTYPES.items() if packed_values(dt) > 1}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 # The order the safetensors library lays tensors out in (its Dtype enum, descending), then by name;
 # following it makes our files byte-identical to save_file's.
