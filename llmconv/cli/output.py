@@ -152,8 +152,11 @@ def failure_json(command: str, code: int, message: str, *, report: Any = None, r
     ``error: {code, message, kept}``."""
     obj: dict[str, Any] = {"schema": f"llmconv.{command}/1" if command else "llmconv/1", "ok": False}
     obj.update(dict.fromkeys(json_fields(command)))
-    if result is not None and hasattr(result, "to_json"):
-        obj.update(result.to_json())
+    own = result.to_json() if result is not None and hasattr(result, "to_json") else None
+    # Another command's report (quantize of an hf folder failing its export's check carries convert's) is not
+    # this command's body: its verification is nested as any failed report is.
+    if own is not None and own.get("schema") == obj["schema"]:
+        obj.update(own)
     elif report is not None and hasattr(report, "to_json"):
         if command == "verify":
             obj.update(report.to_json())
@@ -161,6 +164,8 @@ def failure_json(command: str, code: int, message: str, *, report: Any = None, r
             obj["verification"] = report.to_json()
     if "seconds" in obj and obj["seconds"] is None and _run["t0"] is not None:
         obj["seconds"] = round(time.perf_counter() - _run["t0"], 3)
+    if code == 1 and "verified" in obj:
+        obj["verified"] = False  # exit 1: the output failed its verification, whoever's report is here
     obj["ok"] = False
     obj["error"] = {"code": code, "message": message, "kept": None if kept is None else str(kept)}
     return obj

@@ -73,14 +73,16 @@ def verify(reference: str | Path, candidate: str | Path, *, mode: str = "auto", 
         return keep_report(report, cand_path)
     if chosen == "outputs":
         from llmconv.verification.outputs import LOCALIZE_HINT, compare_outputs
+        from llmconv.verification.seq2seq import applies as is_encoder_decoder
 
         report = compare_outputs(ref_path, cand_path, profile=profile, atol=atol, rtol=rtol, **outputs_options)
-        # --localize searches single graphs and PyTorch; not encoder-decoders (their report lists "graphs"), nor a
-        # candidate that does not run at all.
-        searchable = "graphs" not in report.extra and not any(c.name == "runs" for c in report.checks)
+        # Encoder-decoders (several graphs, the question compare_outputs asked too) are neither searched by
+        # --localize nor compared through a name record; nor is a candidate that does not run at all searched.
+        several_graphs = is_encoder_decoder(ref_path, cand_path)
+        searchable = not several_graphs and not any(c.name == "runs" for c in report.checks)
         if not report.passed and not outputs_options.get("localize") and searchable:
             report.notes.append(LOCALIZE_HINT)
-        if "graphs" not in report.extra:
+        if not several_graphs:
             _add_graph_weights(report, ref_path, cand_path, ref_fmt.name, cand_fmt.name)
         return keep_report(report, cand_path)
     raise UsageError(f"unknown --mode {mode!r}", hint="use auto, weights or outputs")

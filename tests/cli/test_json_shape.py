@@ -106,3 +106,11 @@ def test_formats_and_env_keep_their_keys_on_a_usage_error(cli, command):
     usage = keys(cli, command, "--bogus", code=2)
     same_shape(module, ok, usage)
     assert ok["seconds"] >= 0 and usage["seconds"] >= 0
+
+
+def test_quantize_of_an_hf_folder_whose_export_fails_keeps_quantize_s_shape(cli, fx, tmp_path):
+    """The export's check fails first (a NaN model): the body stays quantize's, the export's verification nested."""
+    bad = keys(cli, "quantize", fx("llama-hf-nan"), tmp_path / "q", "--target", "cpu", code=1)
+    same_shape(quantize_cmd, bad)
+    assert bad["schema"] == "llmconv.quantize/1" and bad["verification"]["ok"] is False
+    assert "the exported graph's outputs differ from PyTorch's" in bad["error"]["message"]

@@ -210,3 +210,28 @@ def test_a_graph_or_a_half_folder_is_named(fixtures_dir, fx, tmp_path):
     (half / "encoder_model.onnx").unlink()
     with pytest.raises(UsageError, match=r"an encoder-decoder folder without its encoder \(encoder_model.onnx\)"):
         compare_outputs(fx("t5-hf"), half)
+
+
+def test_an_encoder_decoder_candidate_that_does_not_run_is_a_failed_verification(fixtures_dir, fx, tmp_path, cli):
+    """The crash report of an encoder-decoder folder is a verdict (exit 1, check `runs`), not the one-graph
+    refusal that the name-record comparison hit on it (exit 2)."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    folder, _ = _exports.export(fixtures_dir, fx, "t5-hf")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    model = onnx.load(str(broken / "encoder_model.onnx"))
+    out = model.graph.output[0].name
+    producer = next(n for n in model.graph.node if out in n.output)
+    producer.output[list(producer.output).index(out)] = f"{out}_pre"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1001, -1], dtype=np.int64), "bad_shape"))
+    model.graph.node.append(helper.make_node("Reshape", [f"{out}_pre", "bad_shape"], [out], name="bad_reshape"))
+    onnx.save(model, str(broken / "encoder_model.onnx"))
+    r = cli("verify", fx("t5-hf"), broken, "--json")
+    assert r.exit_code == 1, r.output
+    body = json.loads(r.stdout)
+    assert [c["name"] for c in body["checks"]] == ["runs"] and "Reshape node bad_reshape" in body["error"]["message"]
