@@ -62,6 +62,12 @@ def command(
     )] = "auto",
     calibration_samples: Annotated[int | None, typer.Option(
         "--calibration-samples", min=1, help="int8-static: calibration batches (default 8).")] = None,
+    optimize: Annotated[bool, typer.Option(
+        "--optimize/--no-optimize",
+        help="hf causal LMs onnxruntime-genai's model builder knows (Llama, Mistral, Qwen2/3, Phi-3, Gemma, "
+             "Granite, OLMo): quantize a fused generation graph (GroupQueryAttention with rotary inside, fused "
+             "norms, packed projections; genai_config.json in a folder output). --no-optimize: the exporter's "
+             "plain graph.")] = True,
     verify: o.Verify = True,
     force: o.Force = False,
     quiet: o.Quiet = False,
@@ -90,7 +96,8 @@ def command(
                                      per_channel=per_channel, block_size=block_size, op_types=types, text=text,
                                      inputs=inputs, atol=atol, rtol=rtol, max_ppl_increase=max_ppl_increase,
                                      provider=provider, calibration_samples=calibration_samples, verify=verify,
-                                     force=force, cpu=cpu, decode_steps=decode_steps, generate=generate),
+                                     force=force, cpu=cpu, decode_steps=decode_steps, generate=generate,
+                                     optimize=optimize),
         junit=junit, keep=keep_failed, t0=t0, failed=show_attempts,
         summary=lambda r: f"{r.method} for {r.target}: {human_size(r.size_before)} -> {human_size(r.size_after)}")
     if json_output:
@@ -101,6 +108,10 @@ def command(
     out.print(f"[green]quantized[/] {escape(report.source)} ({report.source_format}) -> "
               f"{escape(report.destination)}: {report.method} for {report.target}")
     rows = [("method", f"{report.method} (profile {PROFILES[report.method]})")]
+    graph = report.options.get("graph")
+    if graph:
+        rows.append(("graph", f"fused by the {graph['tool']}" if graph.get("fused")
+                     else f"the exporter's, not fused ({graph.get('why')})"))
     if report.linear_ops:
         ops = ", ".join(f"{k} x{v}" for k, v in report.ops_quantized.items()) or "none"
         label = "converted to fp16" if report.method == "fp16" else "quantized"

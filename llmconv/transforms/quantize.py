@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -325,7 +326,7 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
              rtol: float | None = None, max_ppl_increase: float | None = None, provider: str = "cpu",
              calibration_samples: int | None = None, seed: int = 0, verify: bool = True, force: bool = False,
              progress: Any = None, cpu: str = "auto", decode_steps: int | None = None,
-             generate: int | None = None) -> QuantizeReport:
+             generate: int | None = None, optimize: bool = True) -> QuantizeReport:
     """Quantize ``src`` for ``target`` and write it at ``dst``, verified against the source first.
 
     Args:
@@ -357,6 +358,8 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
             ``avx512``, ``avx512-vnni``, ``arm64``). Without VNNI the weights are 7-bit (``reduce_range``).
         decode_steps: causal LMs: cached decode steps the verification compares (None: 4, 0: off).
         generate: causal LMs: greedy tokens per prompt the verification compares (None: 6, 0: off).
+        optimize: for an hf causal LM the builder knows (``llmconv.export.fused``), quantize a fused generation
+            graph (GroupQueryAttention, fused norms, packed projections) instead of the exporter's plain graph.
     Returns:
         A QuantizeReport.
     Raises:
@@ -389,6 +392,10 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                          f"--target {target}", hint="drop --cpu")
     graph = fmt.name == "onnx" or (fmt.name == "hf" and (onnx_dst or resolved in ("int8-dynamic", "int8-static",
                                                                                    "int4")))
+    fused_fp16 = (not graph and optimize and fmt.name == "hf" and target == "gpu" and resolved == "fp16"
+                  and _fusable(src_path))
+    if fused_fp16:  # a causal LM for CUDA: the fused fp16 graph (a folder genai and optimum load), not a weights cast
+        graph = True
     if graph:
         from llmconv.transforms.common import onnx_destination
 
@@ -403,7 +410,8 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                                  rtol=rtol,
                                  max_ppl_increase=max_ppl_increase, provider=provider,
                                  calibration_samples=calibration_samples, seed=seed, verify=verify, force=force,
-                                 cpu=cpu, fallback=method == "auto", decode_steps=decode_steps, generate=generate)
+                                 cpu=cpu, fallback=method == "auto", decode_steps=decode_steps, generate=generate,
+                                 optimize=optimize)
     else:
         for flag, given in (("--calibration", calibration), ("--per-channel", per_channel),
                             ("--op-types", op_types), ("--text", text), ("--inputs", inputs),
@@ -413,6 +421,9 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                 raise UsageError(f"{flag} does not apply to a {resolved} cast of weights")
         report = _cast_weights(src_path, dst_path, fmt=fmt, target=target, method=resolved, atol=atol, rtol=rtol,
                                verify=verify, force=force, progress=progress)
+    if fused_fp16:
+        report.notes.append("a causal LM for --target gpu: written as a fused fp16 ONNX graph for CUDA; "
+                            "--no-optimize casts the weights to fp16 instead")
     if method == "auto":
         report.notes.insert(0, f"--method auto chose {resolved} for --target {target}")
     if target == "gpu" and resolved in ("int8-dynamic", "int8-static"):
@@ -424,6 +435,68 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                             + " execution provider")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _fusable(src_path: Path) -> bool:
+    """Whether the hf folder is a causal LM that ``llmconv.export.fused`` builds."""
+    from llmconv.export import fused
+    from llmconv.transforms.common import read_config
+
+    return fused.unfused_reason(read_config(src_path)) is None
+
+
+def _graph_plan(src_path: Path, *, fmt: Any, method: str, target: str, optimize: bool,
+                notes: list[str]) -> dict[str, Any]:
+    """Whether the output is a fused generation graph (``llmconv.export.fused``) or the exporter's plain one, and
+    why: ``options["graph"]`` in the report."""
+    from llmconv.export import fused
+    from llmconv.transforms.common import read_config
+
+    if not optimize:
+        return {"fused": False, "why": "--no-optimize"}
+    folder = src_path if fmt.name == "hf" else (src_path if src_path.is_dir() else src_path.parent)
+    config = read_config(folder)
+    arch = ((config or {}).get("architectures") or [None])[0]
+    if arch not in fused.ARCHITECTURES:
+        return {"fused": False, "why": fused.unfused_reason(config)}
+    why = None
+    if fmt.name != "hf":
+        why = ("the source is an ONNX graph: fused graphs are built from the model's hf folder (quantize the folder "
+               "to get one)")
+    elif method == "int8-static":
+        why = "int8-static calibrates the exporter's graph; fused graphs take int8-dynamic or int4"
+    elif target == "gpu" and method != "fp16" and method != "int4":
+        why = f"{method} is for the CPU; fused graphs for --target gpu are fp16 or int4"
+    else:
+        why = fused.unfused_reason(config)
+    if why is not None:
+        notes.append(f"not fused ({why}): the exporter's graph, with its attention and norms as separate ops; "
+                     "--no-optimize says so explicitly")
+        return {"fused": False, "why": why}
+    return {"fused": True, "tool": f"onnxruntime-genai {fused.builder_version()} model builder",
+            "architecture": arch, "attention": "GroupQueryAttention (rotary inside)",
+            "norms": "SkipSimplifiedLayerNormalization", "projections": "Q/K/V and gate/up packed"}
+
+
+def _copy_graph(src: Path, out: Path, *, method: str, target: str) -> dict[str, Any]:
+    """The builder's output, already in ``method``'s precision, saved as ``out`` with its data beside it."""
+    import onnx
+
+    from llmconv.transforms import graph as g
+
+    model = onnx.load(str(src))
+    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=f"{out.name}.data", size_threshold=1024)
+    g.record_data_files(out)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute} if nbits else {}
+    options: dict[str, Any] = {"precision": "float16 (inputs, outputs and the cache too)" if method == "fp16"
+                               else "int4 weights, float16 activations", "execution_provider": "CUDA"}
+    if nbits:
+        options.update({"bits": attrs.get("bits"), "block_size": attrs.get("block_size"), "symmetric": True,
+                        "kernel": "MatMulNBits"})
+    options["tool"] = "onnxruntime-genai model builder (precision " + method + f", target {target})"
+    return options
 
 
 def _check_graph_options(method: str, *, calibration: Any, per_channel: bool, block_size: int | None,
@@ -457,7 +530,7 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
                     text: Any, inputs: Any, atol: float | None, rtol: float | None, max_ppl_increase: float | None,
                     provider: str, calibration_samples: int, seed: int, verify: bool,
                     force: bool, cpu: str = "auto", fallback: bool = False, decode_steps: int | None = None,
-                    generate: int | None = None) -> QuantizeReport:
+                    generate: int | None = None, optimize: bool = True) -> QuantizeReport:
     from llmconv.formats.onnx import model_file
     from llmconv.transforms import graph as g
     from llmconv.transforms.common import (
@@ -495,20 +568,36 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
     plan = _int8_plan(target=target, cpu=cpu, per_channel=per_channel, verify=verify, notes=notes) if int8 else None
     # Fallback is for --method auto (int8-dynamic on a CPU); an explicit --method is one setting.
     fallback = fallback and verify and method == "int8-dynamic"
-    with build_scratch(dst_path, src=src_path) as scratch:
+    with build_scratch(dst_path, src=src_path) as scratch, contextlib.ExitStack() as stack:
         companions_from: Path
-        if fmt.name == "hf":
+        graph_info = _graph_plan(src_path, fmt=fmt, method=method, target=target, optimize=optimize, notes=notes)
+        reference = None  # what the output is verified against, when not the float graph it was made from
+        built_as: str | None = None  # the precision the builder wrote the output in (--target gpu)
+        if graph_info.get("fused"):
+            from llmconv.export import fused
+            from llmconv.export.tasks import transformers_view
+
+            view = stack.enter_context(transformers_view(src_path, notes=notes))
+            built_as = {"fp16": "fp16", "int4": "int4"}.get(method) if target == "gpu" else None
+            ref_file = fused.build(view, scratch / "fp32", target=target, source=src_path,
+                                   precision="fp32" if built_as is None else built_as)
+            reference = src_path
+            notes.append(f"built a fused graph with {graph_info['tool']}; verification is against the PyTorch "
+                         "model in the source folder")
+            companions_from = src_path
+        elif fmt.name == "hf":
             ref_file = _export(src_path, scratch / "fp32", fmt=fmt, verify=verify, provider=provider,
                                decode_steps=decode_steps, generate=generate)
             notes.append(f"exported {src_path} to ONNX first; sizes and verification are against that fp32 graph")
-            from llmconv.export.tasks import code_note
-
-            notes.extend(code_note(src_path))  # the export read a view without the folder's Python
             companions_from = src_path
             copy_companions(src_path, ref_file.parent)
         else:
             ref_file = model_file(src_path)
             companions_from = ref_file.parent
+        if fmt.name == "hf":
+            from llmconv.export.tasks import code_note
+
+            notes.extend(code_note(src_path))  # the export read a view without the folder's Python
         config = read_config(companions_from)
         source_model = g.load_model(ref_file, with_data=False)
         source_files = [ref_file, *g.external_data_files(source_model, ref_file)]
@@ -523,12 +612,21 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             out_dir = scratch / f"out-{next(made)}"
             out_dir.mkdir()
             out_file = out_dir / out_name
-            options, _, _ = _write_graph(method, ref_file, out_file, source_model, setting=setting, target=target,
-                                         op_types=op_types, block_size=block_size, external=external, notes=notes,
-                                         calibration=calibration, config=config, samples=calibration_samples,
-                                         seed=seed)
+            if built_as is not None:  # the builder wrote it in its final precision
+                options = _copy_graph(ref_file, out_file, method=method, target=target)
+            else:
+                options, _, _ = _write_graph(method, ref_file, out_file, source_model, setting=setting,
+                                             target=target, op_types=op_types, block_size=block_size,
+                                             external=external, notes=notes, calibration=calibration, config=config,
+                                             samples=calibration_samples, seed=seed)
+            options["graph"] = graph_info
             if folder_out:  # what the folder will hold, there for verification too (the candidate's tokenizer)
                 copy_companions(companions_from, out_dir)
+                if graph_info.get("fused"):
+                    from llmconv.export.fused import write_genai_config
+
+                    shutil.copyfile(ref_file.parent / "genai_config.json", out_dir / "genai_config.json")
+                    write_genai_config(out_dir / "genai_config.json", target=target)
             return out_file, options
 
         def make(setting: Any) -> tuple[Path, dict[str, Any], VerifyReport | None]:
@@ -538,7 +636,8 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             verification = None
             if verify:
                 with status.phase("verifying against the float graph"):
-                    verification = _verify_outputs(ref_file, out_file, profile=PROFILES[method], atol=atol,
+                    verification = _verify_outputs(reference or ref_file, out_file, profile=PROFILES[method],
+                                                   atol=atol,
                                                    rtol=rtol, text=text, inputs=inputs, provider=provider,
                                                    max_ppl_increase=max_ppl_increase, decode_steps=decode_steps,
                                                    generate=generate)

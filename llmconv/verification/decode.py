@@ -324,9 +324,66 @@ class _Torch:
                 for label, t in (("key", k), ("value", v))}
 
 
+class _OrtRows:
+    """A graph whose attention cannot mask a left-padded row (``Signature.unpadded_only``): each prompt runs
+    alone and unpadded through its own cache, as onnxruntime-genai's Generator runs it, and the logits and caches
+    are put back in the batch's left-padded layout (zeros on the padding)."""
+
+    def __init__(self, runner: Any, sig: Any) -> None:
+        self.runner, self.sig = runner, sig
+        self.rows: list[_OrtPast] = []
+        self.lengths: list[int] = []
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        batch, width = ids.shape
+        first = not self.rows
+        if first:
+            self.rows = [_OrtPast(self.runner, self.sig) for _ in range(batch)]
+            self.lengths = [0] * batch
+        out: np.ndarray | None = None
+        for b, row in enumerate(self.rows):
+            row_ids = ids[b:b + 1, mask[b, -width:] == 1] if first else ids[b:b + 1]
+            n = self.lengths[b] = self.lengths[b] + row_ids.shape[1]
+            logits = np.asarray(row.forward(row_ids, np.ones((1, n), dtype=np.int64),
+                                            np.arange(n - row_ids.shape[1], n, dtype=np.int64)[None, :]))
+            if out is None:
+                out = np.zeros((batch, width, logits.shape[-1]), dtype=logits.dtype)
+            out[b, width - logits.shape[1]:] = logits[0]
+        assert out is not None
+        return out
+
+    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        per_row = [row.cache() for row in self.rows]
+        longest = max(self.lengths)
+
+        def stack(tensors: list[np.ndarray]) -> np.ndarray:
+            padded = np.zeros((len(tensors), *tensors[0].shape[1:2], longest, *tensors[0].shape[3:]),
+                              dtype=tensors[0].dtype)
+            for b, t in enumerate(tensors):
+                padded[b, :, longest - t.shape[2]:] = t[0]
+            return padded
+
+        return [(stack([r[i][0] for r in per_row]), stack([r[i][1] for r in per_row]))
+                for i in range(len(per_row[0]))]
+
+    def feed_past(self) -> dict[str, np.ndarray]:
+        return {}  # rows of different lengths make no batch of past inputs (nothing is localized from them)
+
+
 def counts_own_positions(*sigs: Any) -> bool:
-    """Whether a side is a graph that takes no position_ids: it counts positions itself, padding included."""
-    return any(sig.kind == "onnxruntime" and "position_ids" not in sig.inputs for sig in sigs)
+    """Whether a side is a graph that takes no position_ids and runs padded rows: it counts positions itself,
+    padding included (a graph run row by row starts each unpadded row at 0, as the reference does)."""
+    return any(sig.kind == "onnxruntime" and "position_ids" not in sig.inputs and not sig.unpadded_only
+               for sig in sigs)
+
+
+def unpadded_note(*sigs: Any) -> list[str]:
+    """What the report says when a side decoded its prompts one at a time."""
+    return [f"the {role} graph's {sig.unpadded_only} reads the attention mask as row lengths, so it cannot mask a "
+            "left-padded row: its decode and generation checks ran each prompt unpadded, one at a time (as "
+            "onnxruntime-genai's Generator runs it); feed it one prompt at a time, or prompts of equal length, "
+            "not a left-padded batch" for role, sig in zip(("reference", "candidate"), sigs, strict=True)
+            if getattr(sig, "unpadded_only", None)]
 
 
 def plain_feed(takes: set[str], ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
@@ -346,7 +403,7 @@ def _stepper(runner: Any, sig: Any) -> Any:
     if runner.kind == "torch":
         return _Torch(runner)
     if sig.past is not None:
-        return _OrtPast(runner, sig)
+        return _OrtRows(runner, sig) if sig.unpadded_only else _OrtPast(runner, sig)
     return _OrtRecompute(runner, sig)
 
 

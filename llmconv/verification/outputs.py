@@ -174,13 +174,13 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
                             runners={"reference": ref_label})
     checks = [comparisons[o].check() for o in shared]
     if dplan is not None and ref_trace is not None and cand_trace is not None:
-        from llmconv.verification.decode import counts_own_positions, decode_checks
+        from llmconv.verification.decode import counts_own_positions, decode_checks, unpadded_note
 
         decode_found, decode_notes = decode_checks(ref_trace[0], cand_trace[0], cand_trace[1], dplan, profile=prof,
                                                    sliding=sliding,
                                                    own_positions=counts_own_positions(ref_sig, cand_sig))
         checks += decode_found
-        notes += decode_notes
+        notes += unpadded_note(ref_sig, cand_sig) + decode_notes
     if texts is not None:
         if same_text and text_cmp.n:
             text_check = text_cmp.check()

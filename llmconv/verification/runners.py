@@ -44,6 +44,9 @@ _INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Mat
              "ConvInteger", "QLinearConv", "DynamicQuantizeMatMul", "QAttention", "QGemm", "QLinearAdd",
              "QLinearMul", "MatMulIntegerToFloat", "QOrderedMatMul"}
 _INT4_OPS = {"MatMulNBits", "GatherBlockQuantized", "MatMulBnb4"}
+# Attention that takes each row's length (seqlens_k) instead of a mask: the first tokens of a row are its real ones,
+# so a left-padded row attends to its padding. onnxruntime-genai runs such graphs on unpadded prompts.
+_LENGTHS_ATTENTION = {"GroupQueryAttention", "SparseAttention", "PagedAttention"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                     "spiece.model")
 _ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
@@ -73,6 +76,8 @@ class Signature:
         tokenizer_dir: the folder with its tokenizer files, if any.
         pad_token_id: the id its config pads rows with, when it names one.
         image: for an image model (it takes ``pixel_values``), the images it takes.
+        unpadded_only: the graph's attention op when it reads the attention mask as lengths and so cannot mask a
+            left-padded row (GroupQueryAttention): such a graph decodes each prompt unpadded, one at a time.
     """
 
     path: Path
@@ -92,6 +97,7 @@ class Signature:
     notes: list[str] = field(default_factory=list)
     pad_token_id: int | None = None
     image: ImageSpec | None = None
+    unpadded_only: str | None = None
 
 
 def _max_positions(config: dict[str, Any] | None) -> int | None:
@@ -238,6 +244,7 @@ def _signature_from_proto(path: Path, mfile: Path, model: Any) -> Signature:
     init_names: set[str] = set()
     by_dtype: Counter[str] = Counter()
     quant: str | None = None
+    unpadded_only: str | None = None
     for g in iter_graphs(model.graph):
         for t in g.initializer:
             init_names.add(t.name)
@@ -250,6 +257,8 @@ def _signature_from_proto(path: Path, mfile: Path, model: Any) -> Signature:
                     n *= int(d)
                 by_dtype[name] += n * {"float64": 8, "float32": 4}.get(name, 2)
         for node in g.node:
+            if node.op_type in _LENGTHS_ATTENTION:
+                unpadded_only = node.op_type
             if node.op_type in _INT4_OPS:
                 bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
                 quant = "int4" if bits <= 4 else (quant or "int8")
@@ -311,7 +320,8 @@ def _signature_from_proto(path: Path, mfile: Path, model: Any) -> Signature:
                      required=set(in_types), past=past, outputs=outputs, config=config,
                      vocab_size=vocab if image is None else None, max_positions=_max_positions(config),
                      float_dtype=by_dtype.most_common(1)[0][0] if by_dtype else None, quantization=quant,
-                     tokenizer_dir=_tokenizer_dir(mfile.parent), pad_token_id=_pad_token_id(config), image=image)
+                     tokenizer_dir=_tokenizer_dir(mfile.parent), pad_token_id=_pad_token_id(config), image=image,
+                     unpadded_only=unpadded_only)
 
 
 def _onnx_task(outputs: list[str], out_types: dict[str, Any], config: dict[str, Any] | None, *,

@@ -243,7 +243,8 @@ def test_fp16_keeps_float32_io_and_sensitive_ops(onnx_fx, tmp_path):
 
 def test_hf_folder_is_exported_first_and_the_folder_output_carries_the_tokenizer(fx, tmp_path):
     dst = tmp_path / "out"
-    r = llmconv.quantize(fx("llama-hf"), dst, target="cpu", method="int4", verify=False)
+    r = llmconv.quantize(fx("llama-hf"), dst, target="cpu", method="int4", verify=False, optimize=False)
+    assert r.options["graph"] == {"fused": False, "why": "--no-optimize"}
     assert r.source_format == "hf" and any(n.startswith("exported ") for n in r.notes)
     names = sorted(p.name for p in dst.iterdir())
     assert names == ["config.json", "generation_config.json", "model.onnx", "special_tokens_map.json",
