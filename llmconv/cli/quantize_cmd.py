@@ -65,7 +65,7 @@ def command(
     optimize: Annotated[bool, typer.Option(
         "--optimize/--no-optimize",
         help="hf causal LMs onnxruntime-genai's model builder knows (Llama, Mistral, Qwen2/3, Phi-3, Gemma, "
-             "Granite, OLMo): quantize a fused generation graph (GroupQueryAttention with rotary inside, fused "
+             "Granite): quantize a fused generation graph (GroupQueryAttention with rotary inside, fused "
              "norms, packed projections; genai_config.json in a folder output). --no-optimize: the exporter's "
              "plain graph.")] = True,
     verify: o.Verify = True,

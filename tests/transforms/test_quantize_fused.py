@@ -139,6 +139,7 @@ def test_cli_optimize_flag_and_the_graph_row(fx, tmp_path, cli):
     assert r.exit_code == 0, r.stderr
     assert "fused by the onnxruntime-genai 0.15.2 model builder" in " ".join(r.stdout.split())
     assert "written as a fused fp16 ONNX graph for CUDA" in " ".join(r.stdout.split())
+    assert "Saving" not in r.stderr and "it/s" not in r.stderr  # the builder's own progress bar is kept off
     assert (tmp_path / "f" / "genai_config.json").is_file()
 
 

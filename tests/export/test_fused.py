@@ -1,0 +1,43 @@
+"""llmconv.export.fused: which models get a fused graph, and the graph it writes on its own."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from llmconv.export import fused
+from llmconv.export.tasks import transformers_view
+
+pytest.importorskip("onnxruntime_genai")
+
+
+@pytest.mark.parametrize(("config", "reason"), [
+    ({"architectures": ["LlamaForCausalLM"]}, None),
+    ({"architectures": ["Qwen3ForCausalLM"], "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, None),
+    ({"architectures": ["OlmoForCausalLM"]}, "OlmoForCausalLM is not among the architectures"),
+    ({"architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "rope_scaling 'yarn' is not fused"),
+    ({"model_type": "gpt2"}, "gpt2 is not among"),
+])
+def test_unfused_reason(config, reason):
+    got = fused.unfused_reason(config)
+    assert (got is None) if reason is None else (reason in got)
+
+
+def test_the_graph_alone_names_its_cache_shape_and_is_exact_against_pytorch(fx, tmp_path, cli):
+    """No config.json beside it: the head size is in the cache's shapes; float32 within the fp32 profile,
+    its prompts decoded one at a time."""
+    src = fx("llama-hf")
+    with transformers_view(src) as view:
+        model = fused.build(view, tmp_path / "g", target="cpu", source=src)
+    assert not (model.parent / "config.json").exists()
+    past = next(i for i in onnx.load(str(model), load_external_data=False).graph.input
+                if i.name == "past_key_values.0.key")
+    assert past.type.tensor_type.shape.dim[3].dim_value == 16
+    r = cli("verify", src, model, "--profile", "fp32", "--json")
+    assert r.exit_code == 0, r.stdout
+    report = json.loads(r.stdout)
+    cache = next(c for c in report["checks"] if c["name"] == "decode.cache")
+    assert cache["passed"] and cache["shape"][0] == 40  # every prompt's cache (13 when only unpadded rows count)
