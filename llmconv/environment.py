@@ -8,7 +8,7 @@ from typing import Any
 
 ENV_SCHEMA = "llmconv.env/1"
 PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu",
-            "safetensors", "numpy", "gguf", "peft")
+            "onnxruntime-genai", "safetensors", "numpy", "gguf", "peft")
 
 
 def environment() -> dict[str, Any]:

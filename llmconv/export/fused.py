@@ -94,7 +94,7 @@ def build(folder: Path, out_dir: Path, *, target: str, precision: str = "fp32", 
     options: dict[str, Any] = {"filename": "model.onnx", "hf_remote": "false"}
     with progress.phase(f"building the fused graph (onnxruntime-genai {builder_version()} model builder)"):
         try:
-            with _quiet_builder():
+            with _quiet_builder(), _no_processing_files():
                 builder.check_extra_options(None, str(folder), str(out_dir), precision, provider, str(cache), options)
                 builder.create_model(None, str(folder), str(out_dir), precision, provider, str(cache), **options)
         except Exception as e:  # noqa: BLE001 - the builder raises bare Exceptions; say which step failed
@@ -152,6 +152,22 @@ def _quiet_builder() -> Iterator[None]:
         finally:
             if bar is not None:
                 base.tqdm = bar
+
+
+@contextlib.contextmanager
+def _no_processing_files() -> Iterator[None]:
+    """The builder ends by saving the folder's tokenizer through AutoTokenizer, which fails on a folder without
+    one (after the graph is written). llmconv copies the source's tokenizer and config files itself, as they
+    are: that step is skipped."""
+    model_class = getattr(_builder_base(), "Model", None)
+    saved = getattr(model_class, "save_processing", None)
+    if saved is not None:
+        model_class.save_processing = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            model_class.save_processing = saved
 
 
 def _builder_base() -> Any:

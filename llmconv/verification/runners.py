@@ -297,6 +297,8 @@ def _signature_from_proto(path: Path, mfile: Path, model: Any) -> Signature:
             hidden = config.get("hidden_size") or config.get("n_embd")
             n_heads = config.get("num_attention_heads") or config.get("n_head")
             head_dim = config.get("head_dim") or (hidden // n_heads if hidden and n_heads else None)
+        if (not heads or not head_dim) and config is None:
+            heads, head_dim = _genai_cache_dims(mfile.parent, heads, head_dim)
         if not heads or not head_dim:
             raise UsageError("the graph takes past key/values of unknown shape and there is no config.json "
                              "beside it to tell", path=mfile, hint="copy the model's config.json beside the .onnx file")
@@ -322,6 +324,23 @@ def _signature_from_proto(path: Path, mfile: Path, model: Any) -> Signature:
                      float_dtype=by_dtype.most_common(1)[0][0] if by_dtype else None, quantization=quant,
                      tokenizer_dir=_tokenizer_dir(mfile.parent), pad_token_id=_pad_token_id(config), image=image,
                      unpadded_only=unpadded_only)
+
+
+def _genai_cache_dims(folder: Path, heads: int | None, head_dim: int | None) -> tuple[int | None, int | None]:
+    """The cache's heads and head size from an onnxruntime-genai folder's genai_config.json (what its model
+    builder writes beside a graph instead of config.json), for what the graph's shapes leave open."""
+    from llmconv.checkpoint import read_json
+
+    path = folder / "genai_config.json"
+    if not path.is_file():
+        return heads, head_dim
+    parsed = read_json(path, what="genai_config.json")
+    decoder = parsed.get("model", {}).get("decoder", {}) if isinstance(parsed, dict) else {}
+    if not isinstance(decoder, dict):
+        return heads, head_dim
+    found_heads, found_size = decoder.get("num_key_value_heads"), decoder.get("head_size")
+    return (heads or (found_heads if isinstance(found_heads, int) else None),
+            head_dim or (found_size if isinstance(found_size, int) else None))
 
 
 def _onnx_task(outputs: list[str], out_types: dict[str, Any], config: dict[str, Any] | None, *,

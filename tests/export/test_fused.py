@@ -41,3 +41,21 @@ def test_the_graph_alone_names_its_cache_shape_and_is_exact_against_pytorch(fx, 
     report = json.loads(r.stdout)
     cache = next(c for c in report["checks"] if c["name"] == "decode.cache")
     assert cache["passed"] and cache["shape"][0] == 40  # every prompt's cache (13 when only unpadded rows count)
+
+
+def test_verify_takes_a_builder_folder_as_the_builder_writes_it(fx, tmp_path, cli):
+    """The builder's own folder has genai_config.json and no config.json, and leaves the head size a symbol:
+    verify reads the cache's shape from genai_config.json (users of the builder get a gate too)."""
+    src = fx("llama-hf")
+    with transformers_view(src) as view:
+        model_path = fused.build(view, tmp_path / "b", target="cpu", source=src)
+    model = onnx.load(str(model_path), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.shape.dim[3].dim_param = "kv_cache_dim"
+    onnx.save(model, str(model_path))
+    r = cli("verify", src, tmp_path / "b", "--profile", "fp32")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    (tmp_path / "b" / "genai_config.json").unlink()
+    r = cli("verify", src, tmp_path / "b", "--profile", "fp32")
+    assert r.exit_code == 2 and "past key/values of unknown shape" in r.stderr

@@ -156,3 +156,14 @@ def test_int4_fused_on_the_trained_llama_is_within_the_int4_profile_on_text(tmp_
     logits = next(c for c in v.checks if c.name == "logits")
     assert logits.figures["top1_agreement"] >= 0.75
     assert _ops(tmp_path / "q4" / "model.onnx")["MatMulNBits"] == 11
+
+
+def test_a_folder_without_tokenizer_files_is_fused_too(fx_copy, tmp_path):
+    src = fx_copy("llama-hf")
+    for p in src.glob("*token*"):
+        p.unlink()
+    r = llmconv.quantize(src, tmp_path / "q", target="cpu", method="int4", verify=False)
+    assert r.options["graph"]["fused"]
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [
+        "config.json", "genai_config.json", "generation_config.json", "model.onnx", "model.onnx.data"]
+    og.Model(str(tmp_path / "q"))  # onnxruntime-genai loads it (a tokenizer is needed only to encode text)
