@@ -66,7 +66,7 @@ def command(
         "--optimize/--no-optimize",
         help="hf causal LMs onnxruntime-genai's model builder knows (Llama, Mistral, Qwen2/3, Phi-3, Gemma, "
              "Granite): quantize a fused generation graph (GroupQueryAttention with rotary inside, fused "
-             "norms, packed projections; genai_config.json in a folder output). --no-optimize: the exporter's "
+             "norms, packed Q/K/V; genai_config.json in a folder output). --no-optimize: the exporter's "
              "plain graph.")] = True,
     verify: o.Verify = True,
     force: o.Force = False,

@@ -1,8 +1,8 @@
 """Fused generation graphs: onnxruntime-genai's model builder, called as a library.
 
 The builder writes a causal LM as the graph onnxruntime's generation kernels want: GroupQueryAttention with the
-rotary embedding inside, SkipSimplifiedLayerNormalization for the norms and residual adds, packed Q/K/V and
-gate/up projections (about 100 nodes for a Llama, where the exporter's graph has about 2000), with standard input
+rotary embedding inside, SkipSimplifiedLayerNormalization for the norms and residual adds, Q/K/V projections
+packed into one MatMul (about 100 nodes for a Llama, where the exporter's graph has about 2000), with standard input
 names (``input_ids``, ``attention_mask``, ``past_key_values.N.key``) and a ``genai_config.json`` for
 onnxruntime-genai's own runtime. llmconv builds the float graph with it and quantizes that with the same tools
 and rules as any other graph; verification runs it against the PyTorch model.
@@ -106,7 +106,16 @@ def build(folder: Path, out_dir: Path, *, target: str, precision: str = "fp32", 
         raise ConversionError("onnxruntime-genai's model builder wrote no model.onnx", path=source or folder,
                               hint="rerun with --no-optimize for the exporter's plain graph")
     _name_head_size(model, out_dir / "genai_config.json")
+    from llmconv.export.onnx_post import write_name_record
+    from llmconv.formats.onnx import NameRecord
+
+    write_name_record(model, NameRecord(unavailable=UNRECORDED))
     return model
+
+
+# Why a fused graph has no name record (what `convert GRAPH --to hf` says).
+UNRECORDED = ("it was built by onnxruntime-genai's model builder, whose packed Q/K/V projections hold no single "
+              "checkpoint tensor; convert the model's hf folder instead")
 
 
 def _name_head_size(model_path: Path, genai_config: Path) -> None:
@@ -141,8 +150,9 @@ def _quiet_builder() -> Iterator[None]:
     (llmconv's own status line says what is being built). tqdm reads TQDM_DISABLE only when it is imported, so the
     builder's bar is made disabled instead."""
     from llmconv.export._quiet import quiet
+    from llmconv.transforms.graph import quiet_onnxruntime
 
-    with quiet(), contextlib.redirect_stdout(io.StringIO()):
+    with quiet(), quiet_onnxruntime(), contextlib.redirect_stdout(io.StringIO()):
         base = _builder_base()
         bar = getattr(base, "tqdm", None)
         if bar is not None:

@@ -206,7 +206,8 @@ class QuantizeReport:
         source_format: ``onnx``, ``hf``, ``safetensors`` or ``pytorch``.
         target: ``cpu`` or ``gpu``.
         method: the method used (``auto`` resolved).
-        size_before: bytes of the float model (the exported ONNX for an hf source).
+        size_before: bytes of the float model (the exported ONNX for an hf source; its weights, when the output
+            is a graph the builder wrote in its final precision, for --target gpu).
         size_after: bytes of the output's model files (None when nothing was written).
         files: the files written.
         destination_format: ``onnx`` for the graph methods, else the format written (``hf`` for a model folder),
@@ -393,7 +394,7 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
     graph = fmt.name == "onnx" or (fmt.name == "hf" and (onnx_dst or resolved in ("int8-dynamic", "int8-static",
                                                                                    "int4")))
     fused_fp16 = (not graph and optimize and fmt.name == "hf" and target == "gpu" and resolved == "fp16"
-                  and _fusable(src_path))
+                  and dst_path.suffix.lower() not in _WEIGHTS_SUFFIXES and _fusable(src_path))
     if fused_fp16:  # a causal LM for CUDA: the fused fp16 graph (a folder genai and optimum load), not a weights cast
         graph = True
     if graph:
@@ -424,6 +425,10 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
     if fused_fp16:
         report.notes.append("a causal LM for --target gpu: written as a fused fp16 ONNX graph for CUDA; "
                             "--no-optimize casts the weights to fp16 instead")
+    elif optimize and fmt.name == "hf" and target == "gpu" and resolved == "fp16" and not graph:
+        note = _gpu_cast_note(src_path)
+        if note is not None and dst_path.suffix.lower() not in _WEIGHTS_SUFFIXES:
+            report.notes.append(note)
     if method == "auto":
         report.notes.insert(0, f"--method auto chose {resolved} for --target {target}")
     if target == "gpu" and resolved in ("int8-dynamic", "int8-static"):
@@ -437,12 +442,26 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
     return report
 
 
+_WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
 def _fusable(src_path: Path) -> bool:
     """Whether the hf folder is a causal LM that ``llmconv.export.fused`` builds."""
     from llmconv.export import fused
     from llmconv.transforms.common import read_config
 
     return fused.unfused_reason(read_config(src_path)) is None
+
+
+def _gpu_cast_note(src_path: Path) -> str | None:
+    """Why a causal LM of a fused architecture is cast as weights for --target gpu, or None for other models."""
+    from llmconv.export import fused
+    from llmconv.transforms.common import read_config
+
+    config = read_config(src_path)
+    arch = ((config or {}).get("architectures") or [None])[0]
+    why = fused.unfused_reason(config) if arch in fused.ARCHITECTURES else None
+    return None if why is None else f"not fused ({why}): the weights were cast to fp16 instead"
 
 
 def _graph_plan(src_path: Path, *, fmt: Any, method: str, target: str, optimize: bool,
@@ -461,6 +480,13 @@ def _graph_plan(src_path: Path, *, fmt: Any, method: str, target: str, optimize:
         return {"fused": False, "why": fused.unfused_reason(config)}
     why = None
     if fmt.name != "hf":
+        from llmconv.formats.onnx import model_file
+        from llmconv.transforms.graph import load_model, op_histogram
+
+        ops = op_histogram(load_model(model_file(src_path), with_data=False))
+        if ops.get("GroupQueryAttention"):
+            return {"fused": True, "tool": "the source graph (already fused)", "architecture": arch,
+                    "attention": "GroupQueryAttention"}
         why = ("the source is an ONNX graph: fused graphs are built from the model's hf folder (quantize the folder "
                "to get one)")
     elif method == "int8-static":
@@ -475,7 +501,7 @@ def _graph_plan(src_path: Path, *, fmt: Any, method: str, target: str, optimize:
         return {"fused": False, "why": why}
     return {"fused": True, "tool": f"onnxruntime-genai {fused.builder_version()} model builder",
             "architecture": arch, "attention": "GroupQueryAttention (rotary inside)",
-            "norms": "SkipSimplifiedLayerNormalization", "projections": "Q/K/V and gate/up packed"}
+            "norms": "SkipSimplifiedLayerNormalization", "projections": "Q/K/V packed into one MatMul"}
 
 
 def _copy_graph(src: Path, out: Path, *, method: str, target: str) -> dict[str, Any]:
@@ -573,14 +599,19 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         graph_info = _graph_plan(src_path, fmt=fmt, method=method, target=target, optimize=optimize, notes=notes)
         reference = None  # what the output is verified against, when not the float graph it was made from
         built_as: str | None = None  # the precision the builder wrote the output in (--target gpu)
-        if graph_info.get("fused"):
+        if graph_info.get("fused") and fmt.name == "hf":
             from llmconv.export import fused
             from llmconv.export.tasks import transformers_view
 
             view = stack.enter_context(transformers_view(src_path, notes=notes))
             built_as = {"fp16": "fp16", "int4": "int4"}.get(method) if target == "gpu" else None
-            ref_file = fused.build(view, scratch / "fp32", target=target, source=src_path,
-                                   precision="fp32" if built_as is None else built_as)
+            try:
+                ref_file = fused.build(view, scratch / "fused", target=target, source=src_path,
+                                       precision="fp32" if built_as is None else built_as)
+            except ConversionError as e:  # the default path: fall back to the exporter's graph, and say so
+                graph_info, built_as = {"fused": False, "why": e.bare_message}, None
+                notes.append(f"not fused ({e.bare_message}): the exporter's graph instead")
+        if graph_info.get("fused") and fmt.name == "hf":
             reference = src_path
             notes.append(f"built a fused graph with {graph_info['tool']}; verification is against the PyTorch "
                          "model in the source folder")
@@ -602,6 +633,9 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
         source_model = g.load_model(ref_file, with_data=False)
         source_files = [ref_file, *g.external_data_files(source_model, ref_file)]
         size_before = g.files_size(source_files)
+        if built_as is not None:  # the builder's graph is already the output: "before" is the checkpoint
+            with fmt.open(src_path) as checkpoint:
+                size_before = checkpoint.total_bytes
         external = g.needs_external_data(source_model, source_files)
         renames = {ref_file: src_path if fmt.name == "onnx" else ref_file,
                    ref_file.parent: src_path if fmt.name == "hf" else ref_file.parent}
@@ -622,10 +656,11 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             options["graph"] = graph_info
             if folder_out:  # what the folder will hold, there for verification too (the candidate's tokenizer)
                 copy_companions(companions_from, out_dir)
-                if graph_info.get("fused"):
+                genai = ref_file.parent / "genai_config.json"  # the builder's, or an already fused source's
+                if graph_info.get("fused") and genai.is_file():
                     from llmconv.export.fused import write_genai_config
 
-                    shutil.copyfile(ref_file.parent / "genai_config.json", out_dir / "genai_config.json")
+                    shutil.copyfile(genai, out_dir / "genai_config.json")
                     write_genai_config(out_dir / "genai_config.json", target=target)
             return out_file, options
 

@@ -241,6 +241,8 @@ class Trace:
         prefill_cache: the past after the prefill, as the graph inputs ``past_key_values.*`` (for localizing).
         recomputed: the same side's logits for the decoded positions from one pass over the whole sequence
             with no cache [prompts, calls, vocab] (the candidate's, for the consistency check), or None.
+        batched: for a graph decoded row by row (``Signature.unpadded_only``), its logits when the same prompts
+            run as one right-padded batch, as onnxruntime-genai batches them [prompts, calls + 1, vocab], or None.
     """
 
     prefill: np.ndarray
@@ -249,6 +251,7 @@ class Trace:
     cache: list[tuple[np.ndarray, np.ndarray]] | None = None
     prefill_cache: dict[str, np.ndarray] | None = None
     recomputed: np.ndarray | None = None
+    batched: np.ndarray | None = None
 
 
 class _OrtPast:
@@ -377,12 +380,15 @@ def counts_own_positions(*sigs: Any) -> bool:
                for sig in sigs)
 
 
-def unpadded_note(*sigs: Any) -> list[str]:
-    """What the report says when a side decoded its prompts one at a time."""
+def unpadded_note(*sigs: Any, batched: bool) -> list[str]:
+    """What the report says when a side decoded its prompts one at a time (``batched``: decode.batched ran)."""
+    also = (" (decode.batched also ran them as one batch padded on the right, the way onnxruntime-genai batches "
+            "them)") if batched else ""
     return [f"the {role} graph's {sig.unpadded_only} reads the attention mask as row lengths, so it cannot mask a "
-            "left-padded row: its decode and generation checks ran each prompt unpadded, one at a time (as "
-            "onnxruntime-genai's Generator runs it); feed it one prompt at a time, or prompts of equal length, "
-            "not a left-padded batch" for role, sig in zip(("reference", "candidate"), sigs, strict=True)
+            f"left-padded row: its decode and generation checks ran each prompt unpadded, one at a time{also}; "
+            "feed it one prompt at a time or prompts of equal length, never a left-padded batch (as transformers' "
+            "generate() pads one)"
+            for role, sig in zip(("reference", "candidate"), sigs, strict=True)
             if getattr(sig, "unpadded_only", None)]
 
 
@@ -464,6 +470,9 @@ def decode_side(runner: Any, sig: Any, plan: DecodePlan, reference: Trace | None
     if plan.decode_steps and trace.cache is not None:
         with progress.phase("recomputing the decoded steps without the cache"):
             trace.recomputed = recompute(runner, sig, plan, reference.tokens[:, :plan.decode_steps])
+    if plan.decode_steps and getattr(sig, "unpadded_only", None) and sig.past is not None:
+        with progress.phase("decoding the prompts as one right-padded batch"):
+            trace.batched = right_padded(runner, sig, plan, reference.tokens[:, :plan.decode_steps])
     n = plan.generate
     if n and (trace.tokens[:, :n] != reference.tokens[:, :n]).any():
         with progress.phase("generating on its own (its tokens part from the reference's)"):
@@ -471,6 +480,30 @@ def decode_side(runner: Any, sig: Any, plan: DecodePlan, reference: Trace | None
         assert free.tokens is not None
         return trace, free.tokens[:, :n]
     return trace, None
+
+
+def right_padded(runner: Any, sig: Any, plan: DecodePlan, tokens: np.ndarray) -> np.ndarray:
+    """The prompts as one batch padded on the right, teacher-forced on ``tokens``, as onnxruntime-genai batches
+    prompts for a graph whose attention takes row lengths: a row's mask holds its real tokens first, then zeros,
+    then a one per decoded token (the graph reads each row's length from it). Returns each row's logits after
+    its prompt and after each token [prompts, len(tokens[0]) + 1, vocab]."""
+    lengths = plan.mask.sum(axis=1)
+    width = plan.mask.shape[1]
+    ids = np.full_like(plan.ids, plan.pad_id)
+    mask = np.zeros_like(plan.mask)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = plan.ids[b, width - n:]
+        mask[b, :n] = 1
+    side = _OrtPast(runner, sig)
+    rows = np.arange(len(lengths))
+    out = [np.asarray(side.forward(ids, mask, positions(mask)), dtype=np.float32)[rows, lengths - 1]]
+    ones = np.ones((len(lengths), 1), dtype=mask.dtype)
+    for s in range(tokens.shape[1]):
+        mask = np.concatenate([mask, ones], axis=1)
+        pos = mask.sum(axis=1, keepdims=True).astype(np.int64) - 1
+        out.append(np.asarray(side.forward(tokens[:, s:s + 1].astype(np.int64), mask, pos)[:, -1],
+                              dtype=np.float32))
+    return np.stack(out, axis=1)
 
 
 def recompute(runner: Any, sig: Any, plan: DecodePlan, tokens: np.ndarray) -> np.ndarray:
@@ -512,6 +545,8 @@ def decode_checks(ref: Trace, cand: Trace, free: np.ndarray | None, plan: Decode
         checks.append(_steps_check(ref.steps[1:k + 1], cand.steps[1:k + 1], profile))
         if cand.recomputed is not None:
             checks.append(_consistency_check(cand, k, profile))
+        if cand.batched is not None:
+            checks.append(_batched_check(cand, k, profile))
         if ref.cache is not None and cand.cache is not None:
             rows = plan.mask.all(axis=1) if own_positions else np.ones(plan.mask.shape[0], dtype=bool)
             if own_positions:
@@ -556,21 +591,40 @@ def _first_step_out(a: np.ndarray, b: np.ndarray, profile: OutputsProfile) -> in
     return None
 
 
+def _batched_check(cand: Trace, k: int, profile: OutputsProfile) -> Check:
+    """``decode.batched``: a graph decoded row by row, against itself running the same prompts as one right-padded
+    batch (the candidate on both sides, so quantization cancels out, with decode.consistency's limits): catches
+    a graph whose row lengths or mask are wrong only in a batch."""
+    assert cand.batched is not None
+    comparison = OutputComparison("decode.batched", profile=_self_profile(profile), logits=True)
+    comparison.add(np.stack(cand.steps[:k + 1], axis=1), cand.batched)
+    check = comparison.check()
+    if not check.passed:
+        check.reason += ("; the candidate gives other logits for a prompt in a right-padded batch than for the same "
+                         "prompt alone: it reads the rows' lengths or its attention mask wrongly in a batch")
+    return check
+
+
+def _self_profile(profile: OutputsProfile) -> OutputsProfile:
+    """The limits of a comparison of the candidate with itself: fp32's tolerances for the elementwise profiles
+    (exact, fp32, --atol), else CONSISTENCY_MIN_COSINE and CONSISTENCY_MAX_KL."""
+    from dataclasses import replace
+
+    if profile.elementwise:  # exact, fp32 or a user's --atol: two computations of one model differ in rounding
+        from llmconv.verification.profiles import outputs_profile
+
+        return replace(outputs_profile("fp32"), name=profile.name)
+    return replace(profile, min_cosine=CONSISTENCY_MIN_COSINE, min_top1=None, min_top5=None,
+                   max_kl=CONSISTENCY_MAX_KL)
+
+
 def _consistency_check(cand: Trace, k: int, profile: OutputsProfile) -> Check:
     """``decode.consistency``: the candidate's logits through its own cache against its own logits from one pass
     without a cache, on the same tokens. Quantization cancels out (the same model on both sides), so this catches
     a cache, mask or position fault at any precision: fp32's tolerances for the elementwise profiles (exact, fp32,
     --atol), else cosine and KL limits set from measurements (CONSISTENCY_MIN_COSINE, CONSISTENCY_MAX_KL)."""
-    from dataclasses import replace
-
     assert cand.recomputed is not None
-    if profile.elementwise:  # exact, fp32 or a user's --atol: two computations of one model differ in rounding
-        from llmconv.verification.profiles import outputs_profile
-
-        prof = replace(outputs_profile("fp32"), name=profile.name)
-    else:
-        prof = replace(profile, min_cosine=CONSISTENCY_MIN_COSINE, min_top1=None, min_top5=None,
-                       max_kl=CONSISTENCY_MAX_KL)
+    prof = _self_profile(profile)
     comparison = OutputComparison("decode.consistency", profile=prof, logits=True)
     cached = np.stack(cand.steps[1:k + 1], axis=1)  # [prompts, steps, vocab]
     comparison.add(cand.recomputed, cached)

@@ -180,7 +180,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
                                                    sliding=sliding,
                                                    own_positions=counts_own_positions(ref_sig, cand_sig))
         checks += decode_found
-        notes += unpadded_note(ref_sig, cand_sig) + decode_notes
+        notes += unpadded_note(ref_sig, cand_sig, batched=bool(dplan.decode_steps)) + decode_notes
     if texts is not None:
         if same_text and text_cmp.n:
             text_check = text_cmp.check()

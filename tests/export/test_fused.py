@@ -59,3 +59,40 @@ def test_verify_takes_a_builder_folder_as_the_builder_writes_it(fx, tmp_path, cl
     (tmp_path / "b" / "genai_config.json").unlink()
     r = cli("verify", src, tmp_path / "b", "--profile", "fp32")
     assert r.exit_code == 2 and "past key/values of unknown shape" in r.stderr
+
+
+def test_decode_batched_catches_a_graph_that_ignores_the_mask_on_decode_steps(fx, tmp_path, cli):
+    """Each prompt alone is right, a right-padded batch (how onnxruntime-genai batches) is wrong: on decode steps
+    this graph takes every row's length as the batch's longest. Only decode.batched sees it."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    src = fx("llama-hf")
+    with transformers_view(src) as view:
+        model_path = fused.build(view, tmp_path / "b", target="cpu", source=src)
+    model = onnx.load(str(model_path))
+    nodes = list(model.graph.node)
+    sub = next(n for n in nodes if n.op_type == "Sub" and "attn_mask" in n.name)  # seqlens_k = sum(mask) - 1
+    seqlens, sub.output[0] = sub.output[0], "seqlens_true"
+    for name, value in (("k1", [1]), ("k1s", 1)):
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+    wrong = [
+        helper.make_node("Shape", ["attention_mask"], ["am_shape"]),
+        helper.make_node("ConstantOfShape", ["am_shape"], ["ones"], value=helper.make_tensor("v", TensorProto.INT64,
+                                                                                              [1], [1])),
+        helper.make_node("ReduceSum", ["ones", "k1"], ["total"], keepdims=0),
+        helper.make_node("Sub", ["total", "k1s"], ["seqlens_all"]),
+        helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+        helper.make_node("Gather", ["ids_shape", "k1s"], ["ids_len"], axis=0),
+        helper.make_node("Equal", ["ids_len", "k1s"], ["is_decode"]),
+        helper.make_node("Where", ["is_decode", "seqlens_all", "seqlens_true"], [seqlens]),
+    ]
+    at = nodes.index(sub) + 1
+    for k, node in enumerate(wrong):
+        model.graph.node.insert(at + k, node)
+    (tmp_path / "b" / "model.onnx.data").unlink()
+    onnx.save(model, str(model_path), save_as_external_data=True, location="model.onnx.data")
+    r = cli("verify", src, tmp_path / "b", "--profile", "fp32", "--json")
+    assert r.exit_code == 1, r.stdout
+    failed = {c["name"] for c in json.loads(r.stdout)["checks"] if not c["passed"]}
+    assert failed == {"decode.batched"}

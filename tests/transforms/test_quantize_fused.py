@@ -115,6 +115,7 @@ def test_gpu_fp16_fused_graph_is_verified_on_the_cpu_provider(fx, tmp_path):
     r = llmconv.quantize(fx("llama-hf"), tmp_path / "h.onnx", target="gpu", method="fp16")
     assert r.passed and r.options["graph"]["fused"] and r.options["precision"].startswith("float16")
     assert "verified on the CPU execution provider" in r.notes
+    assert 0.45 < r.size_ratio < 0.6  # against the float32 checkpoint (the builder writes fp16 directly)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx", "h.onnx.data"]
 
 
@@ -167,3 +168,42 @@ def test_a_folder_without_tokenizer_files_is_fused_too(fx_copy, tmp_path):
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [
         "config.json", "genai_config.json", "generation_config.json", "model.onnx", "model.onnx.data"]
     og.Model(str(tmp_path / "q"))  # onnxruntime-genai loads it (a tokenizer is needed only to encode text)
+
+
+def test_a_model_the_builder_fails_on_gets_the_exporters_graph(fx_copy, tmp_path):
+    """A Llama with an activation the builder does not make (tanh): the default path falls back, and says so."""
+    src = fx_copy("llama-hf")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "hidden_act": "tanh"}))
+    r = llmconv.quantize(src, tmp_path / "q", target="cpu", method="int4", verify=False)
+    graph = r.options["graph"]
+    assert not graph["fused"] and "model builder failed: NotImplementedError" in graph["why"]
+    assert any(n.startswith("not fused (onnxruntime-genai's model builder failed") for n in r.notes)
+    assert "GroupQueryAttention" not in _ops(tmp_path / "q" / "model.onnx")
+    assert not (tmp_path / "q" / "genai_config.json").exists()
+
+
+def test_gpu_to_a_weights_file_is_still_a_cast(fx, tmp_path):
+    r = llmconv.quantize(fx("llama-hf"), tmp_path / "h.safetensors", target="gpu")
+    assert r.passed and r.verification.mode == "weights" and r.tensors_cast > 0
+
+
+def test_an_already_fused_graph_quantized_keeps_its_genai_config(fx, tmp_path, cli):
+    from llmconv.export import fused
+    from llmconv.export.tasks import transformers_view
+
+    src = fx("llama-hf")
+    with transformers_view(src) as view:
+        fused.build(view, tmp_path / "f32", target="cpu", source=src)
+    (tmp_path / "f32" / "config.json").write_bytes((src / "config.json").read_bytes())
+    r = llmconv.quantize(tmp_path / "f32", tmp_path / "q4", target="cpu", method="int4", verify=False)
+    assert r.options["graph"]["fused"] and r.options["graph"]["tool"] == "the source graph (already fused)"
+    og.Model(str(tmp_path / "q4"))
+    r = cli("convert", tmp_path / "q4", tmp_path / "hf", "--to", "hf")
+    assert r.exit_code == 2 and "built by onnxruntime-genai's model builder" in " ".join(r.stderr.split())
+
+
+def test_the_builders_quantizer_logs_nothing(fx, tmp_path, cli):
+    r = cli("quantize", fx("llama-hf"), tmp_path / "g4", "--target", "gpu", "--method", "int4", "--no-verify",
+            "--quiet")
+    assert r.exit_code == 0 and r.stderr == "" and r.stdout == ""
