@@ -27,17 +27,10 @@ from llmconv.errors import ConversionError
 
 __all__ = ["ARCHITECTURES", "build", "builder_version", "unfused_reason", "write_genai_config"]
 
-# The builder's text-only causal LMs that llmconv has verified end to end (prefill, cached decode, generation)
-# on seeded models of each: transformers' class name -> the builder's class for it.
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Phi3ForCausalLM": "phi3",
-    "GemmaForCausalLM": "gemma",
-    "GraniteForCausalLM": "granite",
-}
+# The builder's text-only causal LMs whose float32 graph llmconv checked against PyTorch within the fp32 profile
+# (prefill, cached decode, generation) on a seeded model of each.
+ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM", "GemmaForCausalLM", "GraniteForCausalLM"})
 # Left out after that check: the builder's OLMo graph is not OLMo (fp32 logits cosine 0.988 against PyTorch's,
 # greedy agreement 0.625, on the seeded tiny OLMo); Gemma 2/3 (sliding windows) and Phi were not checked beyond
 # short prompts, or do not run.
@@ -136,10 +129,22 @@ def _name_head_size(model_path: Path, genai_config: Path) -> None:
         onnx.save(model, str(model_path))
 
 
-def write_genai_config(config_file: Path, *, target: str) -> None:
-    """Set ``genai_config.json``'s provider for ``target`` (the graph may have been built for another)."""
-    data = json.loads(config_file.read_text(encoding="utf-8"))
-    session = data["model"]["decoder"].setdefault("session_options", {})
+def write_genai_config(config_file: Path, *, target: str, source: Path | None = None) -> None:
+    """Set ``genai_config.json``'s provider for ``target`` (the graph may have been built for another).
+
+    Raises:
+        InputError: the file has no ``model.decoder`` object (``source`` names the file it was copied from).
+    """
+    from llmconv.checkpoint import read_json
+    from llmconv.errors import InputError
+
+    data = read_json(config_file, what="genai_config.json")
+    decoder = data.get("model", {}).get("decoder") if isinstance(data, dict) and isinstance(data.get("model"),
+                                                                                             dict) else None
+    if not isinstance(decoder, dict):
+        raise InputError("genai_config.json has no model.decoder object", path=source or config_file,
+                         hint="remove it, or write it again with onnxruntime-genai's model builder")
+    session = decoder.setdefault("session_options", {})
     session["provider_options"] = [{"cuda": {"enable_cuda_graph": "0"}}] if target == "gpu" else []
     config_file.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
 

@@ -422,7 +422,7 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                 raise UsageError(f"{flag} does not apply to a {resolved} cast of weights")
         report = _cast_weights(src_path, dst_path, fmt=fmt, target=target, method=resolved, atol=atol, rtol=rtol,
                                verify=verify, force=force, progress=progress)
-    if fused_fp16:
+    if fused_fp16 and report.options.get("graph", {}).get("fused"):
         report.notes.append("a causal LM for --target gpu: written as a fused fp16 ONNX graph for CUDA; "
                             "--no-optimize casts the weights to fp16 instead")
     elif optimize and fmt.name == "hf" and target == "gpu" and resolved == "fp16" and not graph:
@@ -491,13 +491,12 @@ def _graph_plan(src_path: Path, *, fmt: Any, method: str, target: str, optimize:
                "to get one)")
     elif method == "int8-static":
         why = "int8-static calibrates the exporter's graph; fused graphs take int8-dynamic or int4"
-    elif target == "gpu" and method != "fp16" and method != "int4":
+    elif target == "gpu" and method not in ("fp16", "int4"):
         why = f"{method} is for the CPU; fused graphs for --target gpu are fp16 or int4"
     else:
         why = fused.unfused_reason(config)
     if why is not None:
-        notes.append(f"not fused ({why}): the exporter's graph, with its attention and norms as separate ops; "
-                     "--no-optimize says so explicitly")
+        notes.append(f"not fused ({why}): the exporter's graph, its attention and norms as separate ops")
         return {"fused": False, "why": why}
     return {"fused": True, "tool": f"onnxruntime-genai {fused.builder_version()} model builder",
             "architecture": arch, "attention": "GroupQueryAttention (rotary inside)",
@@ -661,7 +660,8 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
                     from llmconv.export.fused import write_genai_config
 
                     shutil.copyfile(genai, out_dir / "genai_config.json")
-                    write_genai_config(out_dir / "genai_config.json", target=target)
+                    write_genai_config(out_dir / "genai_config.json", target=target,
+                                       source=genai if fmt.name == "onnx" else None)
             return out_file, options
 
         def make(setting: Any) -> tuple[Path, dict[str, Any], VerifyReport | None]:
@@ -670,7 +670,8 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             out_dir = out_file.parent
             verification = None
             if verify:
-                with status.phase("verifying against the float graph"):
+                with status.phase("verifying against the PyTorch model" if reference else
+                                  "verifying against the float graph"):
                     verification = _verify_outputs(reference or ref_file, out_file, profile=PROFILES[method],
                                                    atol=atol,
                                                    rtol=rtol, text=text, inputs=inputs, provider=provider,
