@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 
 def descendants(pid: int) -> list[int]:
@@ -57,3 +61,21 @@ class PeakSampler(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join()
+
+
+def run_sampled(cmd: list[str], *, cwd: Path, env: dict[str, str] | None = None,
+                ok_codes: tuple[int, ...] = (0,)) -> dict:
+    """Run ``cmd`` in a fresh process: wall seconds, peak RSS and RssAnon of its tree (MB), stdout, exit status.
+    Exits the benchmark, with the command's stderr, when the status is not in ``ok_codes``."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
+    sampler = PeakSampler(proc.pid)
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    sampler.stop()
+    if proc.returncode not in ok_codes:
+        sys.stderr.write(err.decode(errors="replace")[-3000:])
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    return {"wall_s": wall, "peak_rss_mb": sampler.peak_rss / 1e6, "peak_anon_mb": sampler.peak_anon / 1e6,
+            "stdout": out.decode(errors="replace"), "rc": proc.returncode}

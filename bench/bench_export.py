@@ -38,14 +38,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _procmem import PeakSampler  # bench/ is on sys.path: the script's own folder
+from _procmem import run_sampled  # bench/ is on sys.path: the script's own folder
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MB = 1e6
 # ~106M parameters: 2 x 32000 x 768 embeddings/head + 8 layers of attention (768^2 x 4) and MLP (3 x 768 x 2048).
 CONFIG = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12,
           "num_key_value_heads": 12, "vocab_size": 32000, "max_position_embeddings": 1024,
@@ -64,18 +62,7 @@ def make_model(folder: Path) -> None:
 
 def timed(cmd: list[str], *, env: dict[str, str] | None = None) -> dict:
     """Run ``cmd``; wall seconds, peak RSS and peak RssAnon of its process tree."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
-    sampler = PeakSampler(proc.pid)
-    sampler.start()
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    sampler.stop()
-    if proc.returncode != 0:
-        sys.stderr.write(err.decode(errors="replace")[-3000:])
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    return {"wall_s": wall, "peak_rss_mb": sampler.peak_rss / MB, "peak_anon_mb": sampler.peak_anon / MB,
-            "stdout": out.decode()}
+    return run_sampled(cmd, cwd=REPO, env=env)
 
 
 _OVERHEAD = r'''

@@ -65,13 +65,12 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _procmem import PeakSampler, memory  # bench/ is on sys.path: the script's own folder
+from _procmem import memory, run_sampled  # bench/ is on sys.path: the script's own folder
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
@@ -150,19 +149,7 @@ def make_llama(folder: Path, config: dict) -> None:
 
 def run_tool(cmd: list[str], *, ok_codes: tuple[int, ...] = (0,)) -> dict:
     """Run ``cmd`` in a fresh process: wall seconds, peak RssAnon of its tree, stdout, exit status."""
-    env = dict(os.environ, TQDM_DISABLE="1")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
-    sampler = PeakSampler(proc.pid)
-    sampler.start()
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    sampler.stop()
-    if proc.returncode not in ok_codes:
-        sys.stderr.write(err.decode(errors="replace")[-3000:])
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    return {"seconds": wall, "peak_anon_mb": sampler.peak_anon / MB, "stdout": out.decode(errors="replace"),
-            "rc": proc.returncode}
+    return run_sampled(cmd, cwd=REPO, env=dict(os.environ, TQDM_DISABLE="1"), ok_codes=ok_codes)
 
 
 def build(name: str, src: Path, out: Path, *, reuse: bool) -> dict:
@@ -178,7 +165,7 @@ def build(name: str, src: Path, out: Path, *, reuse: bool) -> dict:
     r = run_tool(cmd)
     shutil.rmtree(Path(f"{tmp}-cache"), ignore_errors=True)
     tmp.rename(out)
-    info = {"seconds": r["seconds"], "peak_anon_mb": r["peak_anon_mb"], "command": " ".join(cmd[1:])}
+    info = {"seconds": r["wall_s"], "peak_anon_mb": r["peak_anon_mb"], "command": " ".join(cmd[1:])}
     stamp.write_text(json.dumps(info))
     return info
 

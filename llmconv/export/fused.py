@@ -25,7 +25,7 @@ from typing import Any
 from llmconv import progress
 from llmconv.errors import ConversionError
 
-__all__ = ["ARCHITECTURES", "build", "builder_version", "unfused_reason", "write_genai_config"]
+__all__ = ["ARCHITECTURES", "architecture", "build", "builder_version", "unfused_reason", "write_genai_config"]
 
 # The builder's text-only causal LMs whose float32 graph llmconv checked against PyTorch within the fp32 profile
 # (prefill, cached decode, generation) on a seeded model of each.
@@ -36,21 +36,28 @@ ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # short prompts, or do not run.
 
 
+@functools.cache
 def builder_version() -> str | None:
-    """The installed onnxruntime-genai's version, or None when its model builder cannot be imported."""
+    """The installed onnxruntime-genai's version, or None when its model builder cannot be imported (not
+    installed, or a release that imports classes of another transformers)."""
     try:
         with _quiet_builder():
             import onnxruntime_genai
             from onnxruntime_genai.models import builder  # noqa: F401
-    except Exception:  # noqa: BLE001 - a builder that does not import is a builder we cannot use
+    except ImportError:
         return None
     return str(getattr(onnxruntime_genai, "__version__", "?"))
 
 
+def architecture(config: dict[str, Any] | None) -> str | None:
+    """The model class config.json names (``architectures[0]``), or None."""
+    archs = (config or {}).get("architectures") or []
+    return archs[0] if archs and isinstance(archs[0], str) else None
+
+
 def unfused_reason(config: dict[str, Any] | None) -> str | None:
     """Why a model with this config.json gets the exporter's plain graph instead of a fused one, or None."""
-    archs = (config or {}).get("architectures") or []
-    arch = archs[0] if archs else (config or {}).get("model_type", "this model")
+    arch = architecture(config) or (config or {}).get("model_type", "this model")
     if arch not in ARCHITECTURES:
         return (f"{arch} is not among the architectures llmconv fuses through onnxruntime-genai's model builder "
                 f"({', '.join(sorted(a.removesuffix('ForCausalLM') for a in ARCHITECTURES))})")
@@ -63,9 +70,10 @@ def unfused_reason(config: dict[str, Any] | None) -> str | None:
     return None
 
 
-def build(folder: Path, out_dir: Path, *, target: str, precision: str = "fp32", source: Path | None = None) -> Path:
+def build(folder: Path, out_dir: Path, *, target: str, precision: str = "fp32", source: Path | None = None,
+          filename: str = "model.onnx") -> Path:
     """Write the fused graph of the hf model in ``folder`` (a ``transformers_view``: data files only) to
-    ``out_dir/model.onnx`` (+ ``model.onnx.data`` and ``genai_config.json``).
+    ``out_dir/filename`` (+ ``filename.data`` and ``genai_config.json``).
 
     Args:
         folder: the model folder the builder reads (loaded with ``trust_remote_code=False``).
@@ -73,6 +81,7 @@ def build(folder: Path, out_dir: Path, *, target: str, precision: str = "fp32", 
         target: ``cpu`` or ``gpu`` (the builder's ``cuda``: attention in fp16, as CUDA's kernels take it).
         precision: the builder's ``fp32``, ``fp16`` or ``int4``.
         source: the folder messages name (the user's, of which ``folder`` is a view).
+        filename: the graph's file name.
     Returns:
         The graph's path.
     Raises:
@@ -84,7 +93,7 @@ def build(folder: Path, out_dir: Path, *, target: str, precision: str = "fp32", 
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir.parent / f".{out_dir.name}-builder-cache"
     provider = "cuda" if target == "gpu" else "cpu"
-    options: dict[str, Any] = {"filename": "model.onnx", "hf_remote": "false"}
+    options: dict[str, Any] = {"filename": filename, "hf_remote": "false"}
     with progress.phase(f"building the fused graph (onnxruntime-genai {builder_version()} model builder)"):
         try:
             with _quiet_builder(), _no_processing_files():
@@ -94,9 +103,9 @@ def build(folder: Path, out_dir: Path, *, target: str, precision: str = "fp32", 
             raise ConversionError(f"onnxruntime-genai's model builder failed: {type(e).__name__}: {e}",
                                   path=source or folder, hint="rerun with --no-optimize for the exporter's plain "
                                                               "graph") from e
-    model = out_dir / "model.onnx"
+    model = out_dir / filename
     if not model.is_file():
-        raise ConversionError("onnxruntime-genai's model builder wrote no model.onnx", path=source or folder,
+        raise ConversionError(f"onnxruntime-genai's model builder wrote no {filename}", path=source or folder,
                               hint="rerun with --no-optimize for the exporter's plain graph")
     _name_head_size(model, out_dir / "genai_config.json")
     from llmconv.export.onnx_post import write_name_record
@@ -190,6 +199,6 @@ def _builder_base() -> Any:
     and imports ``builders.base`` under that top-level name (a second copy beside the package's own)."""
     try:
         from onnxruntime_genai.models import builder  # noqa: F401
-    except Exception:  # noqa: BLE001 - not installed, or does not import: builder_version() says so
+    except ImportError:  # not installed, or does not import: builder_version() says so
         return None
     return sys.modules.get("builders.base") or sys.modules.get("onnxruntime_genai.models.builders.base")

@@ -393,10 +393,12 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                          f"--target {target}", hint="drop --cpu")
     graph = fmt.name == "onnx" or (fmt.name == "hf" and (onnx_dst or resolved in ("int8-dynamic", "int8-static",
                                                                                    "int4")))
-    fused_fp16 = (not graph and optimize and fmt.name == "hf" and target == "gpu" and resolved == "fp16"
-                  and dst_path.suffix.lower() not in _WEIGHTS_SUFFIXES and _fusable(src_path))
-    if fused_fp16:  # a causal LM for CUDA: the fused fp16 graph (a folder genai and optimum load), not a weights cast
-        graph = True
+    # A causal LM for CUDA into a folder: the fused fp16 graph (which genai and optimum load), not a weights cast.
+    gpu_folder = (not graph and optimize and fmt.name == "hf" and target == "gpu" and resolved == "fp16"
+                  and dst_path.suffix.lower() not in _WEIGHTS_SUFFIXES)
+    listed, not_fused = _fusion_check(src_path) if gpu_folder else (False, None)
+    fused_fp16 = gpu_folder and listed and not_fused is None
+    graph = graph or fused_fp16
     if graph:
         from llmconv.transforms.common import onnx_destination
 
@@ -425,10 +427,8 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
     if fused_fp16 and report.options.get("graph", {}).get("fused"):
         report.notes.append("a causal LM for --target gpu: written as a fused fp16 ONNX graph for CUDA; "
                             "--no-optimize casts the weights to fp16 instead")
-    elif optimize and fmt.name == "hf" and target == "gpu" and resolved == "fp16" and not graph:
-        note = _gpu_cast_note(src_path)
-        if note is not None and dst_path.suffix.lower() not in _WEIGHTS_SUFFIXES:
-            report.notes.append(note)
+    elif listed and not_fused is not None:
+        report.notes.append(f"not fused ({not_fused}): the weights were cast to fp16 instead")
     if method == "auto":
         report.notes.insert(0, f"--method auto chose {resolved} for --target {target}")
     if target == "gpu" and resolved in ("int8-dynamic", "int8-static"):
@@ -445,23 +445,14 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
 _WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-def _fusable(src_path: Path) -> bool:
-    """Whether the hf folder is a causal LM that ``llmconv.export.fused`` builds."""
-    from llmconv.export import fused
-    from llmconv.transforms.common import read_config
-
-    return fused.unfused_reason(read_config(src_path)) is None
-
-
-def _gpu_cast_note(src_path: Path) -> str | None:
-    """Why a causal LM of a fused architecture is cast as weights for --target gpu, or None for other models."""
+def _fusion_check(src_path: Path) -> tuple[bool, str | None]:
+    """(whether the hf folder's architecture is one ``llmconv.export.fused`` builds, why it is not fused now or
+    None)."""
     from llmconv.export import fused
     from llmconv.transforms.common import read_config
 
     config = read_config(src_path)
-    arch = ((config or {}).get("architectures") or [None])[0]
-    why = fused.unfused_reason(config) if arch in fused.ARCHITECTURES else None
-    return None if why is None else f"not fused ({why}): the weights were cast to fp16 instead"
+    return fused.architecture(config) in fused.ARCHITECTURES, fused.unfused_reason(config)
 
 
 def _graph_plan(src_path: Path, *, fmt: Any, method: str, target: str, optimize: bool,
@@ -475,7 +466,7 @@ def _graph_plan(src_path: Path, *, fmt: Any, method: str, target: str, optimize:
         return {"fused": False, "why": "--no-optimize"}
     folder = src_path if fmt.name == "hf" else (src_path if src_path.is_dir() else src_path.parent)
     config = read_config(folder)
-    arch = ((config or {}).get("architectures") or [None])[0]
+    arch = fused.architecture(config)
     if arch not in fused.ARCHITECTURES:
         return {"fused": False, "why": fused.unfused_reason(config)}
     why = None
@@ -503,15 +494,17 @@ def _graph_plan(src_path: Path, *, fmt: Any, method: str, target: str, optimize:
             "norms": "SkipSimplifiedLayerNormalization", "projections": "Q/K/V packed into one MatMul"}
 
 
-def _copy_graph(src: Path, out: Path, *, method: str, target: str) -> dict[str, Any]:
-    """The builder's output, already in ``method``'s precision, saved as ``out`` with its data beside it."""
+def _take_graph(src: Path, out: Path, *, method: str, target: str) -> dict[str, Any]:
+    """The builder's output, already in ``method``'s precision and named ``out.name``: moved into ``out``'s folder
+    with its data file (file renames: the weights are never read)."""
     import onnx
 
     from llmconv.transforms import graph as g
 
-    model = onnx.load(str(src))
-    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=f"{out.name}.data", size_threshold=1024)
+    model = g.load_model(src, with_data=False)
+    for data in g.external_data_files(model, src):
+        data.replace(out.parent / data.name)
+    src.replace(out)
     g.record_data_files(out)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute} if nbits else {}
@@ -606,7 +599,8 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             built_as = {"fp16": "fp16", "int4": "int4"}.get(method) if target == "gpu" else None
             try:
                 ref_file = fused.build(view, scratch / "fused", target=target, source=src_path,
-                                       precision="fp32" if built_as is None else built_as)
+                                       precision="fp32" if built_as is None else built_as,
+                                       filename=out_name if built_as is not None else "model.onnx")
             except ConversionError as e:  # the default path: fall back to the exporter's graph, and say so
                 graph_info, built_as = {"fused": False, "why": e.bare_message}, None
                 notes.append(f"not fused ({e.bare_message}): the exporter's graph instead")
@@ -645,8 +639,8 @@ def _quantize_graph(src_path: Path, dst_path: Path, *, fmt: Any, target: str, me
             out_dir = scratch / f"out-{next(made)}"
             out_dir.mkdir()
             out_file = out_dir / out_name
-            if built_as is not None:  # the builder wrote it in its final precision
-                options = _copy_graph(ref_file, out_file, method=method, target=target)
+            if built_as is not None:  # the builder wrote it in its final precision (one setting: built once)
+                options = _take_graph(ref_file, out_file, method=method, target=target)
             else:
                 options, _, _ = _write_graph(method, ref_file, out_file, source_model, setting=setting,
                                              target=target, op_types=op_types, block_size=block_size,

@@ -641,38 +641,56 @@ def _consistency_check(cand: Trace, k: int, profile: OutputsProfile) -> Check:
 def _cache_check(ref: list[tuple[np.ndarray, np.ndarray]], cand: list[tuple[np.ndarray, np.ndarray]],
                  plan: DecodePlan, profile: OutputsProfile, sliding: int | None, notes: list[str],
                  rows: np.ndarray) -> Check:
-    if len(ref) != len(cand):
-        return Check("decode.cache", False, {}, f"the candidate's cache has {len(cand)} layers, the reference's "
-                                                f"{len(ref)}")
     calls = plan.calls
     mask = np.concatenate([plan.mask, np.ones((plan.mask.shape[0], calls), dtype=plan.mask.dtype)], axis=1)
-    total = OutputComparison("decode.cache", profile=profile, logits=False)
-    first_bad = None
     trimmed = 0
-    for i, (kv_r, kv_c) in enumerate(zip(ref, cand, strict=True)):
-        for label, a, b in (("key", kv_r[0], kv_c[0]), ("value", kv_r[1], kv_c[1])):
-            if a.ndim != 4 or b.ndim != 4:
-                total.add(a, b)
-                continue
-            n = min(a.shape[2], b.shape[2])
-            if a.shape[2] != b.shape[2] and sliding:
-                trimmed = n
-            # [prompts, heads, positions, dim] -> the real positions only; padding holds whatever each side made.
-            keep = (mask[:, -n:] == 1) & rows[:, None]
-            a = a[:, :, -n:, :].transpose(0, 2, 1, 3)[keep]
-            b = b[:, :, -n:, :].transpose(0, 2, 1, 3)[keep]
-            total.add(a, b)
-            if first_bad is None:
-                one = OutputComparison(f"present.{i}.{plan.cache_label}{label}", profile=profile, logits=False)
-                one.add(a, b)
-                if not one.check().passed:
-                    first_bad = f"present.{i}.{plan.cache_label}{label}"
+
+    def pick(i: int, label: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal trimmed
+        if a.ndim != 4 or b.ndim != 4:
+            return a, b
+        n = min(a.shape[2], b.shape[2])
+        if a.shape[2] != b.shape[2] and sliding:
+            trimmed = n
+        # [prompts, heads, positions, dim] -> the real positions only; padding holds whatever each side made.
+        keep = (mask[:, -n:] == 1) & rows[:, None]
+        return a[:, :, -n:, :].transpose(0, 2, 1, 3)[keep], b[:, :, -n:, :].transpose(0, 2, 1, 3)[keep]
+
+    check = compare_cache_layers("decode.cache", ref, cand, profile, pick=pick, what="cache",
+                                 label=lambda i, label: f"present.{i}.{plan.cache_label}{label}")
     if trimmed:
         notes.append(f"sliding window {sliding}: one side's cache keeps only the last {trimmed} positions; the "
                      "decode caches were compared on the positions both keep")
+    if "first_failing" in check.figures:  # positions before first_failing, as the report has always listed them
+        first = check.figures.pop("first_failing")
+        check.figures.update(positions=int(mask.shape[1]), first_failing=first)
+    return check
+
+
+def compare_cache_layers(name: str, ref: list[tuple[np.ndarray, np.ndarray]],
+                         cand: list[tuple[np.ndarray, np.ndarray]], profile: Any, *, pick: Any, label: Any,
+                         what: str) -> Check:
+    """One check over every layer's key and value: ``pick(i, "key"|"value", ref, cand)`` gives the two arrays to
+    compare (their real positions), or a failed Check to return at once; ``label(i, kind)`` names a tensor. The
+    figures name the first tensor that fails on its own."""
+    if len(ref) != len(cand):
+        return Check(name, False, {}, f"the candidate's {what} has {len(cand)} layers, the reference's {len(ref)}")
+    total = OutputComparison(name, profile=profile, logits=False)
+    first_bad = None
+    for i, (kv_r, kv_c) in enumerate(zip(ref, cand, strict=True)):
+        for kind, a, b in (("key", kv_r[0], kv_c[0]), ("value", kv_r[1], kv_c[1])):
+            picked = pick(i, kind, a, b)
+            if isinstance(picked, Check):
+                return picked
+            a, b = picked
+            total.add(a, b)
+            if first_bad is None:
+                one = OutputComparison(label(i, kind), profile=profile, logits=False)
+                one.add(a, b)
+                if not one.check().passed:
+                    first_bad = label(i, kind)
     check = total.check()
     check.figures["layers"] = len(ref)
-    check.figures["positions"] = int(mask.shape[1])
     check.figures["first_failing"] = first_bad
     if not check.passed and first_bad:
         check.reason += f" (first: {first_bad})"

@@ -582,32 +582,18 @@ def _run_side(sig: Seq2SeqSig, feeds: list[dict[str, Any]], dec_feeds: list[np.n
 def _cross_check(ref: list[tuple[np.ndarray, np.ndarray]], cand: list[tuple[np.ndarray, np.ndarray]],
                  enc_mask: np.ndarray, profile: Any) -> Check:
     """``decode.cross_cache``: each decoder layer's cross-attention keys and values, at the prompts' real tokens."""
-    from llmconv.verification.metrics import OutputComparison
+    from llmconv.verification.decode import compare_cache_layers
 
-    if len(ref) != len(cand):
-        return Check("decode.cross_cache", False, {}, f"the candidate's cross-attention cache has {len(cand)} "
-                                                      f"layers, the reference's {len(ref)}")
-    total = OutputComparison("decode.cross_cache", profile=profile, logits=False)
-    first_bad = None
     keep = enc_mask == 1
-    for i, (kv_r, kv_c) in enumerate(zip(ref, cand, strict=True)):
-        for label, a, b in (("key", kv_r[0], kv_c[0]), ("value", kv_r[1], kv_c[1])):
-            if a.shape != b.shape:
-                return Check("decode.cross_cache", False, {"layer": i}, f"present.{i}.encoder.{label} has shape "
-                             f"{list(b.shape)} in the candidate, {list(a.shape)} in the reference")
-            a, b = a.transpose(0, 2, 1, 3)[keep], b.transpose(0, 2, 1, 3)[keep]
-            total.add(a, b)
-            if first_bad is None:
-                one = OutputComparison("one", profile=profile, logits=False)
-                one.add(a, b)
-                if not one.check().passed:
-                    first_bad = f"present.{i}.encoder.{label}"
-    check = total.check()
-    check.figures["layers"] = len(ref)
-    check.figures["first_failing"] = first_bad
-    if not check.passed and first_bad:
-        check.reason += f" (first: {first_bad})"
-    return check
+
+    def pick(i: int, label: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Check:
+        if a.shape != b.shape:
+            return Check("decode.cross_cache", False, {"layer": i}, f"present.{i}.encoder.{label} has shape "
+                         f"{list(b.shape)} in the candidate, {list(a.shape)} in the reference")
+        return a.transpose(0, 2, 1, 3)[keep], b.transpose(0, 2, 1, 3)[keep]
+
+    return compare_cache_layers("decode.cross_cache", ref, cand, profile, pick=pick, what="cross-attention cache",
+                                label=lambda i, label: f"present.{i}.encoder.{label}")
 
 
 def graph_files(folder: Path) -> list[Path]:
