@@ -87,6 +87,10 @@ def resolve_destination(src_fmt: Format, src: TensorSource | None, dst: Path, to
         return Destination(by_ext, False)
     if src_fmt.name == "hf":
         return Destination(src_fmt, True, src_weights)
+    if src_fmt.name == "gguf":  # a model file: back to a Hugging Face folder when its architecture maps back
+        if src is not None and src.config is not None:
+            return Destination(registry.get("hf"), True, "safetensors")
+        return Destination(registry.get("safetensors"), True)
     if src_fmt.writable:
         return Destination(src_fmt, True)
     raise UsageError(f"cannot tell which format to write at {dst}",
@@ -133,6 +137,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                              "one external data file", hint="drop --shard-size (or use --external-data)")
         return to_onnx(src_path, dst_path, src_format=src_fmt, dtype=dtype, verify=verify, force=force,
                        **export_options)
+    if (to or "") == "gguf" or (to is None and registry.by_extension(dst_path) is registry.get("gguf")):
+        return _to_gguf(src_path, dst_path, src_fmt=src_fmt, dtype=dtype, limit=limit, verify=verify, force=force,
+                        progress=progress, t0=t0, **export_options)
     if export_options.get("config") or export_options.get("task") or export_options.get("opset"):
         raise UsageError("--task, --opset and --config apply to ONNX destinations only")
     if export_options.get("decode_steps") is not None or export_options.get("generate") is not None:
@@ -144,6 +151,10 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         opened = src_fmt.open(src_path)
     with opened as source:
         require_tensors(source, what="convert")
+        if src_fmt.name == "gguf":
+            from llmconv.formats.gguf import refuse_unreadable
+
+            refuse_unreadable(source)
         dest = resolve_destination(src_fmt, source, dst_path, to)
         if not dest.format.writable:
             raise UsageError(f"llmconv does not write {dest.format.name} from {src_fmt.name}")
@@ -206,6 +217,41 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             rel = [str(dst_path / f.relative_to(tmp)) if dest.folder else str(dst_path) for f in files]
             size = sum(f.stat().st_size for f in files)
         return report(size, rel)
+
+
+def _to_gguf(src_path: Path, dst_path: Path, *, src_fmt: Format, dtype: str, limit: int | None, verify: bool,
+             force: bool, progress: ProgressFn | None, t0: float, **options: Any) -> ConvertReport:
+    """``convert HF X.gguf``: float dtypes kept (or cast with ``dtype``), verified tensor by tensor and through
+    transformers' GGUF loader before the rename."""
+    from llmconv.transforms.gguf_out import weights_note, write_gguf_verified
+
+    if limit:
+        raise UsageError("--shard-size does not apply to GGUF: llmconv writes one file", path=dst_path)
+    if options.get("config") or options.get("task") or options.get("opset"):
+        raise UsageError("--task, --opset and --config apply to ONNX destinations only")
+    if dst_path.is_dir():
+        raise UsageError("a GGUF model is one file, and DST is a folder", path=dst_path, hint="give DST a .gguf name")
+    outputs = {k: options[k] for k in ("decode_steps", "generate") if options.get(k) is not None}
+
+    def report(result: Any, *, written: bool) -> ConvertReport:
+        verification = result.verification
+        out = ConvertReport(
+            source=str(src_path), destination=str(dst_path), source_format=src_fmt.name, destination_format="gguf",
+            weights_format="gguf", tensors=result.tensors, parameters=result.parameters,
+            bytes_written=result.bytes_written if written else None, files=result.files if written else [],
+            dtype=dtype if dtype == "keep" else dtype_name(CAST_TARGETS[dtype]), cast=result.cast,
+            notes=list(result.notes) + list(verification.notes if verification is not None else []),
+            verification=verification, seconds=time.perf_counter() - t0)
+        out.extra["gguf_types"] = result.types
+        if result.outputs is not None and result.weights is not None:
+            out.extra["weights_verification"] = result.weights.to_json()
+            out.notes.insert(0, weights_note(result.weights))
+        return out
+
+    result = write_gguf_verified(src_path, dst_path, method=None, dtype=dtype, verify=verify, force=force,
+                                 progress=progress, outputs_options=outputs,
+                                 failed=lambda r: report(r, written=False))
+    return report(result, written=True)
 
 
 def tie_notes(src: TensorSource, dropped: dict[str, str], copied: dict[str, str]) -> list[str]:

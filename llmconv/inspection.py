@@ -52,13 +52,20 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
         if src.config is not None:
             out["architecture"] = (src.config.get("architectures") or [None])[0]
             out["model_type"] = src.config.get("model_type")
-            out["extra_files"] = [str(f.relative_to(path)) for f in src.extra_files]
+            # A folder's own files relative to it; files a one-file format builds beside it (GGUF's config.json
+            # and tokenizer, in a scratch folder) by name.
+            out["extra_files"] = [str(f.relative_to(path)) if f.is_relative_to(path) else f.name
+                                  for f in src.extra_files]
             if "tie_word_embeddings" in src.config:
                 out["tie_word_embeddings"] = bool(src.config["tie_word_embeddings"])
             out["tied_by_config"] = _config_ties(out["architecture"], src.config, set(src.infos))
         for key, value in src.details.items():
-            if key not in ("shards",):
+            if key not in ("shards", "gguf"):  # a GGUF's per-tensor table: its summary is the format's own
                 out.setdefault(key, value)
+        describe = _DESCRIBERS.get(fmt.name)
+        if describe is not None:
+            # What the file says of itself (a GGUF's metadata, its architecture in llama.cpp's name, type counts).
+            out.update(describe()(path))
         largest = sorted(src.infos.values(), key=lambda i: i.nbytes, reverse=True)[:5]
         out["largest"] = [{"name": i.name, "dtype": dtype_name(i.dtype), "shape": list(i.shape), "bytes": i.nbytes}
                           for i in largest]
@@ -66,6 +73,16 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
             out["sparsity"] = _sparsity(src)
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
+
+
+def _gguf_describe():
+    from llmconv.formats.gguf import describe
+
+    return describe
+
+
+# Format name -> (a function returning) the format's own description of a file, for the formats that have one.
+_DESCRIBERS = {"gguf": _gguf_describe}
 
 
 def _config_ties(architecture: str | None, config: dict[str, Any], stored: set[str]) -> list[str]:

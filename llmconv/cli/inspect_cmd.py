@@ -11,6 +11,7 @@ from llmconv.cli import options as o
 from llmconv.cli.output import escape, fmt_num, kv_table, out, print_json
 
 _SPARSE_SHOWN = 10
+_VALUE_SHOWN = 100
 HELP = "Show what a checkpoint holds: format, tensors, parameters, dtypes, bytes, shards, metadata, ties."
 EPILOG = ("Examples: [bold]llmconv inspect fixtures/models/trained-gpt2[/]  ·  "
           "[bold]llmconv inspect model.onnx --json[/]")
@@ -19,6 +20,14 @@ EPILOG = ("Examples: [bold]llmconv inspect fixtures/models/trained-gpt2[/]  ·  
 JSON_FIELDS = ("path", "format", "weights_format", "tensors", "parameters", "bytes", "size_on_disk", "dtypes",
                "bytes_by_dtype", "files", "shards", "metadata", "tied", "architecture", "model_type", "extra_files",
                "tie_word_embeddings", "tied_by_config", "largest", "sparsity", "seconds")
+
+
+def _short(value: object) -> str:
+    """A metadata value on one line: a long string (a chat template) cut, with its length."""
+    text = str(value)
+    if len(text) > _VALUE_SHOWN:
+        return f"{text[:_VALUE_SHOWN]}... ({len(text):,} characters, see --json)"
+    return text
 
 
 def command(
@@ -37,7 +46,18 @@ def command(
     rows = [("path", info["path"]), ("format", info["format"])]
     if info.get("weights_format") and info["weights_format"] != info["format"]:
         rows.append(("weights", info["weights_format"]))
-    if info.get("architecture") or info.get("model_type"):
+    gguf = "gguf_types" in info
+    if gguf:
+        # llama.cpp's architecture name, as the file says it, and the class it reads back as.
+        back = f", reads back as {info['architecture']}" if info.get("architecture") else ""
+        rows.append(("architecture", f"{info.get('gguf_architecture') or '-'} (GGUF v{info.get('gguf_version')}"
+                                     f"{back})"))
+        types = sorted(info["gguf_types"].items(), key=lambda kv: (-kv[1], kv[0]))
+        rows.append(("gguf types", ", ".join(f"{k} {v}" for k, v in types) or "-"))
+        if info.get("unreadable_types"):
+            rows.append(("unreadable", f"{', '.join(info['unreadable_types'])} (llmconv does not dequantize these: "
+                                       "inspect reads the header only, convert refuses the file)"))
+    elif info.get("architecture") or info.get("model_type"):
         rows.append(("architecture", f"{info.get('architecture')} ({info.get('model_type')})"))
     for key in ("opset", "ir_version", "producer"):
         if key in info:
@@ -67,7 +87,10 @@ def command(
             rows.append((key[:-1], f"{io['name']} {io.get('dtype', '')} {io.get('shape', '')}"))
     if info.get("sparsity"):
         rows.append(("sparsity", f"{info['sparsity']['overall']:.2%} of weight-matrix elements are zero"))
+    rows += [("note", note) for note in info.get("notes") or []]
     out.print(kv_table(rows))
+    if gguf and info.get("gguf_metadata"):
+        out.print(kv_table([(escape(k), _short(v)) for k, v in info["gguf_metadata"].items()], title="GGUF metadata"))
     per_tensor = (info.get("sparsity") or {}).get("per_tensor") or {}
     if any(per_tensor.values()):
         from rich.table import Table

@@ -29,6 +29,8 @@ class WriteOptions:
     shard_size: int | None = None
     progress: ProgressFn | None = None
     weights_format: str | None = None  # hf folders: "safetensors" or "pytorch"
+    quantize: str | None = None  # GGUF: q8_0, q4_0, q4_1, q5_0, q5_1 (None keeps float dtypes)
+    notes: list[str] | None = None  # receives what the writer decided, for the report
 
 
 class Format:
@@ -66,7 +68,7 @@ def register(fmt: Format) -> Format:
 
 def _load_builtin() -> None:
     # Importing a format module registers it; the ONNX module imports onnx lazily itself.
-    from llmconv.formats import hf, onnx, pytorch, safetensors  # noqa: F401
+    from llmconv.formats import gguf, hf, onnx, pytorch, safetensors  # noqa: F401
 
 
 def all_formats() -> list[Format]:
@@ -97,7 +99,7 @@ def by_extension(path: Path) -> Format | None:
 # Extensions of model formats llmconv does not write (yet), with what each holds: a destination ending in one
 # is refused rather than turned into a folder of that name.
 _FOREIGN = {
-    ".gguf": "GGUF (llama.cpp, Ollama)", ".ggml": "GGML (llama.cpp's old format)",
+    ".ggml": "GGML (llama.cpp's old format)",
     ".ckpt": "a training checkpoint (PyTorch Lightning, TensorFlow)", ".h5": "Keras/TensorFlow HDF5",
     ".hdf5": "Keras/TensorFlow HDF5", ".keras": "Keras", ".pb": "TensorFlow SavedModel/GraphDef",
     ".tflite": "TensorFlow Lite", ".msgpack": "Flax (msgpack)", ".mlmodel": "Core ML", ".mlpackage": "Core ML",

@@ -42,7 +42,11 @@ GRAPH_METHODS = ("int8-dynamic", "int8-static", "int4", "fp16")
 WEIGHT_METHODS = ("fp16", "bf16")
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_CALIBRATION_SAMPLES = 8
-PROFILES = {"int8-dynamic": "int8", "int8-static": "int8", "int4": "int4", "fp16": "fp16", "bf16": "bf16"}
+PROFILES = {"int8-dynamic": "int8", "int8-static": "int8", "int4": "int4", "fp16": "fp16", "bf16": "bf16",
+            "q8_0": "int8", "q4_0": "int4", "q4_1": "int4", "q5_0": "int4", "q5_1": "int4"}
+# Methods for a .gguf destination (llama.cpp's block types), and what --method auto picks there.
+GGUF_METHODS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_AUTO = "q8_0"
 DEFAULT_OP_TYPES = {
     "int8-dynamic": ("MatMul", "Gemm", "Gather"),
     "int8-static": ("MatMul", "Gemm"),
@@ -384,6 +388,17 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
             if given is not None:
                 raise UsageError(f"{flag} sets how the output is verified, and --no-verify skips verification",
                                  hint=f"drop {flag} or --no-verify")
+    if dst_path.suffix.lower() == ".gguf":
+        return _quantize_gguf(src_path, dst_path, fmt=fmt, target=target, method=method, verify=verify, force=force,
+                              progress=progress, t0=t0, text=text, atol=atol, rtol=rtol,
+                              max_ppl_increase=max_ppl_increase, decode_steps=decode_steps, generate=generate,
+                              refused={"--calibration": calibration, "--per-channel": per_channel or None,
+                                       "--block-size": block_size, "--op-types": op_types, "--inputs": inputs,
+                                       "--calibration-samples": calibration_samples,
+                                       "--cpu": None if cpu == "auto" else cpu})
+    if method in GGUF_METHODS:
+        raise UsageError(f"--method {method} is a GGUF block type: it needs a .gguf destination",
+                         hint="give DST a .gguf name, or use " + ", ".join(METHODS))
     resolved = resolve_method(method, target=target, source_format=fmt.name, onnx_destination=onnx_dst)
     from llmconv.transforms.cpu import check_cpu_choice
 
@@ -443,6 +458,56 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
 
 
 _WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _quantize_gguf(src_path: Path, dst_path: Path, *, fmt: Any, target: str, method: str, verify: bool, force: bool,
+                   progress: Any, t0: float, refused: dict[str, Any], **outputs: Any) -> QuantizeReport:
+    """``quantize HF X.gguf``: llama.cpp's block types (Q8_0, Q4_0, ...), through the gguf package; verified through
+    llmconv's reader (every value on its block's grid) and transformers' GGUF loader (outputs) before the rename."""
+    from llmconv.transforms.gguf_out import weights_note, write_gguf_verified
+
+    chosen = GGUF_AUTO if method == "auto" else method
+    if chosen not in GGUF_METHODS:
+        raise UsageError(f"--method {method} does not apply to a GGUF destination",
+                         hint="use auto (q8_0), " + ", ".join(GGUF_METHODS))
+    if fmt.name != "hf":
+        raise UsageError(f"a GGUF file is made from a Hugging Face folder (config.json, tokenizer and weights); "
+                         f"this is {fmt.name}", path=src_path, hint="give the model's folder")
+    for flag, given in refused.items():
+        if given is not None:
+            raise UsageError(f"{flag} does not apply to a GGUF destination (llama.cpp's {chosen.upper()} blocks)",
+                             hint=f"drop {flag}")
+    if not verify:
+        given = [k for k, v in outputs.items() if v is not None]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} sets how the output is verified, and --no-verify skips "
+                             "verification")
+    if target != "cpu":
+        raise UsageError(f"GGUF block types are for llama.cpp on any device; --target {target} picks ONNX settings",
+                         hint="use --target cpu with a .gguf destination")
+    options = {"gguf_method": chosen, "gguf_types": None}
+
+    def report(result: Any, *, written: bool) -> QuantizeReport:
+        notes = list(result.notes)
+        if method == "auto":
+            notes.insert(0, f"--method auto chose {chosen} for a .gguf destination")
+        if result.outputs is not None and result.weights is not None:
+            notes.insert(0, weights_note(result.weights))
+        if result.verification is not None:
+            notes += [n for n in result.verification.notes if n not in notes]
+        return QuantizeReport(
+            source=str(src_path), destination=str(dst_path), source_format=fmt.name, target=target, method=chosen,
+            size_before=result.source_bytes, size_after=result.bytes_written if written else None,
+            files=result.files if written else [], destination_format="gguf",
+            bytes_written=result.bytes_written if written else None, linear_ops=None, ops_quantized=None,
+            embeddings_quantized=None, ops_before=None, ops_after=None, tensors_cast=None,
+            options={**options, "gguf_types": result.types}, verification=result.verification, notes=notes,
+            seconds=time.perf_counter() - t0)
+
+    result = write_gguf_verified(src_path, dst_path, method=chosen, verify=verify, force=force, progress=progress,
+                                 outputs_options={k: v for k, v in outputs.items() if v is not None},
+                                 failed=lambda r: report(r, written=False))
+    return report(result, written=True)
 
 
 def _fusion_check(src_path: Path) -> tuple[bool, str | None]:

@@ -23,6 +23,8 @@ def choose_mode(ref_format: str, cand_format: str, *, mode: str, wants_outputs: 
         return "outputs"
     if ref_format in _NAMED_WEIGHTS and cand_format in _NAMED_WEIGHTS:
         return "weights"
+    if "gguf" in (ref_format, cand_format) and {ref_format, cand_format} & {"safetensors", "pytorch"}:
+        return "weights"  # a bare weights file cannot run: GGUF against it tensor by tensor
     return "outputs"
 
 

@@ -98,6 +98,7 @@ class Signature:
     pad_token_id: int | None = None
     image: ImageSpec | None = None
     unpadded_only: str | None = None
+    gguf_file: Path | None = None
 
 
 def _max_positions(config: dict[str, Any] | None) -> int | None:
@@ -147,6 +148,8 @@ def describe(path: Path) -> Signature:
         return _describe_onnx(path)
     if fmt.name == "hf":
         return _describe_hf(path)
+    if fmt.name == "gguf":
+        return _describe_gguf(path)
     raise UsageError(f"outputs mode needs a model it can run; this is a bare {fmt.name} weights file", path=path,
                      hint="give the model's Hugging Face folder (config.json + weights) or an ONNX model, "
                           "or compare weights with --mode weights")
@@ -177,6 +180,40 @@ def _describe_hf(path: Path) -> Signature:
                      config=config, vocab_size=config.get("vocab_size"), max_positions=_max_positions(config),
                      float_dtype=float_dtype, tokenizer_dir=_tokenizer_dir(path), notes=code_note(path),
                      pad_token_id=_pad_token_id(config))
+
+
+# The profile a GGUF file is judged by, from its main (most bytes) tensor type.
+_GGUF_PROFILE = {"F32": (None, "float32"), "F16": (None, "float16"), "BF16": (None, "bfloat16"),
+                 "Q8_0": ("int8", "float32"), "Q4_0": ("int4", "float32"), "Q4_1": ("int4", "float32"),
+                 "Q5_0": ("int4", "float32"), "Q5_1": ("int4", "float32")}
+
+
+def _describe_gguf(path: Path) -> Signature:
+    """A GGUF file, run in PyTorch through transformers' own GGUF loader (which dequantizes it independently of
+    llmconv's reader)."""
+    from llmconv.formats import gguf
+
+    with gguf.FORMAT.open(path) as src:
+        config = dict(src.config) if src.config is not None else None
+        info = src.details["gguf"]
+        gguf.refuse_unreadable(src)
+    if config is None:
+        raise Unsupported(f"outputs mode runs GGUF files of the architectures transformers' GGUF loader and llmconv "
+                          f"map back ({', '.join(sorted(gguf.gguf_arch.READ_BACK))}); this one is "
+                          f"{info['architecture'] or 'unnamed'}", path=path,
+                          hint="compare its weights with --mode weights")
+    sizes: Counter[str] = Counter()
+    with gguf.reading(path) as reader:
+        for t in reader.tensors:
+            if len(t.shape) > 1:
+                sizes[t.tensor_type.name] += int(t.n_bytes)
+    main = sizes.most_common(1)[0][0] if sizes else "F32"
+    quantization, float_dtype = _GGUF_PROFILE.get(main, (None, "float32"))
+    return Signature(path=path, kind="torch", model_path=path, task=task_from_config(config),
+                     inputs={"input_ids", "attention_mask"}, config=config, vocab_size=config.get("vocab_size"),
+                     max_positions=_max_positions(config), float_dtype=float_dtype, quantization=quantization,
+                     notes=["the GGUF file ran through transformers' GGUF loader (dequantized to float32 by "
+                            "transformers, not llmconv)"], pad_token_id=_pad_token_id(config), gguf_file=path)
 
 
 def _main_input(config: dict[str, Any]) -> str:
@@ -648,11 +685,14 @@ class TorchRunner:
             # transformers would guess the architecture from the folder's name.
             raise UsageError("config.json has no model_type; running the model needs its architecture",
                              path=sig.path, hint='add "model_type" (e.g. "llama") to config.json')
-        # Loaded from a view of its data files only: no Python of the folder (custom_generate/) can be imported.
-        with transformers_view(sig.model_path, tokenizer=False) as view, quiet(), remote_code_refused(sig.path):
-            self.model, info = getattr(transformers, cls_name).from_pretrained(
-                str(view), dtype=torch.float32, local_files_only=True, output_loading_info=True,
-                trust_remote_code=False)
+        if sig.gguf_file is not None:
+            self.model, info = _load_gguf(sig.gguf_file, cls_name)
+        else:
+            # Loaded from a view of its data files only: no Python of the folder (custom_generate/) can be imported.
+            with transformers_view(sig.model_path, tokenizer=False) as view, quiet(), remote_code_refused(sig.path):
+                self.model, info = getattr(transformers, cls_name).from_pretrained(
+                    str(view), dtype=torch.float32, local_files_only=True, output_loading_info=True,
+                    trust_remote_code=False)
         # Weights the checkpoint lacks are initialised at random, differently on each load: outputs
         # that depend on them compare noise with noise. A head for another task is the usual cause. Those
         # the compared output does not depend on (the pooler of a BertModel saved without one) do no harm.
@@ -672,7 +712,7 @@ class TorchRunner:
         params = inspect.signature(self.model.forward).parameters
         # What the feed holds is what a graph takes or the user gave; the rest the model makes by its own rule.
         self.accepts = {n for n in KNOWN_INPUTS if n in params}
-        self.label = f"torch ({task})"
+        self.label = f"torch, transformers' GGUF loader ({task})" if sig.gguf_file is not None else f"torch ({task})"
         self.positions = _usable_positions(self.model)
         self._use_cache_param = "use_cache" in params
         self.outputs = [self.main_output]
@@ -727,6 +767,49 @@ class TorchRunner:
 
     def close(self) -> None:
         del self.model  # reference counting frees the weights (measured: no cycle keeps them)
+
+
+def _load_gguf(path: Path, cls_name: str) -> tuple[Any, dict[str, Any]]:
+    """A GGUF file loaded by transformers' own GGUF loader, in float32: the config its ``AutoConfig`` builds from the
+    metadata, and the tensors its ``load_gguf_checkpoint`` dequantizes, names and lays out (the function
+    ``from_pretrained(folder, gguf_file=...)`` calls; called directly, it does not need accelerate, whose presence
+    changes how optimum exports a tied GPT-2)."""
+    import torch
+    import transformers
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from llmconv.export._quiet import quiet
+    from llmconv.formats.gguf import metadata_of
+    from llmconv.formats.gguf_arch import loader_overrides
+    from llmconv.formats.hf import linked_view
+
+    overrides = loader_overrides(metadata_of(path))
+    bar = getattr(gguf_utils, "tqdm", None)
+    with linked_view({path.name: path}) as view, quiet(), contextlib.ExitStack() as stack:
+        if bar is not None:  # its "Converting and de-quantizing GGUF tensors..." bar (tqdm.auto, on stderr)
+            gguf_utils.tqdm = lambda items, **_: items
+            stack.callback(setattr, gguf_utils, "tqdm", bar)
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(view), gguf_file=path.name, trust_remote_code=False,
+                                                             **overrides)
+            model = getattr(transformers, cls_name).from_config(config, dtype=torch.float32)
+            parsed = gguf_utils.load_gguf_checkpoint(str(view / path.name), return_tensors=True,
+                                                     model_to_load=model)
+            result = model.load_state_dict(parsed["tensors"], strict=False)
+        except ImportError as e:
+            raise MissingDependency(f"transformers' GGUF loader needs a package that is missing: {e}",
+                                    hint="pip install 'llmconv[gguf]'") from None
+        except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
+            raise Unsupported(f"transformers' GGUF loader cannot load it: {str(e).splitlines()[0]}", path=path) \
+                from None
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [k for k in result.missing_keys if not k.endswith(_NON_PERSISTENT)]
+    return model, {"missing_keys": missing, "unexpected_keys": list(result.unexpected_keys)}
+
+
+# Buffers a model makes itself, which no checkpoint holds.
+_NON_PERSISTENT = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
 
 
 def _usable_positions(model: Any) -> tuple[int, int] | None:

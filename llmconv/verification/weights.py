@@ -93,6 +93,60 @@ def compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, *, atol: fl
     return Check(name, False, figs, f"max abs diff {max_abs:.3g} beyond atol {atol or 0.0:g} + rtol {rtol or 0.0:g}")
 
 
+# GGUF's block types: (values per block step from the block's values, steps of error allowed, largest |q|).
+# step: Q8_0 d = amax/127; Q4_0/Q5_0 d = amax/8, amax/16 (the value of largest magnitude maps to -8/-16, so one of
+# the other sign can be clipped a whole step); Q4_1/Q5_1 d = (max - min)/15, /31. The scale (and Q*_1's minimum)
+# is stored in float16, which moves each value by up to |q| * d * 2^-11; twice that is allowed.
+_GGUF_BLOCKS = {"Q8_0": ("amax", 127, 0.5, 127), "Q4_0": ("amax", 8, 1.0, 8), "Q5_0": ("amax", 16, 1.0, 16),
+                "Q4_1": ("range", 15, 0.5, 15), "Q5_1": ("range", 31, 0.5, 31)}
+_BLOCK = 32
+
+
+def gguf_types(src: TensorSource) -> dict[str, str]:
+    """Checkpoint name -> GGUF type name, for a GGUF source; empty for other formats."""
+    return dict((src.details.get("gguf") or {}).get("types") or {})
+
+
+def compare_quantized(name: str, ref: torch.Tensor, cand: torch.Tensor, qtype: str) -> Check:
+    """A GGUF block-quantized tensor (``cand``, dequantized) against the values it was made from (``ref``): every
+    value must lie within the rounding of its block's quantization grid (half a step; one step for Q4_0/Q5_0,
+    whose grid clips one sign), computed from ``ref`` alone. A value in the wrong row, a wrong scale or a permuted
+    block is many steps off.
+
+    Returns:
+        A Check with ``shape``, ``gguf_type``, ``max_abs``, ``max_steps`` (the worst error in grid steps of its
+        block) and ``over`` (how many values are off their grid).
+    """
+    figs: dict = {"shape": list(ref.shape), "reference_dtype": dtype_name(ref.dtype), "gguf_type": qtype,
+                  "equal": False, "max_abs": None, "max_steps": None}
+    if tuple(ref.shape) != tuple(cand.shape):
+        figs["candidate_shape"] = list(cand.shape)
+        return Check(name, False, figs, f"shape {list(cand.shape)} != reference {list(ref.shape)}")
+    if not ref.shape or ref.shape[-1] % _BLOCK:
+        return Check(name, False, figs, f"rows of {ref.shape[-1] if ref.shape else 0} values cannot be {qtype} blocks")
+    kind, levels, steps, qmax = _GGUF_BLOCKS[qtype]
+    a = ref.detach().to(torch.float64).reshape(-1, _BLOCK)
+    b = cand.detach().to(torch.float64).reshape(-1, _BLOCK)
+    if kind == "amax":
+        step = a.abs().amax(dim=1, keepdim=True) / levels
+        low = torch.zeros_like(step)
+    else:
+        lo, hi = a.amin(dim=1, keepdim=True), a.amax(dim=1, keepdim=True)
+        step, low = (hi - lo) / levels, lo.abs()
+    limit = step * (steps + 2 * qmax * 2.0 ** -11) + low * 2.0 ** -10 + 1e-7 * a.abs().amax()
+    diff = (a - b).abs()
+    bad = ~(diff <= limit)  # NaN counts as off the grid
+    figs["max_abs"] = float(torch.nan_to_num(diff, nan=math.inf).max()) if diff.numel() else 0.0
+    ratio = torch.where(step > 0, diff / step.clamp_min(1e-30), torch.where(diff > 0, math.inf, 0.0))
+    figs["max_steps"] = round(float(torch.nan_to_num(ratio, nan=math.inf).max()), 4) if diff.numel() else 0.0
+    over = int(bad.sum())
+    figs["over"] = over
+    if over:
+        return Check(name, False, figs, f"{over} values off their {qtype} block grid (worst {figs['max_steps']:.3g} "
+                                        f"steps, max abs diff {figs['max_abs']:.3g})")
+    return Check(name, True, figs)
+
+
 def _worst(max_abs: float | None) -> float:
     return math.inf if max_abs is None or math.isnan(max_abs) else max_abs
 
@@ -162,10 +216,35 @@ def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: f
     report.tied += tied
     checks = []
     compared = [n for n in reference.infos if n in cand_names]
+    # A GGUF side: its block-quantized tensors are judged on their grid; its float tensors must be the other side's
+    # values in the dtype the file stores them in (llama.cpp keeps norms in float32, falls back to float16).
+    cand_types, ref_types = gguf_types(candidate), gguf_types(reference)
+    transposed = set((candidate.details.get("gguf") or {}).get("transposed") or ()) | set(
+        (reference.details.get("gguf") or {}).get("transposed") or ())
+    gguf_side = "candidate" if cand_types else "reference" if ref_types else None
+    if gguf_side is not None and atol is None and rtol is None:
+        report.notes.append(f"the {gguf_side} is GGUF: its float tensors are compared bit for bit with the other "
+                            "side's cast to the dtype the file stores, its Q8_0/Q4_x/Q5_x tensors against their "
+                            "block grid")
     with status.bytes(sum(reference.infos[n].nbytes for n in compared), "bytes compared", also=progress) as advance:
         for n in compared:
             ref_t, cand_t = reference.tensor(n), candidate.tensor(n)
-            checks.append(compare_tensor(n, ref_t, cand_t, atol=atol, rtol=rtol))
+            qtype = cand_types.get(n) or ref_types.get(n)
+            if gguf_side is None or atol is not None or rtol is not None:
+                checks.append(compare_tensor(n, ref_t, cand_t, atol=atol, rtol=rtol))
+            elif qtype in _GGUF_BLOCKS:
+                orig, made = (ref_t, cand_t) if gguf_side == "candidate" else (cand_t, ref_t)
+                if n in transposed and orig.dim() == 2 and made.dim() == 2:  # blocks run along the stored rows
+                    orig, made = orig.t(), made.t()
+                checks.append(compare_quantized(n, orig, made, qtype))
+            else:
+                orig, made = (ref_t, cand_t) if gguf_side == "candidate" else (cand_t, ref_t)
+                check = compare_tensor(n, orig.to(made.dtype) if orig.dtype != made.dtype else orig, made,
+                                       atol=None, rtol=None)
+                if orig.dtype != made.dtype:
+                    check.figures["stored_as"] = dtype_name(made.dtype)
+                    check.figures["reference_dtype"] = dtype_name(ref_t.dtype)
+                checks.append(check)
             del ref_t, cand_t
             advance(reference.infos[n].nbytes)
     # Failing first, worst first; a failure with no figure (a shape or name mismatch) is the worst.

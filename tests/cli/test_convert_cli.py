@@ -143,7 +143,9 @@ def test_usage_errors_exit_2(cli, fx, tmp_path):
     assert r.stderr.startswith(f"error: {dst}: --shard-size 100KB needs a folder destination")
     assert "llmconv-tmp" not in r.stderr
     r = cli("convert", fx("llama.safetensors"), tmp_path / "o.safetensors", "--to", "gguf")
-    assert r.exit_code == 2 and "unknown format 'gguf'" in r.stderr
+    assert r.exit_code == 2 and "a GGUF file needs the model's architecture" in r.stderr
+    r = cli("convert", fx("llama.safetensors"), tmp_path / "o.safetensors", "--to", "ggml")
+    assert r.exit_code == 2 and "unknown format 'ggml'" in r.stderr
     r = cli("convert", fx("llama.safetensors"), tmp_path / "hf-out", "--to", "hf")
     assert r.exit_code == 2
     assert r.stderr.startswith(f"error: {tmp_path / 'hf-out'}: an hf folder needs a config.json")
@@ -197,7 +199,7 @@ def test_failed_verification_exit_1_and_nothing_written(cli, fx, tmp_path, monke
 
 
 @pytest.mark.parametrize(("name", "said"), [
-    ("out.gguf", ".gguf is GGUF (llama.cpp, Ollama), which llmconv does not write"),
+    ("out.ggml", ".ggml is GGML (llama.cpp's old format), which llmconv does not write"),
     ("w.ckpt", ".ckpt is a training checkpoint"),
     ("w.h5", ".h5 is Keras/TensorFlow HDF5"),
     ("w.safetensor", "unknown destination extension .safetensor (did you mean .safetensors?"),
@@ -207,7 +209,7 @@ def test_a_destination_extension_of_no_format_llmconv_writes_is_refused_not_made
                                                                                            said):
     r = cli("convert", fx("gpt2-state-dict.bin"), tmp_path / name)
     assert r.exit_code == 2 and said in r.stderr, r.stderr
-    assert ".bin, .onnx, .pt, .pth, .safetensors, or a folder" in r.stderr
+    assert ".bin, .gguf, .onnx, .pt, .pth, .safetensors, or a folder" in r.stderr
     assert list(tmp_path.iterdir()) == []
     r = cli("prune", fx("gpt2-state-dict.bin"), tmp_path / name, "--sparsity", "0.5")
     assert r.exit_code == 2 and said in r.stderr and list(tmp_path.iterdir()) == []
