@@ -37,7 +37,8 @@ def command(
                                         show_default=False)],
     method: Annotated[str, typer.Option(
         "--method", help="auto|int8-dynamic|int8-static|int4|fp16|bf16 (auto: int8-dynamic for cpu, fp16 for "
-                         "gpu; bf16 is for weights files).")] = "auto",
+                         "gpu; bf16 is for weights files); for a .gguf DST: q8_0|q4_0|q4_1|q5_0|q5_1 (auto: "
+                         "q8_0).")] = "auto",
     calibration: Annotated[Path | None, typer.Option(
         "--calibration", metavar="FILE", help="int8-static: inputs as .npz (name -> array), or a text file "
                                               "tokenized with the model's tokenizer; default: seeded synthetic.")

@@ -332,12 +332,29 @@ class GgufFormat(Format):
             if arch is not None and arch.transpose and g.endswith(arch.transpose) and len(shape) == 2:
                 shape = (shape[1], shape[0])  # GPT-2's Conv1D: stored as rows of outputs, read back as (in, out)
             infos[hf_of[g]] = TensorInfo(hf_of[g], dtype, shape)
+        # llama.cpp stores 1-D tensors (norms, biases) in F32 whatever the model's dtype: in a file whose weights
+        # are F16/BF16, those that dtype holds exactly come back in it, as the checkpoint had them.
+        narrowed: dict[str, torch.dtype] = {}
+        if config is not None:
+            main = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1).most_common(1)
+            model_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(main[0][0] if main else "")
+            if model_dtype is not None:
+                for g, t in by_gguf.items():
+                    if t.tensor_type.name == "F32" and len(t.shape) == 1:
+                        values = _load(t, path)
+                        if torch.equal(values.to(model_dtype).to(torch.float32), values):
+                            narrowed[hf_of[g]] = model_dtype
+                            infos[hf_of[g]] = TensorInfo(hf_of[g], model_dtype, infos[hf_of[g]].shape)
+                config["dtype"] = dtype_name(model_dtype)  # from_pretrained(dtype="auto") loads it so
+                if narrowed:
+                    notes.append(f"{len(narrowed)} 1-D tensors stored in F32 (as llama.cpp stores norms and biases) "
+                                 f"read back as {dtype_name(model_dtype)}, the file's weights dtype, which holds them "
+                                 "exactly")
         aliases: dict[str, str] = {}
         if config is not None and arch is not None:
             from llmconv.checkpoint import ties_on_load
 
-            head = next((n for n, g in gguf_to_hf.items() if n == "output.weight"), None)
-            if head is None and ties_on_load(config):
+            if "output.weight" not in gguf_to_hf and ties_on_load(config):
                 # No output.weight: llama.cpp and transformers use the embedding as the output head.
                 embed = gguf_to_hf.get("token_embd.weight")
                 out_name = next((n for n in _hf_names(config) if n.endswith("lm_head.weight")), None)
@@ -349,6 +366,8 @@ class GgufFormat(Format):
             name = aliases.get(name, name)
             g = gguf_of[name]
             t = _load(by_gguf[g], path)
+            if name in narrowed:
+                t = t.to(narrowed[name])
             if arch is not None and arch.changes_layout(g):
                 t = arch.gguf_to_hf(g, t, config)
             return t

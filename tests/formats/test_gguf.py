@@ -195,3 +195,17 @@ def test_name_map_covers_every_tensor_of_each_architecture(fx):
             mapped = name_map(arch, ck.config, ck.canonical_names())
             assert all(v is not None for v in mapped.values()), kind
             assert len(set(mapped.values())) == len(mapped), kind
+
+
+def test_a_bf16_model_comes_back_bf16_bit_exact(cli, fx, tmp_path):
+    """GGUF keeps norms in F32 (as llama.cpp does); read back, they are the model's bf16 again, and config.json says
+    bfloat16."""
+    bf16 = tmp_path / "bf16"
+    run_json(cli, "convert", fx("qwen2-hf-bpe"), bf16, "--dtype", "bf16")
+    report = run_json(cli, "convert", bf16, tmp_path / "m.gguf")
+    assert set(report["gguf_types"]) == {"BF16", "F32"} and report["verification"]["profile"] == "bf16"
+    back = tmp_path / "back"
+    report = run_json(cli, "convert", tmp_path / "m.gguf", back)
+    assert any("read back as bfloat16" in n for n in report["notes"])
+    assert run_json(cli, "verify", bf16, back)["ok"]
+    assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
