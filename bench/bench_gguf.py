@@ -423,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         ok = ours["x_writer"] <= TIME_TARGET
         print(f"{'PASS' if ok else 'MISS'}  {fmt}: llmconv time <= {TIME_TARGET}x the eager writer's: "
               f"{ours['x_writer']:.2f}x e2e, {ours['work_x_writer']:.2f}x work")
+        lazy = rows[fmt].get(LAZY)
+        if lazy is not None and lazy["e2e_s"]:
+            vs_lazy = ours["e2e_s"] / lazy["e2e_s"]
+            print(f"{'PASS' if vs_lazy <= TIME_TARGET else 'MISS'}  {fmt}: llmconv time <= {TIME_TARGET}x the lazy "
+                  f"writer's (llama.cpp's default): {vs_lazy:.2f}x e2e")
         print(f"info  {fmt}: llmconv peak RssAnon {ours['peak_anon_mb'] - base:+.0f} MB over the baseline "
               f"(largest tensor {big_bytes / MB:.0f} MB f32), eager writer {ref['peak_anon_mb'] - base:+.0f} MB, "
               f"output {ours['size_mb']:.0f} MB")

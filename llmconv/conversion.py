@@ -156,6 +156,10 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
 
             refuse_unreadable(source)
         dest = resolve_destination(src_fmt, source, dst_path, to)
+        if src_fmt.name == "gguf" and dest.format.name in ("hf", "gguf"):
+            from llmconv.formats.gguf import refuse_unmapped
+
+            refuse_unmapped(source, what=f"a{'n hf folder' if dest.format.name == 'hf' else ' GGUF'} written from it")
         if not dest.format.writable:
             raise UsageError(f"llmconv does not write {dest.format.name} from {src_fmt.name}")
         named: list[str] = []
@@ -168,7 +172,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                              hint="write a weights folder instead (--to safetensors or --to pytorch)")
         view, cast = (source, []) if dtype == "keep" else cast_source(source, CAST_TARGETS[dtype])
         # The hf reader's notes say which folder files it leaves out (links that leave the folder, ...).
-        notes = (list(source.details.get("notes", [])) if dest.format.name == "hf" else []) + named
+        # (A GGUF reader's notes say which tensors keep their GGUF names, which dtypes it restored.)
+        notes = (list(source.details.get("notes", [])) if dest.format.name == "hf" or src_fmt.name == "gguf"
+                 else []) + named
         if dest.format.name != "hf" and source.config is not None:
             notes.append("config.json and other folder files are not carried into a single weights file")
         if source.metadata and (dest.weights_format or dest.format.name) == "pytorch":

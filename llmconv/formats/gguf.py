@@ -84,7 +84,7 @@ def _checked_reader_class():
                 try:
                     kind = gguf.GGMLQuantizationType(int(raw_dtype[0]))
                 except ValueError:
-                    continue  # the reader names the unknown type
+                    raise _UnknownType(name, int(raw_dtype[0])) from None
                 block, type_size = gguf.GGML_QUANT_SIZES[kind]
                 numel = int(np.prod(dims.astype(object))) if len(dims) else 1
                 end = int(start_offs) + int(offset[0]) + numel * type_size // block
@@ -95,27 +95,45 @@ def _checked_reader_class():
     return Checked
 
 
+class _UnknownType(Exception):
+    def __init__(self, name: str, type_id: int) -> None:
+        super().__init__(name)
+        self.name, self.type_id = name, type_id
+
+
 class _PastEnd(Exception):
     def __init__(self, name: str, end: int, size: int) -> None:
         super().__init__(name)
         self.name, self.end, self.size = name, end, size
 
 
+def _gguf_version() -> str:
+    from importlib import metadata as md
+
+    try:
+        return f"gguf {md.version('gguf')}"
+    except md.PackageNotFoundError:
+        return "gguf"
+
+
 def _reader(path: Path):
-    gguf = _gguf()
+    _gguf()  # the package imported (and its loggers quieted), or MissingDependency
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             reader = _checked_reader_class()(path, "r")
+    except _UnknownType as e:
+        raise CorruptInput(f"tensor {e.name} has the unknown GGML type id {e.type_id}: the file is damaged, or newer "
+                           f"than the installed gguf package ({_gguf_version()})", path=path,
+                           hint="update the gguf package, or re-create the file") from None
     except _PastEnd as e:
         raise CorruptInput(f"tensor {e.name} runs to byte {e.end}, past the end of the {e.size}-byte file (truncated, "
                            "or its offset is wrong)", path=path, hint="the file is incomplete or damaged") from None
     except ValueError as e:
         text = str(e)
         if "is not a valid GGMLQuantizationType" in text:
-            raise CorruptInput(f"a tensor has an unknown GGML type ({text}); the file is damaged or newer than the "
-                               f"installed gguf package ({gguf.__name__} reads types up to "
-                               f"{max(gguf.GGMLQuantizationType).name})", path=path,
+            raise CorruptInput(f"a tensor has an unknown GGML type ({text}): the file is damaged, or newer than the "
+                               f"installed gguf package ({_gguf_version()})", path=path,
                                hint="update the gguf package, or re-create the file") from None
         raise CorruptInput(f"not a readable GGUF file: {text}", path=path) from None
     except (IndexError, OverflowError, TypeError, UnicodeDecodeError, KeyError, MemoryError) as e:
@@ -221,6 +239,24 @@ def refuse_unreadable(src: TensorSource) -> None:
                                "weights instead")
 
 
+def refuse_unmapped(src: TensorSource, *, what: str) -> None:
+    """Refuse a GGUF source holding tensors its checkpoint architecture has no place for, where that would drop
+    them silently (an hf folder, transformers' loader).
+
+    Raises:
+        Unsupported: naming the tensors.
+    """
+    unmapped = (src.details.get("gguf") or {}).get("unmapped") or []
+    if unmapped:
+        shown = ", ".join(unmapped[:4]) + (" ..." if len(unmapped) > 4 else "")
+        arch = (src.config or {}).get("architectures", ["?"])[0]
+        them = "tensor" if len(unmapped) == 1 else "tensors"
+        raise Unsupported(f"the file holds {len(unmapped)} {them} {arch} has no place for ({shown}): llama.cpp uses "
+                          f"{'it' if len(unmapped) == 1 else 'them'}, so {what} would not be the same model",
+                          path=src.path,
+                          hint="convert it to a weights file (.safetensors keeps every tensor under its GGUF name)")
+
+
 def _hf_config(path: Path) -> dict[str, Any] | None:
     """config.json for the GGUF file, as transformers builds it from the metadata (None: transformers cannot)."""
     from transformers import AutoConfig
@@ -232,8 +268,15 @@ def _hf_config(path: Path) -> dict[str, Any] | None:
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     except (ValueError, KeyError, OSError, NotImplementedError):
         return None
-    out = config.to_dict()
+    # What differs from the class's defaults (as save_pretrained writes it), with the values the loader reads under
+    # names the class ignores given under its own.
+    out = config.to_diff_dict()
     out.update(gguf_arch.loader_overrides(metadata_of(path)))
+    for key in ("n_ctx", "feed_forward_length", "transformers_version", "_model_name_or_path", "attn_implementation"):
+        out.pop(key, None)
+    for key, value in list(out.items()):
+        if isinstance(value, float):  # float32 in the file: its shortest repr (1e-06, not 9.999999974752427e-07)
+            out[key] = float(str(np.float32(value)))
     cls = gguf_arch.READ_BACK.get(out.get("model_type", ""), None)
     if out.get("model_type") == "mistral":
         cls = "MistralForCausalLM"
@@ -303,6 +346,7 @@ class GgufFormat(Format):
         by_gguf = {t.name: t for t in reader.tensors}
         config = None
         gguf_to_hf: dict[str, str] = {}
+        unmapped: list[str] = []
         notes: list[str] = []
         cls = gguf_arch.READ_BACK.get(arch_name)
         if cls is not None:
@@ -318,10 +362,10 @@ class GgufFormat(Format):
             arch = gguf_arch.ARCHS[config["architectures"][0]]
             forward = name_map(arch, config, _hf_names(config))
             gguf_to_hf = {g: n for n, g in forward.items() if g is not None and g in by_gguf}
-            extra = [g for g in by_gguf if g not in gguf_to_hf]
-            if extra:
-                notes.append(f"tensors with no checkpoint name keep their GGUF names: {', '.join(extra[:5])}"
-                             + (" ..." if len(extra) > 5 else ""))
+            unmapped = [g for g in by_gguf if g not in gguf_to_hf]
+            if unmapped:
+                notes.append(f"tensors with no checkpoint name keep their GGUF names: {', '.join(unmapped[:5])}"
+                             + (" ..." if len(unmapped) > 5 else ""))
         hf_of = {g: gguf_to_hf.get(g, g) for g in by_gguf}
         gguf_of = {h: g for g, h in hf_of.items()}
         infos: dict[str, TensorInfo] = {}
@@ -378,6 +422,9 @@ class GgufFormat(Format):
             "architecture": arch_name, "version": int(_field_value(reader.fields["GGUF.version"])),
             "types": {hf_of[g]: k for g, k in types.items()}, "names": {hf_of[g]: g for g in by_gguf},
             "unreadable": unreadable,
+            # Tensors the checkpoint's architecture has no place for (attention biases of a Llama, Llama 3.1's
+            # rope_freqs): llama.cpp uses them, transformers and an hf folder cannot.
+            "unmapped": unmapped,
             # Tensors whose GGUF rows are the checkpoint's columns (GPT-2's Conv1D): quantization blocks run along
             # the checkpoint's first dimension.
             "transposed": sorted(hf_of[g] for g in by_gguf if arch is not None and arch.transpose
@@ -572,6 +619,9 @@ def write_gguf(src: TensorSource, dst: Path, *, method: str | None = None, progr
         # and then fails (the gguf package has no "mistral" architecture): the file reads back as a Llama.
         plan_notes.append("MistralForCausalLM is written as general.architecture llama, as llama.cpp writes it; it "
                           "reads back as LlamaForCausalLM (the same computation without a sliding window)")
+        if config.get("sliding_window"):
+            plan_notes.append(f"sliding_window {config['sliding_window']} is not represented in the GGUF (llama.cpp "
+                              "attends to the whole context): outputs differ on sequences longer than the window")
     writer.add_type("model")
     writer.add_name(str(name))
     for _key, method_name, value in gguf_arch.hyper_parameters(arch, config):
@@ -580,8 +630,7 @@ def write_gguf(src: TensorSource, dst: Path, *, method: str | None = None, progr
     if vocab:
         writer.add_vocab_size(vocab)
     writer.add_file_type(_file_type(entries, method))
-    if method:
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter, for every file
     with _gguf_warnings() as warned:
         plan_notes += _add_vocab(writer, src, vocab)
     plan_notes += [f"tokenizer: {w}" for w in warned]
@@ -627,7 +676,8 @@ def _pre_tokenizer(tok: dict[str, Any]) -> str | None:
     """llama.cpp's name for the tokenizer's pre-tokenization (None: not one it knows)."""
     pre = tok.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
+        # llama.cpp's gpt-2 pre-tokenizer adds no space before the text
+        return None if pre.get("add_prefix_space") else "gpt-2"
     if pre.get("type") == "Sequence":
         parts = pre.get("pretokenizers") or []
         splits = [p for p in parts if p.get("type") == "Split"]
@@ -643,8 +693,8 @@ def _add_vocab(writer, src: TensorSource, vocab_size: int) -> list[str]:
     gguf = _gguf()
     files = {f.name: f for f in src.extra_files}
     if "tokenizer.json" not in files:
-        return ["the folder has no tokenizer.json: the GGUF holds no vocabulary, and llama.cpp will not load it "
-                "(transformers' GGUF loader does)"]
+        raise Unsupported("the folder has no tokenizer.json: a GGUF without a vocabulary does not load in llama.cpp",
+                          path=src.path, hint="add the model's tokenizer files to the folder")
     try:
         tok = json.loads(files["tokenizer.json"].read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -652,11 +702,17 @@ def _add_vocab(writer, src: TensorSource, vocab_size: int) -> list[str]:
     model = tok.get("model") or {}
     decoder = (tok.get("decoder") or {}).get("type")
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
+        spm = model.get("byte_fallback")
         raise Unsupported(f"tokenizer.json holds a {model.get('type')} tokenizer"
-                          f"{' with byte fallback (SentencePiece-style)' if model.get('byte_fallback') else ''}; "
-                          "llmconv writes byte-level BPE vocabularies (GPT-2, Llama 3, Qwen2) to GGUF",
-                          path=files["tokenizer.json"],
-                          hint="convert with llama.cpp's convert_hf_to_gguf.py for SentencePiece tokenizers")
+                          f"{' with byte fallback (SentencePiece-style)' if spm else ''}; llmconv writes byte-level "
+                          "BPE vocabularies (GPT-2, Llama 3, Qwen2) to GGUF", path=files["tokenizer.json"],
+                          hint="convert with llama.cpp's convert_hf_to_gguf.py" + (
+                              ", which reads SentencePiece tokenizers" if spm else ""))
+    if tok.get("normalizer"):
+        kind = (tok["normalizer"] or {}).get("type")
+        raise Unsupported(f"tokenizer.json normalizes text ({kind}) before it splits it, which a GGUF vocabulary "
+                          "does not record: llama.cpp would tokenize differently", path=files["tokenizer.json"],
+                          hint="convert with llama.cpp's convert_hf_to_gguf.py")
     pre = _pre_tokenizer(tok)
     if pre is None:
         raise Unsupported("tokenizer.json's pre-tokenizer is not one llama.cpp names (gpt-2, llama-bpe, qwen2): "
@@ -667,7 +723,12 @@ def _add_vocab(writer, src: TensorSource, vocab_size: int) -> list[str]:
     for a in added.values():
         vocab.setdefault(a["content"], int(a["id"]))
     reverse = {i: t for t, i in vocab.items()}
-    size = max(vocab_size, max(reverse) + 1 if reverse else 0)
+    top = max(reverse) + 1 if reverse else 0
+    if vocab_size and top > vocab_size:
+        raise Unsupported(f"the tokenizer has token ids up to {top - 1}, and the model's embedding {vocab_size} rows: "
+                          "llama.cpp sizes the embedding from the token list and would refuse the file",
+                          path=files["tokenizer.json"], hint="resize the model's embeddings to the tokenizer first")
+    size = max(vocab_size, top)
     tokens, types = [], []
     T = gguf.TokenType
     for i in range(size):

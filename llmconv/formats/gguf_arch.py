@@ -120,6 +120,10 @@ ARCHS: dict[str, Arch] = {
     "GPT2LMHeadModel": Arch("gpt2", _GPT2, transpose=(".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight",
                                                       ".ffn_down.weight")),
 }
+def arch_of(cls: str) -> Arch:
+    return ARCHS[cls]
+
+
 # general.architecture -> the class a GGUF of it is read back as.
 READ_BACK = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
              "gpt2": "GPT2LMHeadModel"}
@@ -141,6 +145,10 @@ def arch_for(config: dict[str, Any] | None, *, path: Any = None) -> tuple[str, A
         known = ", ".join(sorted(ARCHS))
         raise Unsupported(f"llmconv does not write {cls or config.get('model_type') or 'this architecture'} as GGUF",
                           path=path, hint=f"GGUF conversion supports {known}")
+    if config.get("attention_bias") and arch_of(cls).permute_qk:
+        raise Unsupported("a Llama with attention biases (attention_bias: true) is not written to GGUF by llmconv: "
+                          "transformers' GGUF loader does not read them back, so the file could not be verified",
+                          path=path, hint="use llama.cpp's convert_hf_to_gguf.py")
     scaling = config.get("rope_scaling")
     if scaling:
         kind = scaling.get("rope_type") or scaling.get("type")
@@ -158,7 +166,9 @@ def hyper_parameters(arch: Arch, config: dict[str, Any]) -> list[tuple[str, str,
             out.append((key, method, value))
     if arch.rope_dim:
         out.append(("rope.dimension_count", "add_rope_dimension_count", _head_dim(config)))
-    if arch.head_keys:
+    if arch.head_keys or config.get("head_dim"):
+        # llama.cpp's converter writes them whenever the config names a head size: without them llama.cpp takes
+        # hidden / heads, and refuses a Llama whose rope.dimension_count differs ("invalid n_rot").
         out.append(("attention.key_length", "add_key_length", _head_dim(config)))
         out.append(("attention.value_length", "add_value_length", _head_dim(config)))
     return out

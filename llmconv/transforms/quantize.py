@@ -396,6 +396,10 @@ def quantize(src: str | Path, dst: str | Path, *, target: str, method: str = "au
                                        "--block-size": block_size, "--op-types": op_types, "--inputs": inputs,
                                        "--calibration-samples": calibration_samples,
                                        "--cpu": None if cpu == "auto" else cpu})
+    if fmt.name == "gguf":
+        raise UsageError("a GGUF source is quantized already or made for llama.cpp: quantize its model folder",
+                         path=src_path, hint=f"llmconv convert {src_path} MODEL-DIR first (an hf folder), then "
+                                             "quantize MODEL-DIR")
     if method in GGUF_METHODS:
         raise UsageError(f"--method {method} is a GGUF block type: it needs a .gguf destination",
                          hint="give DST a .gguf name, or use " + ", ".join(METHODS))

@@ -87,7 +87,10 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
             cand_task = task
     notes: list[str] = [n for sig in (ref_sig, cand_sig) for n in sig.notes if n]
     notes = list(dict.fromkeys(notes))  # the same folder on both sides: one note
-    prof = candidate_profile(profile, candidate=cand_sig, atol=atol, rtol=rtol, max_ppl_increase=max_ppl_increase,
+    # A quantized GGUF given as the reference (verify X.gguf HF): its loss is judged the same either way round.
+    judged = ref_sig if ref_sig.gguf_file is not None and ref_sig.quantization and not cand_sig.quantization \
+        else cand_sig
+    prof = candidate_profile(profile, candidate=judged, atol=atol, rtol=rtol, max_ppl_increase=max_ppl_increase,
                              notes=notes)
 
     vocabs = [v for v in (ref_sig.vocab_size, cand_sig.vocab_size) if v]

@@ -197,6 +197,8 @@ def _describe_gguf(path: Path) -> Signature:
         config = dict(src.config) if src.config is not None else None
         info = src.details["gguf"]
         gguf.refuse_unreadable(src)
+        if config is not None:
+            gguf.refuse_unmapped(src, what="running it through transformers")
     if config is None:
         raise Unsupported(f"outputs mode runs GGUF files of the architectures transformers' GGUF loader and llmconv "
                           f"map back ({', '.join(sorted(gguf.gguf_arch.READ_BACK))}); this one is "

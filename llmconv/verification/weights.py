@@ -147,6 +147,41 @@ def compare_quantized(name: str, ref: torch.Tensor, cand: torch.Tensor, qtype: s
     return Check(name, True, figs)
 
 
+_WIDTH = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
+
+
+def _narrower(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether a cast from ``b`` to ``a`` can lose values (float32 -> float16/bfloat16, float16 <-> bfloat16)."""
+    return a != b and (_WIDTH.get(a, 0) < _WIDTH.get(b, 0) or _WIDTH.get(a) == _WIDTH.get(b) == 16)
+
+
+def _compare_cast(name: str, orig: torch.Tensor, made: torch.Tensor) -> Check:
+    """A GGUF float tensor (``made``) against the values it was made from: it must be exactly ``orig`` cast to the
+    dtype the file stores, and a cast that loses nothing (float16 -> float32) is ``equal``. A value the narrower dtype
+    cannot hold (an overflow to inf) fails."""
+    if orig.dtype == made.dtype or not _narrower(made.dtype, orig.dtype):
+        check = compare_tensor(name, orig.to(made.dtype) if orig.dtype != made.dtype else orig, made,
+                               atol=None, rtol=None)
+        if orig.dtype != made.dtype:
+            check.figures.update(reference_dtype=dtype_name(orig.dtype), stored_as=dtype_name(made.dtype))
+        return check
+    check = compare_tensor(name, orig.to(made.dtype), made, atol=None, rtol=None)
+    figs = check.figures
+    figs.update(reference_dtype=dtype_name(orig.dtype), stored_as=dtype_name(made.dtype), equal=False)
+    if tuple(orig.shape) != tuple(made.shape):
+        return check
+    a, b = _flat(orig).to(torch.float64), _flat(made).to(torch.float64)
+    overflow = int((torch.isfinite(a) & ~torch.isfinite(b)).sum())
+    diff = (a - b).abs()
+    figs["max_abs"] = float(torch.nan_to_num(diff, nan=math.inf, posinf=math.inf).max()) if diff.numel() else 0.0
+    if overflow:
+        figs["overflow"] = overflow
+        return Check(name, False, figs, f"{overflow} values overflow {dtype_name(made.dtype)} (stored as inf)")
+    if not check.passed:
+        return Check(name, False, figs, f"not the source's values cast to {dtype_name(made.dtype)}: {check.reason}")
+    return Check(name, True, figs)
+
+
 def _worst(max_abs: float | None) -> float:
     return math.inf if max_abs is None or math.isnan(max_abs) else max_abs
 
@@ -222,6 +257,7 @@ def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: f
     transposed = set((candidate.details.get("gguf") or {}).get("transposed") or ()) | set(
         (reference.details.get("gguf") or {}).get("transposed") or ())
     gguf_side = "candidate" if cand_types else "reference" if ref_types else None
+    lossy: set[str] = set()  # what the GGUF side's types lose: its report is judged by that profile
     if gguf_side is not None and atol is None and rtol is None:
         report.notes.append(f"the {gguf_side} is GGUF: its float tensors are compared bit for bit with the other "
                             "side's cast to the dtype the file stores, its Q8_0/Q4_x/Q5_x tensors against their "
@@ -239,14 +275,17 @@ def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: f
                 checks.append(compare_quantized(n, orig, made, qtype))
             else:
                 orig, made = (ref_t, cand_t) if gguf_side == "candidate" else (cand_t, ref_t)
-                check = compare_tensor(n, orig.to(made.dtype) if orig.dtype != made.dtype else orig, made,
-                                       atol=None, rtol=None)
-                if orig.dtype != made.dtype:
-                    check.figures["stored_as"] = dtype_name(made.dtype)
-                    check.figures["reference_dtype"] = dtype_name(ref_t.dtype)
-                checks.append(check)
+                checks.append(_compare_cast(n, orig, made))
+                if _narrower(made.dtype, orig.dtype):
+                    lossy.add(dtype_name(made.dtype))
+            if qtype in _GGUF_BLOCKS:
+                lossy.add("int8" if qtype == "Q8_0" else "int4")
             del ref_t, cand_t
             advance(reference.infos[n].nbytes)
+    if gguf_side is not None and profile == "exact" and lossy:
+        # The loosest of what the file's types lose: q4_*/q5_* ~ int4, q8_0 ~ int8, bf16, fp16.
+        report.profile = next(p for k, p in (("int4", "int4"), ("int8", "int8"), ("bfloat16", "bf16"),
+                                             ("float16", "fp16")) if k in lossy)
     # Failing first, worst first; a failure with no figure (a shape or name mismatch) is the worst.
     checks.sort(key=lambda c: (c.passed, 0.0 if c.passed else -(_worst(c.figures.get("max_abs")))))
     report.checks = checks

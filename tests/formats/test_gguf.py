@@ -209,3 +209,111 @@ def test_a_bf16_model_comes_back_bf16_bit_exact(cli, fx, tmp_path):
     assert any("read back as bfloat16" in n for n in report["notes"])
     assert run_json(cli, "verify", bf16, back)["ok"]
     assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def _with_extra_tensor(src: Path, dst: Path, name: str, value: np.ndarray) -> None:
+    """A copy of the GGUF ``src`` with one more tensor (as llama.cpp's Llama 3.1 files carry rope_freqs.weight)."""
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value_type = field.types[0]
+        if value_type == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, field.contents(), value_type, sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, field.contents(), value_type)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.add_tensor(name, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_tensor_the_architecture_has_no_place_for_is_never_dropped_silently(cli, fx, tmp_path):
+    src = fx("llama-hf-bpe")
+    run_json(cli, "convert", src, tmp_path / "m.gguf", "--no-verify")
+    extra = tmp_path / "rope.gguf"
+    _with_extra_tensor(tmp_path / "m.gguf", extra, "rope_freqs.weight", np.arange(1, 9, dtype=np.float32))
+    assert "rope_freqs.weight" in refused(cli, "verify", src, extra)  # transformers would run without it
+    assert "has no place for (rope_freqs.weight)" in refused(cli, "convert", extra, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    kept = run_json(cli, "convert", extra, tmp_path / "w.safetensors")  # a weights file keeps it, by its GGUF name
+    assert kept["ok"] and any("rope_freqs.weight" in n for n in kept["notes"])
+
+
+def test_what_llama_cpp_would_refuse_or_misread_is_refused_before_writing(cli, fx, tmp_path):
+    import shutil
+
+    out = tmp_path / "o.gguf"
+    notok = tmp_path / "notok"
+    shutil.copytree(fx("llama-hf-bpe"), notok)
+    (notok / "tokenizer.json").unlink()
+    assert "no tokenizer.json" in refused(cli, "convert", notok, out)
+    for edit, said in ((lambda t: t.__setitem__("normalizer", {"type": "Lowercase"}), "normalizes text (Lowercase)"),
+                       (lambda t: t["pre_tokenizer"].__setitem__("add_prefix_space", True), "pre-tokenizer"),
+                       (lambda t: t["added_tokens"].append({"id": 1024, "content": "<|x|>", "special": True}),
+                        "token ids up to 1024")):
+        folder = tmp_path / "tok"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(fx("llama-hf-bpe"), folder)
+        tok = json.loads((folder / "tokenizer.json").read_text())
+        edit(tok)
+        (folder / "tokenizer.json").write_text(json.dumps(tok))
+        assert said in refused(cli, "convert", folder, out)
+    assert not out.exists()
+
+
+def test_a_llama_with_its_own_head_size_writes_the_key_length_llama_cpp_reads(cli, tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=32, vocab_size=1024, max_position_embeddings=128)
+    folder = tmp_path / "hd32"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((TRAINED_GPT2 / name).read_bytes())
+    run_json(cli, "convert", folder, tmp_path / "m.gguf")
+    meta = run_json(cli, "inspect", tmp_path / "m.gguf")["gguf_metadata"]
+    assert meta["llama.rope.dimension_count"] == 32 and meta["llama.attention.key_length"] == 32
+    assert meta["llama.attention.value_length"] == 32
+
+
+def test_the_vocabulary_is_checked_and_a_gguf_source_is_not_requantized(cli, fx, tmp_path):
+    import shutil
+
+    src = fx("gpt2-hf-bpe")
+    gg = tmp_path / "m.gguf"
+    report = run_json(cli, "convert", src, gg)
+    tok = next(c for c in report["verification"]["checks"] if c["name"] == "tokenizer")
+    assert tok["passed"] and tok["tokens"] > 50
+    other = tmp_path / "other"  # the same model with two token ids swapped in its tokenizer
+    shutil.copytree(src, other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["Ġthe"], vocab["Ġa"] = vocab["Ġa"], vocab["Ġthe"]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    failed = run_json(cli, "verify", other, gg, code=1)
+    assert [c["name"] for c in failed["checks"] if not c["passed"]] == ["tokenizer"]
+    assert "quantize its model folder" in refused(cli, "quantize", gg, tmp_path / "q", "--target", "cpu",
+                                                  "--method", "int8-dynamic")
+    q8 = tmp_path / "q8.gguf"
+    run_json(cli, "quantize", src, q8, "--target", "cpu", "--no-verify")
+    back = run_json(cli, "verify", q8, src)  # the quantized GGUF as the reference: judged by its int8 profile
+    assert back["ok"] and back["profile"] == "int8"
+
+
+def test_weights_mode_says_what_the_file_stores():
+    from llmconv.verification.weights import _compare_cast
+
+    w = torch.tensor([1.0, 0.1, 3.0e4])
+    ok = _compare_cast("w", w, w.to(torch.float16))
+    assert ok.passed and ok.figures["equal"] is False and ok.figures["stored_as"] == "float16"
+    big = torch.tensor([1.0, 1.0e6])
+    bad = _compare_cast("w", big, big.to(torch.float16))  # inf where the model has 1e6
+    assert not bad.passed and bad.figures["overflow"] == 1
+    wrong = _compare_cast("w", w, (w * 1.001).to(torch.float16))
+    assert not wrong.passed and "cast to float16" in wrong.reason

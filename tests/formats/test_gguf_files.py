@@ -175,7 +175,7 @@ def test_damaged_file_messages_say_what_is_wrong(cli, tmp_path, good):
         bad.write_bytes(_damaged(kind, *good))
         said[kind] = refused(cli, "inspect", bad)
     assert "token_embd.weight overlaps position_embd.weight" in said["overlapping tensors"]
-    assert "unknown GGML type" in said["unknown type 250"] and "250" in said["unknown type 250"]
+    assert "tensor token_embd.weight has the unknown GGML type id 250" in said["unknown type 250"]
     assert "magic" in said["wrong magic"] and "version 1" in said["version 1"]
     assert "truncated" in said["truncated in metadata"]
 
