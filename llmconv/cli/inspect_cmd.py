@@ -53,7 +53,9 @@ def command(
         rows.append(("architecture", f"{info.get('gguf_architecture') or '-'} (GGUF v{info.get('gguf_version')}"
                                      f"{back})"))
         types = sorted(info["gguf_types"].items(), key=lambda kv: (-kv[1], kv[0]))
-        rows.append(("gguf types", ", ".join(f"{k} {v}" for k, v in types) or "-"))
+        sizes = info.get("gguf_type_bytes") or {}
+        rows.append(("gguf types", ", ".join(f"{k} {v} ({human_size(sizes[k])})" if k in sizes else f"{k} {v}"
+                                             for k, v in types) or "-"))
         if info.get("unreadable_types"):
             rows.append(("unreadable", f"{', '.join(info['unreadable_types'])} (llmconv does not dequantize these: "
                                        "inspect reads the header only, convert refuses the file)"))
@@ -65,7 +67,8 @@ def command(
     rows += [
         ("tensors", f"{info['tensors']}" + (f" (+{len(info['tied'])} tied)" if info.get("tied") else "")),
         ("parameters", f"{info['parameters']:,}"),
-        ("bytes", f"{human_size(info['bytes'])} ({info['bytes']:,})"),
+        ("bytes read back" if gguf else "bytes", f"{human_size(info['bytes'])} ({info['bytes']:,})"
+         + (", as llmconv reads it (dequantized); the file holds the gguf types above" if gguf else "")),
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()) or "-"),
         ("shards", info["shards"]),
     ]
