@@ -18,6 +18,7 @@ import logging
 import tempfile
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,6 @@ def quant_type(method: str):
 
 
 # --------------------------------------------------------------------------------------------------- reading
-
-
-def _field_value(field) -> Any:
-    """A metadata field's value: a scalar, a string, or a list."""
-    return field.contents()
 
 
 def _checked_reader_class():
@@ -130,12 +126,7 @@ def _reader(path: Path):
         raise CorruptInput(f"tensor {e.name} runs to byte {e.end}, past the end of the {e.size}-byte file (truncated, "
                            "or its offset is wrong)", path=path, hint="the file is incomplete or damaged") from None
     except ValueError as e:
-        text = str(e)
-        if "is not a valid GGMLQuantizationType" in text:
-            raise CorruptInput(f"a tensor has an unknown GGML type ({text}): the file is damaged, or newer than the "
-                               f"installed gguf package ({_gguf_version()})", path=path,
-                               hint="update the gguf package, or re-create the file") from None
-        raise CorruptInput(f"not a readable GGUF file: {text}", path=path) from None
+        raise CorruptInput(f"not a readable GGUF file: {e}", path=path) from None
     except (IndexError, OverflowError, TypeError, UnicodeDecodeError, KeyError, MemoryError) as e:
         raise CorruptInput(f"GGUF header is truncated or damaged ({type(e).__name__}: {e})", path=path,
                            hint="the file is incomplete; download or convert it again") from None
@@ -144,14 +135,11 @@ def _reader(path: Path):
 
 
 def _check_tensor_spans(path: Path, reader) -> None:
-    """Every tensor's data inside the file, after the header, without overlapping another."""
-    size = path.stat().st_size
+    """Every tensor's data after the header, aligned, without overlapping another (the reader class checked that
+    each ends inside the file)."""
     spans = sorted((t.data_offset, t.data_offset + t.n_bytes, t.name) for t in reader.tensors)
     end_prev, name_prev = reader.data_offset, None
     for start, end, name in spans:
-        if end > size:
-            raise CorruptInput(f"tensor {name} runs to byte {end}, past the end of the {size}-byte file (truncated, "
-                               "or its offset is wrong)", path=path, hint="the file is incomplete or damaged")
         if start < end_prev:
             what = f"overlaps {name_prev}" if name_prev else "starts inside the header"
             raise CorruptInput(f"tensor {name} {what} (offset {start - reader.data_offset})", path=path,
@@ -172,7 +160,7 @@ def metadata(reader, path: Path | None = None) -> dict[str, Any]:
         if k.startswith("GGUF."):
             continue
         try:
-            out[k] = _field_value(f)
+            out[k] = f.contents()
         except UnicodeDecodeError:
             raise CorruptInput(f"metadata {k!r} holds a string that is not UTF-8", path=path,
                                hint="the file is damaged") from None
@@ -261,10 +249,10 @@ def _hf_config(path: Path) -> dict[str, Any] | None:
     """config.json for the GGUF file, as transformers builds it from the metadata (None: transformers cannot)."""
     from transformers import AutoConfig
 
-    from llmconv.export._quiet import quiet as quiet_transformers
+    from llmconv.export._quiet import quiet
 
     try:
-        with quiet_transformers():
+        with quiet():
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     except (ValueError, KeyError, OSError, NotImplementedError):
         return None
@@ -277,13 +265,10 @@ def _hf_config(path: Path) -> dict[str, Any] | None:
     for key, value in list(out.items()):
         if isinstance(value, float):  # float32 in the file: its shortest repr (1e-06, not 9.999999974752427e-07)
             out[key] = float(str(np.float32(value)))
-    cls = gguf_arch.READ_BACK.get(out.get("model_type", ""), None)
-    if out.get("model_type") == "mistral":
-        cls = "MistralForCausalLM"
-    if cls is None:
+    cls = gguf_arch.READ_BACK.get(out.get("model_type", ""))
+    if cls is None:  # "mistral" (a file named so): transformers builds the config, and its loader then fails
         return None
     out["architectures"] = [cls]
-    out.pop("_name_or_path", None)
     return out
 
 
@@ -358,9 +343,11 @@ class GgufFormat(Format):
             notes.append(f"architecture {arch_name or '(none)'} is not one llmconv maps back to a checkpoint "
                          f"({', '.join(sorted(gguf_arch.READ_BACK))}): tensors keep their GGUF names")
         arch = None
+        hf_names: list[str] = []
         if config is not None:
             arch = gguf_arch.ARCHS[config["architectures"][0]]
-            forward = name_map(arch, config, _hf_names(config))
+            hf_names = _hf_names(config)
+            forward = name_map(arch, config, hf_names)
             gguf_to_hf = {g: n for n, g in forward.items() if g is not None and g in by_gguf}
             unmapped = [g for g in by_gguf if g not in gguf_to_hf]
             if unmapped:
@@ -373,7 +360,7 @@ class GgufFormat(Format):
             kind = t.tensor_type.name
             dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(kind, torch.float32)
             shape = _logical_shape(t)
-            if arch is not None and arch.transpose and g.endswith(arch.transpose) and len(shape) == 2:
+            if arch is not None and arch.transposes(g, len(shape)):
                 shape = (shape[1], shape[0])  # GPT-2's Conv1D: stored as rows of outputs, read back as (in, out)
             infos[hf_of[g]] = TensorInfo(hf_of[g], dtype, shape)
         # llama.cpp stores 1-D tensors (norms, biases) in F32 whatever the model's dtype: in a file whose weights
@@ -401,7 +388,7 @@ class GgufFormat(Format):
             if "output.weight" not in gguf_to_hf and ties_on_load(config):
                 # No output.weight: llama.cpp and transformers use the embedding as the output head.
                 embed = gguf_to_hf.get("token_embd.weight")
-                out_name = next((n for n in _hf_names(config) if n.endswith("lm_head.weight")), None)
+                out_name = next((n for n in hf_names if n.endswith("lm_head.weight")), None)
                 if embed and out_name:
                     infos[out_name] = TensorInfo(out_name, infos[embed].dtype, infos[embed].shape)
                     aliases[out_name] = embed
@@ -419,7 +406,7 @@ class GgufFormat(Format):
         src = TensorSource(format="gguf", path=path, infos=infos, loader=loader, aliases=aliases,
                            metadata={}, weights_format="gguf", files=[path])
         src.details["gguf"] = {
-            "architecture": arch_name, "version": int(_field_value(reader.fields["GGUF.version"])),
+            "architecture": arch_name, "version": int(reader.fields["GGUF.version"].contents()),
             "types": {hf_of[g]: k for g, k in types.items()}, "names": {hf_of[g]: g for g in by_gguf},
             "unreadable": unreadable,
             # Tensors the checkpoint's architecture has no place for (attention biases of a Llama, Llama 3.1's
@@ -427,8 +414,8 @@ class GgufFormat(Format):
             "unmapped": unmapped,
             # Tensors whose GGUF rows are the checkpoint's columns (GPT-2's Conv1D): quantization blocks run along
             # the checkpoint's first dimension.
-            "transposed": sorted(hf_of[g] for g in by_gguf if arch is not None and arch.transpose
-                                 and g.endswith(arch.transpose) and len(_logical_shape(by_gguf[g])) == 2),
+            "transposed": sorted(hf_of[g] for g, t in by_gguf.items()
+                                 if arch is not None and arch.transposes(g, len(t.shape))),
         }
         src.details["notes"] = notes
         src._closers.append(lambda: _close_reader(reader))
@@ -466,14 +453,14 @@ def _close_reader(reader) -> None:
 
 def _folder_files(path: Path, config: dict[str, Any], scratch: Path) -> list[Path]:
     """config.json, and the tokenizer transformers builds from the GGUF's vocabulary, for an hf folder."""
-    from llmconv.export._quiet import quiet as quiet_transformers
+    from llmconv.export._quiet import quiet
 
     (scratch / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     files = [scratch / "config.json"]
     try:
         from transformers import AutoTokenizer
 
-        with quiet_transformers():
+        with quiet():
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
             meta = metadata_of(path)
             # transformers' GGUF tokenizer does not read these (a Llama's always adds its bos): the file decides.
@@ -492,12 +479,15 @@ def _folder_files(path: Path, config: dict[str, Any], scratch: Path) -> list[Pat
 # --------------------------------------------------------------------------------------------------- writing
 
 
+@dataclass(frozen=True)
 class _Plan:
-    __slots__ = ("src_name", "name", "gtype", "shape", "nbytes", "why")
+    """One tensor as ``write_gguf`` writes it."""
 
-    def __init__(self, src_name: str, name: str, gtype, shape: tuple[int, ...], nbytes: int, why: str | None):
-        self.src_name, self.name, self.gtype, self.shape, self.nbytes, self.why = src_name, name, gtype, shape, \
-            nbytes, why
+    src_name: str  # the checkpoint's name
+    name: str  # the GGUF name
+    gtype: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # in GGUF's layout (GPT-2's Conv1D transposed)
+    nbytes: int
 
 
 @contextlib.contextmanager
@@ -534,7 +524,7 @@ def plan(src: TensorSource, method: str | None) -> tuple[str, gguf_arch.Arch, li
     gguf = _gguf()
     T = gguf.GGMLQuantizationType
     cls, arch = gguf_arch.arch_for(src.config, path=src.path)
-    names = [n for n in src.canonical_names()]
+    names = src.canonical_names()
     mapping = name_map(arch, src.config, names)
     qtype = quant_type(method) if method else None
     head = "output.weight" if "output.weight" in mapping.values() else "token_embd.weight"
@@ -546,9 +536,8 @@ def plan(src: TensorSource, method: str | None) -> tuple[str, gguf_arch.Arch, li
             continue
         info = src.infos[n]
         shape = tuple(info.shape)
-        if arch.transpose and g.endswith(arch.transpose) and len(shape) == 2:
+        if arch.transposes(g, len(shape)):
             shape = (shape[1], shape[0])
-        why = None
         if len(shape) <= 1 or g.endswith(_F32_NAMES):
             gtype = T.F32  # as llama.cpp keeps 1-D tensors (norms, biases) and position embeddings
         elif qtype is not None:
@@ -557,8 +546,8 @@ def plan(src: TensorSource, method: str | None) -> tuple[str, gguf_arch.Arch, li
                 gtype = T.Q8_0  # llama-quantize keeps the output head at a higher precision than 4/5 bits
             block = gguf.GGML_QUANT_SIZES[gtype][0]
             if shape[-1] % block:
-                gtype, why = T.F16, f"rows of {shape[-1]} are not a multiple of {block}"
-                fallbacks.append(f"{g} ({why})")
+                gtype = T.F16
+                fallbacks.append(f"{g} (rows of {shape[-1]} are not a multiple of {block})")
         else:
             gtype = _float_type(info.dtype)
             if gtype is None:
@@ -566,7 +555,7 @@ def plan(src: TensorSource, method: str | None) -> tuple[str, gguf_arch.Arch, li
                                   path=src.path, hint="cast it first (--dtype fp16 or fp32)")
         block, size = gguf.GGML_QUANT_SIZES[gtype]
         numel = int(np.prod(shape)) if shape else 1
-        entries.append(_Plan(n, g, gtype, shape, numel * size // block, why))
+        entries.append(_Plan(n, g, gtype, shape, numel * size // block))
     if fallbacks:
         notes.append(f"kept in F16, as llama.cpp does when a tensor cannot be quantized: {', '.join(fallbacks)}")
     if qtype is not None and qtype != T.Q8_0 and any(e.name == head and e.gtype == T.Q8_0 for e in entries):
@@ -793,9 +782,9 @@ def describe(path: Path) -> dict[str, Any]:
         type_bytes = Counter()
         for t in reader.tensors:
             type_bytes[t.tensor_type.name] += int(t.n_bytes)
-        return {"gguf_architecture": meta.get("general.architecture"), "gguf_version": int(_field_value(
-            reader.fields["GGUF.version"])), "gguf_metadata": shown, "gguf_types": dict(sorted(types.items())),
-                "gguf_type_bytes": dict(sorted(type_bytes.items())),
+        return {"gguf_architecture": meta.get("general.architecture"),
+                "gguf_version": int(reader.fields["GGUF.version"].contents()), "gguf_metadata": shown,
+                "gguf_types": dict(sorted(types.items())), "gguf_type_bytes": dict(sorted(type_bytes.items())),
                 "unreadable_types": sorted(k for k in types if k not in readable_types())}
     finally:
         _close_reader(reader)

@@ -8,7 +8,7 @@ Q/K rows permuted), Qwen2, Qwen3 and GPT-2 (Conv1D weights transposed to rows of
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,7 +78,6 @@ class Arch:
     transpose: tuple[str, ...] = ()  # GGUF names (suffixes) stored transposed in the checkpoint (GPT-2's Conv1D)
     rope_dim: bool = False         # write rope.dimension_count (head size)
     head_keys: bool = False        # write attention.key_length / value_length
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def hf_to_gguf(self, gguf_name: str, t: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
         """The checkpoint tensor ``t`` in the layout GGUF stores under ``gguf_name``."""
@@ -89,7 +88,12 @@ class Arch:
         return self._layout(gguf_name, t, config, _unpermute)
 
     def changes_layout(self, gguf_name: str) -> bool:
-        return (self.permute_qk and _qk(gguf_name) is not None) or gguf_name.endswith(self.transpose)
+        return (self.permute_qk and _qk(gguf_name) is not None) or (bool(self.transpose)
+                                                                    and gguf_name.endswith(self.transpose))
+
+    def transposes(self, gguf_name: str, ndim: int) -> bool:
+        """Whether the checkpoint stores ``gguf_name`` transposed (GPT-2's Conv1D: (in, out))."""
+        return bool(self.transpose) and ndim == 2 and gguf_name.endswith(self.transpose)
 
     def _layout(self, gguf_name: str, t: torch.Tensor, config: dict[str, Any],
                 permute: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
@@ -98,7 +102,7 @@ class Arch:
             if which is not None:
                 heads = int(config["num_attention_heads"]) if which == "q" else _kv_heads(config)
                 return permute(t, heads).contiguous()
-        if self.transpose and gguf_name.endswith(self.transpose) and t.dim() == 2:
+        if self.transposes(gguf_name, t.dim()):
             return t.t().contiguous()
         return t
 
@@ -120,10 +124,6 @@ ARCHS: dict[str, Arch] = {
     "GPT2LMHeadModel": Arch("gpt2", _GPT2, transpose=(".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight",
                                                       ".ffn_down.weight")),
 }
-def arch_of(cls: str) -> Arch:
-    return ARCHS[cls]
-
-
 # general.architecture -> the class a GGUF of it is read back as.
 READ_BACK = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
              "gpt2": "GPT2LMHeadModel"}
@@ -145,7 +145,7 @@ def arch_for(config: dict[str, Any] | None, *, path: Any = None) -> tuple[str, A
         known = ", ".join(sorted(ARCHS))
         raise Unsupported(f"llmconv does not write {cls or config.get('model_type') or 'this architecture'} as GGUF",
                           path=path, hint=f"GGUF conversion supports {known}")
-    if config.get("attention_bias") and arch_of(cls).permute_qk:
+    if config.get("attention_bias") and ARCHS[cls].permute_qk:
         raise Unsupported("a Llama with attention biases (attention_bias: true) is not written to GGUF by llmconv: "
                           "transformers' GGUF loader does not read them back, so the file could not be verified",
                           path=path, hint="use llama.cpp's convert_hf_to_gguf.py")

@@ -9,6 +9,7 @@ dequantization) against the source model, decode and generation checks included.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from llmconv import progress as status
 from llmconv.checkpoint import CAST_TARGETS, cast_source
 from llmconv.errors import NotEquivalent, UsageError
 from llmconv.formats import registry
+from llmconv.formats.registry import WriteOptions
 from llmconv.io import atomic_output, check_free_space
 from llmconv.verification.report import Check, VerifyReport
 from llmconv.verification.weights import compare_weights, require_tensors
@@ -79,18 +81,14 @@ def write_gguf_verified(src_path: Path, dst_path: Path, *, method: str | None, d
         check_free_space(dst_path, sum(e.nbytes for e in entries))
         notes: list[str] = []
         with atomic_output(dst_path, folder=False, force=force) as tmp:
-            from llmconv.formats.registry import WriteOptions
-
             label = method.upper() if method else ("float" if dtype == "keep" else dtype)
             with status.phase(f"writing {dst_path.name} ({label})"):
                 GGUF.write(view, tmp, folder=False, options=WriteOptions(progress=progress, quantize=method,
                                                                          notes=notes))
-            types: dict[str, int] = {}
-            for e in entries:
-                types[e.gtype.name] = types.get(e.gtype.name, 0) + 1
             result = GgufResult(files=[str(dst_path)], bytes_written=tmp.stat().st_size,
                                 source_bytes=source.total_bytes, tensors=len(entries), parameters=view.num_parameters,
-                                cast=cast, weights=None, outputs=None, notes=notes, types=types)
+                                cast=cast, weights=None, outputs=None, notes=notes,
+                                types=dict(Counter(e.gtype.name for e in entries)))
             if verify:
                 with status.phase(f"verifying {dst_path.name}: its tensors against the source"), \
                         GGUF.open(tmp) as written:
