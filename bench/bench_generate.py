@@ -70,16 +70,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _procmem import memory, run_sampled  # bench/ is on sys.path: the script's own folder
+from _models import REPO, TRAINED_GPT2, log, random_llama, work_dir  # bench/ is on sys.path: the script's own folder
+from _procmem import memory, run_sampled
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 MB = 1e6
-TRAINED_GPT2 = REPO / "fixtures" / "models" / "trained-gpt2"
 TRAINED_LLAMA = REPO / "fixtures" / "models" / "trained-llama"
 HELDOUT = REPO / "fixtures" / "data" / "heldout.txt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # ~99M parameters: 2 x 32000 x 768 embedding/head + 8 layers of attention (768^2 x 2 + 768 x 256 x 2) and MLP.
 FULL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12,
@@ -124,27 +122,9 @@ ROWS: dict[str, tuple[str, str]] = {
 }
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 def slug(name: str) -> str:
     return name.replace(" ", "-").replace("--", "")
-
-
-def make_llama(folder: Path, config: dict) -> None:
-    """Save a seeded random Llama to ``folder``, with the trained GPT-2's tokenizer files (the builder saves a
-    tokenizer into its output and fails without one; the ids fed here never go through it)."""
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tf.LlamaForCausalLM(tf.LlamaConfig(**config)).eval().save_pretrained(tmp)
-    for f in TOKENIZER_FILES:
-        shutil.copy(TRAINED_GPT2 / f, tmp / f)
-    tmp.rename(folder)
 
 
 def run_tool(cmd: list[str], *, ok_codes: tuple[int, ...] = (0,)) -> dict:
@@ -482,16 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 15)
     args.config = QUICK if args.quick else FULL
-    work = args.work.resolve()
-    if work == REPO or REPO in work.parents:
-        raise SystemExit(f"--work {work} is inside the repository: give a folder outside it")
-    work = work / ("quick" if args.quick else "full")
-    work.mkdir(parents=True, exist_ok=True)
-
-    hf = work / "llama-hf"
-    if not (hf / "config.json").is_file():
-        log(f"building the random Llama in {hf}")
-        make_llama(hf, args.config)
+    work = work_dir(args.work, quick=args.quick)
+    hf = random_llama(work / "llama-hf", args.config)
     args.params = sum(p.stat().st_size for p in hf.glob("*.safetensors")) / 4
     log("building the contenders (each in a fresh process)")
     folders = {name: work / slug(name) for name in BUILDS}

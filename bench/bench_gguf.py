@@ -55,20 +55,17 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from _procmem import run_sampled  # bench/ is on sys.path: the script's own folder
+from _models import REPO, log, random_llama, work_dir  # bench/ is on sys.path: the script's own folder
+from _procmem import run_sampled
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 MB = 1e6
-TRAINED_GPT2 = REPO / "fixtures" / "models" / "trained-gpt2"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # ~257M parameters, 1.03 GB in float32: 2 x 32000 x 1024 embedding/head + 17 layers of attention
 # (1024^2 x 2 + 1024 x 256 x 2) and MLP (3 x 1024 x 2816).
@@ -90,26 +87,9 @@ CP = "cp"
 CONTENDERS = (LLMCONV, CLI, EAGER, LAZY, CP)
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 def slug(name: str) -> str:
     return name.replace(" ", "-").replace("(", "").replace(")", "")
-
-
-def make_llama(folder: Path, config: dict) -> None:
-    """Save a seeded random Llama (float32 safetensors) to ``folder``, with the trained GPT-2's tokenizer files."""
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tf.LlamaForCausalLM(tf.LlamaConfig(**config)).eval().save_pretrained(tmp, safe_serialization=True)
-    for f in TOKENIZER_FILES:
-        shutil.copy(TRAINED_GPT2 / f, tmp / f)
-    tmp.rename(folder)
 
 
 # ---- the contenders' scripts (each run as ``python -c``) ------------------------------------------------
@@ -311,16 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 5)
     config = QUICK if args.quick else FULL
     formats = [f for f in args.formats.split(",") if f]
-    work = args.work.resolve()
-    if work == REPO or REPO in work.parents:
-        raise SystemExit(f"--work {work} is inside the repository: give a folder outside it")
-    work = work / ("quick" if args.quick else "full")
-    work.mkdir(parents=True, exist_ok=True)
-
-    model = work / "llama-hf"
-    if not (model / "config.json").is_file():
-        log(f"building the random Llama in {model}")
-        make_llama(model, config)
+    work = work_dir(args.work, quick=args.quick)
+    model = random_llama(work / "llama-hf", config)
     model_mb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / MB
     big_name, big_bytes = largest_tensor(model)
     outs = work / "outputs"

@@ -62,10 +62,7 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
         for key, value in src.details.items():
             if key not in ("shards", "gguf"):  # a GGUF's per-tensor table: its summary is the format's own
                 out.setdefault(key, value)
-        describe = _DESCRIBERS.get(fmt.name)
-        if describe is not None:
-            # What the file says of itself (a GGUF's metadata, its architecture in llama.cpp's name, type counts).
-            out.update(describe()(path))
+        out.update(fmt.describe(path))  # what the file says of itself (a GGUF's metadata, its type counts)
         largest = sorted(src.infos.values(), key=lambda i: i.nbytes, reverse=True)[:5]
         out["largest"] = [{"name": i.name, "dtype": dtype_name(i.dtype), "shape": list(i.shape), "bytes": i.nbytes}
                           for i in largest]
@@ -73,16 +70,6 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
             out["sparsity"] = _sparsity(src)
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
-
-
-def _gguf_describe():
-    from llmconv.formats.gguf import describe
-
-    return describe
-
-
-# Format name -> (a function returning) the format's own description of a file, for the formats that have one.
-_DESCRIBERS = {"gguf": _gguf_describe}
 
 
 def _config_ties(architecture: str | None, config: dict[str, Any], stored: set[str]) -> list[str]:

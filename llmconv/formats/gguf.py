@@ -36,8 +36,8 @@ MAGIC = b"GGUF"
 QUANT_METHODS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # Tensors llama.cpp's converter always stores in float32 (besides 1-D ones).
 _F32_NAMES = ("_norm.weight", "position_embd.weight")
-# Buffers some checkpoints store that llama.cpp does not read.
-_SKIPPED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+# Buffers a model makes itself, which some checkpoints store and llama.cpp does not read.
+BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
 def _gguf():
@@ -245,7 +245,7 @@ def refuse_unmapped(src: TensorSource, *, what: str) -> None:
                           hint="convert it to a weights file (.safetensors keeps every tensor under its GGUF name)")
 
 
-def _hf_config(path: Path) -> dict[str, Any] | None:
+def _hf_config(path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
     """config.json for the GGUF file, as transformers builds it from the metadata (None: transformers cannot)."""
     from transformers import AutoConfig
 
@@ -259,7 +259,7 @@ def _hf_config(path: Path) -> dict[str, Any] | None:
     # What differs from the class's defaults (as save_pretrained writes it), with the values the loader reads under
     # names the class ignores given under its own.
     out = config.to_diff_dict()
-    out.update(gguf_arch.loader_overrides(metadata_of(path)))
+    out.update(gguf_arch.loader_overrides(meta))
     for key in ("n_ctx", "feed_forward_length", "transformers_version", "_model_name_or_path", "attn_implementation"):
         out.pop(key, None)
     for key, value in list(out.items()):
@@ -295,7 +295,7 @@ def name_map(arch: gguf_arch.Arch, config: dict[str, Any], hf_names: list[str]) 
     out: dict[str, str | None] = {}
     for n in hf_names:
         g = tmap.get_name(n, try_suffixes=(".weight", ".bias"))
-        if g is None and n.endswith(_SKIPPED_SUFFIXES):
+        if g is None and n.endswith(BUFFER_SUFFIXES):
             out[n] = None
             continue
         if g is None:
@@ -315,120 +315,10 @@ class GgufFormat(Format):
         return path.is_file() and head[:4] == MAGIC
 
     def open(self, path: Path) -> TensorSource:
-        path = Path(path)
-        reader = _reader(path)
-        try:
-            return self._open(path, reader)
-        except BaseException:
-            _close_reader(reader)
-            raise
+        return open_gguf(Path(path))
 
-    def _open(self, path: Path, reader) -> TensorSource:
-        meta = metadata(reader, path)
-        arch_name = str(meta.get("general.architecture", ""))
-        types = {t.name: t.tensor_type.name for t in reader.tensors}
-        unreadable = sorted({k for k in types.values() if k not in readable_types()})
-        by_gguf = {t.name: t for t in reader.tensors}
-        config = None
-        gguf_to_hf: dict[str, str] = {}
-        unmapped: list[str] = []
-        notes: list[str] = []
-        cls = gguf_arch.READ_BACK.get(arch_name)
-        if cls is not None:
-            config = _hf_config(path)
-            if config is None:
-                notes.append(f"transformers cannot build a config from this {arch_name} file's metadata: tensors "
-                             "keep their GGUF names")
-        else:
-            notes.append(f"architecture {arch_name or '(none)'} is not one llmconv maps back to a checkpoint "
-                         f"({', '.join(sorted(gguf_arch.READ_BACK))}): tensors keep their GGUF names")
-        arch = None
-        hf_names: list[str] = []
-        if config is not None:
-            arch = gguf_arch.ARCHS[config["architectures"][0]]
-            hf_names = _hf_names(config)
-            forward = name_map(arch, config, hf_names)
-            gguf_to_hf = {g: n for n, g in forward.items() if g is not None and g in by_gguf}
-            unmapped = [g for g in by_gguf if g not in gguf_to_hf]
-            if unmapped:
-                notes.append(f"tensors with no checkpoint name keep their GGUF names: {', '.join(unmapped[:5])}"
-                             + (" ..." if len(unmapped) > 5 else ""))
-        hf_of = {g: gguf_to_hf.get(g, g) for g in by_gguf}
-        gguf_of = {h: g for g, h in hf_of.items()}
-        infos: dict[str, TensorInfo] = {}
-        for g, t in by_gguf.items():
-            kind = t.tensor_type.name
-            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(kind, torch.float32)
-            shape = _logical_shape(t)
-            if arch is not None and arch.transposes(g, len(shape)):
-                shape = (shape[1], shape[0])  # GPT-2's Conv1D: stored as rows of outputs, read back as (in, out)
-            infos[hf_of[g]] = TensorInfo(hf_of[g], dtype, shape)
-        # llama.cpp stores 1-D tensors (norms, biases) in F32 whatever the model's dtype: in a file whose weights
-        # are F16/BF16, those that dtype holds exactly come back in it, as the checkpoint had them.
-        narrowed: dict[str, torch.dtype] = {}
-        if config is not None:
-            main = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1).most_common(1)
-            model_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(main[0][0] if main else "")
-            if model_dtype is not None:
-                for g, t in by_gguf.items():
-                    if t.tensor_type.name == "F32" and len(t.shape) == 1:
-                        values = _load(t, path)
-                        if torch.equal(values.to(model_dtype).to(torch.float32), values):
-                            narrowed[hf_of[g]] = model_dtype
-                            infos[hf_of[g]] = TensorInfo(hf_of[g], model_dtype, infos[hf_of[g]].shape)
-                config["dtype"] = dtype_name(model_dtype)  # from_pretrained(dtype="auto") loads it so
-                if narrowed:
-                    notes.append(f"{len(narrowed)} 1-D tensors stored in F32 (as llama.cpp stores norms and biases) "
-                                 f"read back as {dtype_name(model_dtype)}, the file's weights dtype, which holds them "
-                                 "exactly")
-        aliases: dict[str, str] = {}
-        if config is not None and arch is not None:
-            from llmconv.checkpoint import ties_on_load
-
-            if "output.weight" not in gguf_to_hf and ties_on_load(config):
-                # No output.weight: llama.cpp and transformers use the embedding as the output head.
-                embed = gguf_to_hf.get("token_embd.weight")
-                out_name = next((n for n in hf_names if n.endswith("lm_head.weight")), None)
-                if embed and out_name:
-                    infos[out_name] = TensorInfo(out_name, infos[embed].dtype, infos[embed].shape)
-                    aliases[out_name] = embed
-
-        def loader(name: str) -> torch.Tensor:
-            name = aliases.get(name, name)
-            g = gguf_of[name]
-            t = _load(by_gguf[g], path)
-            if name in narrowed:
-                t = t.to(narrowed[name])
-            if arch is not None and arch.changes_layout(g):
-                t = arch.gguf_to_hf(g, t, config)
-            return t
-
-        src = TensorSource(format="gguf", path=path, infos=infos, loader=loader, aliases=aliases,
-                           metadata={}, weights_format="gguf", files=[path])
-        src.details["gguf"] = {
-            "architecture": arch_name, "version": int(reader.fields["GGUF.version"].contents()),
-            "types": {hf_of[g]: k for g, k in types.items()}, "names": {hf_of[g]: g for g in by_gguf},
-            "unreadable": unreadable,
-            # Tensors the checkpoint's architecture has no place for (attention biases of a Llama, Llama 3.1's
-            # rope_freqs): llama.cpp uses them, transformers and an hf folder cannot.
-            "unmapped": unmapped,
-            # Tensors whose GGUF rows are the checkpoint's columns (GPT-2's Conv1D): quantization blocks run along
-            # the checkpoint's first dimension.
-            "transposed": sorted(hf_of[g] for g, t in by_gguf.items()
-                                 if arch is not None and arch.transposes(g, len(t.shape))),
-        }
-        src.details["notes"] = notes
-        src._closers.append(lambda: _close_reader(reader))
-        if config is not None:
-            src.config = config
-            scratch = Path(tempfile.mkdtemp(prefix="llmconv-gguf-"))
-            src._closers.append(lambda: _remove_tree(scratch))
-            try:
-                src.extra_files = _folder_files(path, config, scratch)
-            except BaseException:
-                src.close()
-                raise
-        return src
+    def describe(self, path: Path) -> dict[str, Any]:
+        return describe(path)
 
     def write(self, src: TensorSource, dst: Path, *, folder: bool, options: WriteOptions) -> list[Path]:
         if folder:
@@ -436,6 +326,134 @@ class GgufFormat(Format):
         write_gguf(src, dst, method=options.quantize, progress=options.progress, notes=options.notes)
         return [dst]
 
+
+def open_gguf(path: Path, *, folder_files: bool = True) -> TensorSource:
+    """The GGUF file at ``path`` as a checkpoint (the format's ``open``).
+
+    Args:
+        path: the file.
+        folder_files: build config.json and the tokenizer transformers makes from the metadata, for an hf folder
+            or a GGUF written from this one (``extra_files``); a check that only reads tensors does without.
+    """
+    reader = _reader(path)
+    try:
+        return _open(path, reader, folder_files=folder_files)
+    except BaseException:  # the map is closed, and the error goes on as it was
+        _close_reader(reader)
+        raise
+
+
+def _open(path: Path, reader, *, folder_files: bool) -> TensorSource:
+    meta = metadata(reader, path)
+    arch_name = str(meta.get("general.architecture", ""))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    unreadable = sorted({k for k in types.values() if k not in readable_types()})
+    by_gguf = {t.name: t for t in reader.tensors}
+    config = None
+    gguf_to_hf: dict[str, str] = {}
+    unmapped: list[str] = []
+    notes: list[str] = []
+    cls = gguf_arch.READ_BACK.get(arch_name)
+    if cls is not None:
+        config = _hf_config(path, meta)
+        if config is None:
+            notes.append(f"transformers cannot build a config from this {arch_name} file's metadata: tensors "
+                         "keep their GGUF names")
+    else:
+        notes.append(f"architecture {arch_name or '(none)'} is not one llmconv maps back to a checkpoint "
+                     f"({', '.join(sorted(gguf_arch.READ_BACK))}): tensors keep their GGUF names")
+    arch = None
+    hf_names: list[str] = []
+    if config is not None:
+        arch = gguf_arch.ARCHS[config["architectures"][0]]
+        hf_names = _hf_names(config)
+        forward = name_map(arch, config, hf_names)
+        gguf_to_hf = {g: n for n, g in forward.items() if g is not None and g in by_gguf}
+        unmapped = [g for g in by_gguf if g not in gguf_to_hf]
+        if unmapped:
+            notes.append(f"tensors with no checkpoint name keep their GGUF names: {', '.join(unmapped[:5])}"
+                         + (" ..." if len(unmapped) > 5 else ""))
+    hf_of = {g: gguf_to_hf.get(g, g) for g in by_gguf}
+    gguf_of = {h: g for g, h in hf_of.items()}
+    infos: dict[str, TensorInfo] = {}
+    for g, t in by_gguf.items():
+        kind = t.tensor_type.name
+        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(kind, torch.float32)
+        shape = _logical_shape(t)
+        if arch is not None and arch.transposes(g, len(shape)):
+            shape = (shape[1], shape[0])  # GPT-2's Conv1D: stored as rows of outputs, read back as (in, out)
+        infos[hf_of[g]] = TensorInfo(hf_of[g], dtype, shape)
+    # llama.cpp stores 1-D tensors (norms, biases) in F32 whatever the model's dtype: in a file whose weights
+    # are F16/BF16, those that dtype holds exactly come back in it, as the checkpoint had them.
+    narrowed: dict[str, torch.dtype] = {}
+    sizes: Counter[str] = Counter()
+    for t in reader.tensors:
+        if len(t.shape) > 1:
+            sizes[t.tensor_type.name] += int(t.n_bytes)
+    main_type = sizes.most_common(1)[0][0] if sizes else "F32"  # the type of most of the matrices' bytes
+    if config is not None:
+        model_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(main_type)
+        if model_dtype is not None:
+            for g, t in by_gguf.items():
+                if t.tensor_type.name == "F32" and len(t.shape) == 1:
+                    values = _load(t, path)
+                    if torch.equal(values.to(model_dtype).to(torch.float32), values):
+                        narrowed[hf_of[g]] = model_dtype
+                        infos[hf_of[g]] = TensorInfo(hf_of[g], model_dtype, infos[hf_of[g]].shape)
+            config["dtype"] = dtype_name(model_dtype)  # from_pretrained(dtype="auto") loads it so
+            if narrowed:
+                notes.append(f"{len(narrowed)} 1-D tensors stored in F32 (as llama.cpp stores norms and biases) "
+                             f"read back as {dtype_name(model_dtype)}, the file's weights dtype, which holds them "
+                             "exactly")
+    aliases: dict[str, str] = {}
+    if config is not None and arch is not None:
+        from llmconv.checkpoint import ties_on_load
+
+        if "output.weight" not in gguf_to_hf and ties_on_load(config):
+            # No output.weight: llama.cpp and transformers use the embedding as the output head.
+            embed = gguf_to_hf.get("token_embd.weight")
+            out_name = next((n for n in hf_names if n.endswith("lm_head.weight")), None)
+            if embed and out_name:
+                infos[out_name] = TensorInfo(out_name, infos[embed].dtype, infos[embed].shape)
+                aliases[out_name] = embed
+
+    def loader(name: str) -> torch.Tensor:
+        name = aliases.get(name, name)
+        g = gguf_of[name]
+        t = _load(by_gguf[g], path)
+        if name in narrowed:
+            t = t.to(narrowed[name])
+        if arch is not None and arch.changes_layout(g):
+            t = arch.gguf_to_hf(g, t, config)
+        return t
+
+    src = TensorSource(format="gguf", path=path, infos=infos, loader=loader, aliases=aliases,
+                       metadata={}, weights_format="gguf", files=[path])
+    src.details["gguf"] = {
+        "architecture": arch_name, "version": int(reader.fields["GGUF.version"].contents()),
+        "types": {hf_of[g]: k for g, k in types.items()}, "names": {hf_of[g]: g for g in by_gguf},
+        "unreadable": unreadable, "main_type": main_type,
+        # Tensors the checkpoint's architecture has no place for (attention biases of a Llama, Llama 3.1's
+        # rope_freqs): llama.cpp uses them, transformers and an hf folder cannot.
+        "unmapped": unmapped,
+        # Tensors whose GGUF rows are the checkpoint's columns (GPT-2's Conv1D): quantization blocks run along
+        # the checkpoint's first dimension.
+        "transposed": sorted(hf_of[g] for g, t in by_gguf.items()
+                             if arch is not None and arch.transposes(g, len(t.shape))),
+    }
+    src.details["notes"] = notes
+    src._closers.append(lambda: _close_reader(reader))
+    if config is not None:
+        src.config = config
+    if config is not None and folder_files:
+        scratch = Path(tempfile.mkdtemp(prefix="llmconv-gguf-"))
+        src._closers.append(lambda: _remove_tree(scratch))
+        try:
+            src.extra_files = _folder_files(path, meta, config, scratch)
+        except BaseException:  # the scratch folder and the map are released, and the error goes on
+            src.close()
+            raise
+    return src
 
 def _remove_tree(p: Path) -> None:
     import shutil
@@ -451,7 +469,7 @@ def _close_reader(reader) -> None:
             mmap_obj.close()
 
 
-def _folder_files(path: Path, config: dict[str, Any], scratch: Path) -> list[Path]:
+def _folder_files(path: Path, meta: dict[str, Any], config: dict[str, Any], scratch: Path) -> list[Path]:
     """config.json, and the tokenizer transformers builds from the GGUF's vocabulary, for an hf folder."""
     from llmconv.export._quiet import quiet
 
@@ -462,7 +480,6 @@ def _folder_files(path: Path, config: dict[str, Any], scratch: Path) -> list[Pat
 
         with quiet():
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
-            meta = metadata_of(path)
             # transformers' GGUF tokenizer does not read these (a Llama's always adds its bos): the file decides.
             for typ in ("bos", "eos"):
                 flag = meta.get(f"tokenizer.ggml.add_{typ}_token")

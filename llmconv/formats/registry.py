@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmconv.errors import InputError, Unsupported, UsageError
 from llmconv.io import check_usable_path
@@ -55,6 +55,10 @@ class Format:
     def write(self, src: TensorSource, dst: Path, *, folder: bool, options: WriteOptions) -> list[Path]:
         """Write ``src`` to ``dst`` (a file, or an existing empty folder). Returns the files written."""
         raise Unsupported(f"llmconv cannot write {self.name} from named tensors")
+
+    def describe(self, path: Path) -> dict[str, Any]:
+        """What ``inspect`` adds for this format beyond the tensors (a GGUF's metadata and type counts)."""
+        return {}
 
 
 _FORMATS: dict[str, Format] = {}

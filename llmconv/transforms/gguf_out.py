@@ -8,7 +8,6 @@ dequantization) against the source model, decode and generation checks included.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from llmconv.errors import NotEquivalent, UsageError
 from llmconv.formats import registry
 from llmconv.formats.registry import WriteOptions
 from llmconv.io import atomic_output, check_free_space
-from llmconv.verification.report import Check, VerifyReport
+from llmconv.verification.report import VerifyReport
 from llmconv.verification.weights import compare_weights, require_tensors
 
 # The outputs profile a GGUF of each method is judged by.
@@ -67,7 +66,7 @@ def write_gguf_verified(src_path: Path, dst_path: Path, *, method: str | None, d
         NotEquivalent: the file is not the source's model; nothing is left at ``dst_path``.
     """
     from llmconv.formats.gguf import FORMAT as GGUF
-    from llmconv.formats.gguf import plan
+    from llmconv.formats.gguf import open_gguf, plan
 
     src_fmt = registry.detect(src_path)
     if dtype != "keep" and dtype not in CAST_TARGETS:
@@ -91,7 +90,7 @@ def write_gguf_verified(src_path: Path, dst_path: Path, *, method: str | None, d
                                 types=dict(Counter(e.gtype.name for e in entries)))
             if verify:
                 with status.phase(f"verifying {dst_path.name}: its tensors against the source"), \
-                        GGUF.open(tmp) as written:
+                        open_gguf(tmp, folder_files=False) as written:
                     result.weights = compare_weights(view, written, profile="exact" if method is None else
                                                      PROFILES[method])
                     result.weights.reference, result.weights.candidate = str(src_path), str(dst_path)
@@ -118,67 +117,8 @@ def _outputs(src_path: Path, tmp: Path, dst_path: Path, *, method: str | None, d
     profile = PROFILES[method] or {"keep": "auto", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[dtype]
     with status.phase(f"verifying {dst_path.name}: the model through transformers' GGUF loader against the source"):
         report = compare_outputs(src_path, tmp, profile=profile, **options)
-    with status.phase(f"verifying {dst_path.name}: its vocabulary against tokenizer.json"):
-        check = tokenizer_check(src_path, tmp, text=options.get("text"))
-    if check is not None:
-        report.checks.append(check)
     report.reference, report.candidate = str(src_path), str(dst_path)
     return report
-
-
-# Text the vocabulary check tokenizes: whitespace runs, digits, punctuation, accents, emoji, contractions (the cases
-# llama.cpp's pre-tokenizer test string covers), and the special tokens where the tokenizer has them.
-_TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog, and a cat sat on the mat. "
-                   "Hello World!\n\n  Tabs\tand   spaces. 3 33 333 3333 33333 3.14 3..3 -- ======= !!!??? ```"
-                   "\n🚀 (normal) 😶\u200d🌫️ café naïve Ünïcödé 我想在apple工作 нещо на Български\n"
-                   "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea?")
-
-
-def tokenizer_check(folder: Path, gguf_file: Path, *, text: Path | None = None) -> Check | None:
-    """The vocabulary the GGUF carries, as transformers' GGUF tokenizer rebuilds it from the file's metadata, against
-    the folder's own tokenizer.json: the same ids for the same text (special tokens not added). None when the folder
-    has no tokenizer.json to compare with.
-
-    Returns:
-        A Check ``tokenizer`` with ``texts``, ``tokens`` (the reference's count) and, when they differ,
-        ``first_difference`` (position, the reference's ids and the GGUF's from there).
-    """
-    tok_file = folder / "tokenizer.json"
-    if not tok_file.is_file():
-        return None
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
-
-    from llmconv.export._quiet import quiet
-    from llmconv.formats.hf import linked_view
-
-    samples = [_TOKENIZER_TEXT]
-    if text is not None:
-        body = Path(text).read_text(encoding="utf-8", errors="replace")
-        samples += [body[i:i + 2000] for i in range(0, min(len(body), 20000), 2000)]
-    specials = [a["content"] for a in (json.loads(tok_file.read_text(encoding="utf-8")).get("added_tokens") or [])
-                if a.get("special")]
-    if specials:
-        samples.append(" ".join(["Before", *specials[:4], "after."]))
-    reference = Tokenizer.from_file(str(tok_file))
-    with linked_view({gguf_file.name: gguf_file}) as view, quiet():
-        try:
-            rebuilt = AutoTokenizer.from_pretrained(str(view), gguf_file=gguf_file.name, trust_remote_code=False)
-        except (ValueError, KeyError, OSError, TypeError, NotImplementedError) as e:
-            return Check("tokenizer", False, {"texts": len(samples)},
-                         f"transformers cannot rebuild a tokenizer from the GGUF's vocabulary: {e}")
-    figs: dict[str, Any] = {"texts": len(samples), "tokens": 0}
-    for sample in samples:
-        want = reference.encode(sample, add_special_tokens=False).ids
-        got = rebuilt(sample, add_special_tokens=False)["input_ids"]
-        figs["tokens"] += len(want)
-        if want != got:
-            at = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), min(len(want), len(got)))
-            figs["first_difference"] = {"position": at, "reference": want[at:at + 5], "gguf": got[at:at + 5]}
-            return Check("tokenizer", False, figs, f"the GGUF's vocabulary tokenizes text differently from "
-                                                   f"tokenizer.json (from token {at}: {want[at:at + 5]} vs "
-                                                   f"{got[at:at + 5]})")
-    return Check("tokenizer", True, figs)
 
 
 def weights_note(weights: VerifyReport) -> str:

@@ -86,13 +86,6 @@ def verify(reference: str | Path, candidate: str | Path, *, mode: str = "auto", 
             report.notes.append(LOCALIZE_HINT)
         if not several_graphs:
             _add_graph_weights(report, ref_path, cand_path, ref_fmt.name, cand_fmt.name)
-        if "gguf" in (ref_fmt.name, cand_fmt.name) and "hf" in (ref_fmt.name, cand_fmt.name):
-            from llmconv.transforms.gguf_out import tokenizer_check
-
-            folder, gguf_file = (ref_path, cand_path) if ref_fmt.name == "hf" else (cand_path, ref_path)
-            check = tokenizer_check(folder, gguf_file, text=outputs_options.get("text"))
-            if check is not None:
-                report.checks.append(check)
         return keep_report(report, cand_path)
     raise UsageError(f"unknown --mode {mode!r}", hint="use auto, weights or outputs")
 

@@ -204,6 +204,14 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         (r_sum, r_n), (c_sum, c_n) = ref_nll, cand_nll
         checks.append(perplexity_check(reference_ppl=_ppl(r_sum, r_n), candidate_ppl=_ppl(c_sum, c_n),
                                        tokens=c_n, budget=prof.max_ppl_increase))
+    vocabulary = _gguf_vocabulary(ref_sig, cand_sig)
+    if vocabulary is not None:
+        from llmconv.verification.vocabulary import tokenizer_check
+
+        with progress.phase("the GGUF's vocabulary against tokenizer.json"):
+            check = tokenizer_check(*vocabulary, text=text)
+        if check is not None:
+            checks.append(check)
     # What actually ran each side: for onnxruntime, the execution provider the session reports.
     report = outputs_report(reference=reference, candidate=candidate, profile=prof, checks=checks, inputs=meta,
                             notes=notes, plan=dplan, runners={"reference": ref_label, "candidate": cand_label})
@@ -225,6 +233,15 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
             report.extra["localization"] = {"first": None, "error": str(e),
                                             "summary": f"could not localize the difference: {e}"}
     return report
+
+
+def _gguf_vocabulary(ref_sig: Any, cand_sig: Any) -> tuple[Path, Path] | None:
+    """(the model folder, the GGUF file) when one side is a GGUF and the other a model folder: its vocabulary is
+    compared with the folder's tokenizer.json (the logits run on token ids, which never touch it)."""
+    for folder, other in ((ref_sig, cand_sig), (cand_sig, ref_sig)):
+        if other.gguf_file is not None and folder.gguf_file is None and Path(folder.model_path).is_dir():
+            return Path(folder.model_path), other.gguf_file
+    return None
 
 
 def check_provider_pair(provider: str, ref_sig: Any, cand_sig: Any, *, candidate: Path) -> None:

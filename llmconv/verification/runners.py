@@ -193,7 +193,7 @@ def _describe_gguf(path: Path) -> Signature:
     llmconv's reader)."""
     from llmconv.formats import gguf
 
-    with gguf.FORMAT.open(path) as src:
+    with gguf.open_gguf(path, folder_files=False) as src:
         config = dict(src.config) if src.config is not None else None
         info = src.details["gguf"]
         gguf.refuse_unreadable(src)
@@ -204,13 +204,7 @@ def _describe_gguf(path: Path) -> Signature:
                           f"map back ({', '.join(sorted(gguf.gguf_arch.READ_BACK))}); this one is "
                           f"{info['architecture'] or 'unnamed'}", path=path,
                           hint="compare its weights with --mode weights")
-    sizes: Counter[str] = Counter()
-    with gguf.reading(path) as reader:
-        for t in reader.tensors:
-            if len(t.shape) > 1:
-                sizes[t.tensor_type.name] += int(t.n_bytes)
-    main = sizes.most_common(1)[0][0] if sizes else "F32"
-    quantization, float_dtype = _GGUF_PROFILE.get(main, (None, "float32"))
+    quantization, float_dtype = _GGUF_PROFILE.get(info["main_type"], (None, "float32"))
     return Signature(path=path, kind="torch", model_path=path, task=task_from_config(config),
                      inputs={"input_ids", "attention_mask"}, config=config, vocab_size=config.get("vocab_size"),
                      max_positions=_max_positions(config), float_dtype=float_dtype, quantization=quantization,
@@ -781,7 +775,7 @@ def _load_gguf(path: Path, cls_name: str) -> tuple[Any, dict[str, Any]]:
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     from llmconv.export._quiet import quiet
-    from llmconv.formats.gguf import metadata_of
+    from llmconv.formats.gguf import BUFFER_SUFFIXES, metadata_of
     from llmconv.formats.gguf_arch import loader_overrides
     from llmconv.formats.hf import linked_view
 
@@ -806,12 +800,8 @@ def _load_gguf(path: Path, cls_name: str) -> tuple[Any, dict[str, Any]]:
                 from None
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    missing = [k for k in result.missing_keys if not k.endswith(_NON_PERSISTENT)]
+    missing = [k for k in result.missing_keys if not k.endswith(BUFFER_SUFFIXES)]
     return model, {"missing_keys": missing, "unexpected_keys": list(result.unexpected_keys)}
-
-
-# Buffers a model makes itself, which no checkpoint holds.
-_NON_PERSISTENT = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
 
 
 def _usable_positions(model: Any) -> tuple[int, int] | None:

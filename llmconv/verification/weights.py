@@ -182,6 +182,20 @@ def _compare_cast(name: str, orig: torch.Tensor, made: torch.Tensor) -> Check:
     return Check(name, True, figs)
 
 
+def _compare_gguf(name: str, orig: torch.Tensor, made: torch.Tensor, qtype: str | None, *,
+                  transposed: bool) -> tuple[Check, str | None]:
+    """One tensor of a GGUF file (``made``, as llmconv reads it back) against the values it was made from: on its
+    block grid, or the exact cast to the dtype it is stored in. Returns the check and the profile its type loses to
+    (int4, int8, bf16, fp16; None for a lossless one)."""
+    if qtype in _GGUF_BLOCKS:
+        if transposed and orig.dim() == 2 and made.dim() == 2:  # blocks run along the stored rows
+            orig, made = orig.t(), made.t()
+        return compare_quantized(name, orig, made, qtype), "int8" if qtype == "Q8_0" else "int4"
+    loses = {"float16": "fp16", "bfloat16": "bf16"}.get(dtype_name(made.dtype)) \
+        if _narrower(made.dtype, orig.dtype) else None
+    return _compare_cast(name, orig, made), loses
+
+
 def _worst(max_abs: float | None) -> float:
     return math.inf if max_abs is None or math.isnan(max_abs) else max_abs
 
@@ -253,39 +267,31 @@ def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: f
     compared = [n for n in reference.infos if n in cand_names]
     # A GGUF side: its block-quantized tensors are judged on their grid; its float tensors must be the other side's
     # values in the dtype the file stores them in (llama.cpp keeps norms in float32, falls back to float16).
-    cand_types, ref_types = gguf_types(candidate), gguf_types(reference)
-    transposed = set((candidate.details.get("gguf") or {}).get("transposed") or ()) | set(
-        (reference.details.get("gguf") or {}).get("transposed") or ())
-    gguf_side = "candidate" if cand_types else "reference" if ref_types else None
+    gguf_side = "candidate" if gguf_types(candidate) else "reference" if gguf_types(reference) else None
+    by_file = gguf_side is not None and atol is None and rtol is None
+    info = ((candidate if gguf_side == "candidate" else reference).details.get("gguf") or {}) if by_file else {}
     lossy: set[str] = set()  # what the GGUF side's types lose: its report is judged by that profile
-    if gguf_side is not None and atol is None and rtol is None:
+    if by_file:
         report.notes.append(f"the {gguf_side} is GGUF: its float tensors are compared bit for bit with the other "
                             "side's cast to the dtype the file stores, its Q8_0/Q4_x/Q5_x tensors against their "
                             "block grid")
     with status.bytes(sum(reference.infos[n].nbytes for n in compared), "bytes compared", also=progress) as advance:
         for n in compared:
             ref_t, cand_t = reference.tensor(n), candidate.tensor(n)
-            qtype = cand_types.get(n) or ref_types.get(n)
-            if gguf_side is None or atol is not None or rtol is not None:
+            if not by_file:
                 checks.append(compare_tensor(n, ref_t, cand_t, atol=atol, rtol=rtol))
-            elif qtype in _GGUF_BLOCKS:
-                orig, made = (ref_t, cand_t) if gguf_side == "candidate" else (cand_t, ref_t)
-                if n in transposed and orig.dim() == 2 and made.dim() == 2:  # blocks run along the stored rows
-                    orig, made = orig.t(), made.t()
-                checks.append(compare_quantized(n, orig, made, qtype))
             else:
                 orig, made = (ref_t, cand_t) if gguf_side == "candidate" else (cand_t, ref_t)
-                checks.append(_compare_cast(n, orig, made))
-                if _narrower(made.dtype, orig.dtype):
-                    lossy.add(dtype_name(made.dtype))
-            if qtype in _GGUF_BLOCKS:
-                lossy.add("int8" if qtype == "Q8_0" else "int4")
+                check, loses = _compare_gguf(n, orig, made, info["types"].get(n),
+                                             transposed=n in info.get("transposed", ()))
+                checks.append(check)
+                if loses:
+                    lossy.add(loses)
             del ref_t, cand_t
             advance(reference.infos[n].nbytes)
-    if gguf_side is not None and profile == "exact" and lossy:
+    if by_file and profile == "exact" and lossy:
         # The loosest of what the file's types lose: q4_*/q5_* ~ int4, q8_0 ~ int8, bf16, fp16.
-        report.profile = next(p for k, p in (("int4", "int4"), ("int8", "int8"), ("bfloat16", "bf16"),
-                                             ("float16", "fp16")) if k in lossy)
+        report.profile = next(p for p in ("int4", "int8", "bf16", "fp16") if p in lossy)
     # Failing first, worst first; a failure with no figure (a shape or name mismatch) is the worst.
     checks.sort(key=lambda c: (c.passed, 0.0 if c.passed else -(_worst(c.figures.get("max_abs")))))
     report.checks = checks

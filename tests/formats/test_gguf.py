@@ -134,6 +134,14 @@ def test_4_and_5_bit_blocks_on_the_trained_gpt2(cli, tmp_path, method):
     assert checks["perplexity"]["passed"] and checks["generation"]["passed"]
 
 
+def _finish(w: gguf.GGUFWriter) -> None:
+    """Write what ``w`` was given (header, metadata, tensors) and close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def _unpermuted_llama_gguf(src: Path, out: Path) -> None:
     """A Llama GGUF whose Q/K rows are in the checkpoint's order: what a converter that forgets llama.cpp's
     permutation writes. Everything else as llmconv writes it."""
@@ -145,10 +153,7 @@ def _unpermuted_llama_gguf(src: Path, out: Path) -> None:
         w.add_vocab_size(ck.config["vocab_size"])
         for e in entries:
             w.add_tensor(e.name, ck.tensor(e.src_name).to(torch.float32).numpy())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        _finish(w)
 
 
 def test_a_gguf_without_the_q_k_permutation_fails_both_checks(cli, fx, tmp_path):
@@ -226,10 +231,7 @@ def _with_extra_tensor(src: Path, dst: Path, name: str, value: np.ndarray) -> No
     for t in reader.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     w.add_tensor(name, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
 
 
 def test_a_tensor_the_architecture_has_no_place_for_is_never_dropped_silently(cli, fx, tmp_path):
