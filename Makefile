@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install $(PIP_FLAGS) -c constraints.txt -e '.[onnx,fused,gguf,dev]'
+	$(BIN)/python -m pip install $(PIP_FLAGS) -c constraints.txt -e '.[onnx,fused,gguf,peft,dev]'
 	touch $@
 
 # The bundled example: a tiny GPT-2 trained on public-domain text (fixtures/models/trained-gpt2).

@@ -118,13 +118,32 @@ def _export_optimum(plan: ExportPlan, folder: Path, out_dir: Path) -> None:
 
     try:
         # Validation is ours (verify in outputs mode): optimum's only warns when outputs differ.
-        with remote_code_refused(folder):
+        with remote_code_refused(folder), _same_graph_with_or_without_accelerate():
             main_export(str(folder), output=str(out_dir), task=plan.task, opset=plan.opset, device="cpu",
                         dtype="fp32", framework="pt", library_name="transformers", local_files_only=True,
                         do_validation=False, trust_remote_code=False)
     except OnnxExporterError as e:
         raise ConversionError(f"torch.onnx cannot export {plan.model_type} at opset {plan.opset}: "
                               f"{_gist(e)}", path=folder, hint="try another --opset") from e
+
+
+@contextlib.contextmanager
+def _same_graph_with_or_without_accelerate() -> Iterator[None]:
+    """Export the graph optimum makes without accelerate, whether it is installed or not.
+
+    With accelerate importable (PEFT depends on it), optimum's post-processing rewrites a tied output head (GPT-2's
+    ``lm_head`` = ``wte``) to share the embedding's initializer; without it, the head stays an initializer of its
+    own. The name record, the int8/int4 rules and pruning are written and tested for the latter; an export must
+    not change with an unrelated package installed.
+    """
+    from optimum.exporters.onnx import base
+
+    saved = base.is_accelerate_available
+    base.is_accelerate_available = lambda *a, **k: False
+    try:
+        yield
+    finally:
+        base.is_accelerate_available = saved
 
 
 def _gist(e: BaseException) -> str:
