@@ -44,6 +44,9 @@ class Architecture:
             included) and the input embedding.
         heads: parameter name -> why it is an output head: the output embedding, and the task head outside
             the base model (``classifier``, ``score``, ...).
+        layers: module name -> ``linear`` (``nn.Linear``: weight [out, in]), ``conv1d`` (transformers' ``Conv1D``,
+            GPT-2's: weight [in, out]), ``embedding`` (``nn.Embedding``) or the class name, for every module that
+            holds a ``weight`` parameter of its own (what a LoRA adapter can target).
     """
 
     model_class: str
@@ -53,6 +56,7 @@ class Architecture:
     tied_keys: tuple[str, ...]
     embeddings: dict[str, str]
     heads: dict[str, str]
+    layers: dict[str, str]
 
     def own_name(self, name: str) -> str | None:
         """``name`` as this class spells it (a checkpoint of the base model lacks the prefix), or None."""
@@ -271,6 +275,8 @@ def _describe_model(model: Any, cls: type) -> Architecture:
                 target = embeddings if what == "input embedding" else heads
                 for mod_name in modules.get(id(mod), []):
                     target.setdefault(f"{mod_name}.weight", f"the model's {what} ({type(mod).__name__})")
+    layers = {name: _layer_kind(mod) for name, mod in model.named_modules()
+              if isinstance(getattr(mod, "weight", None), torch.nn.Parameter) and "weight" in mod._parameters}
     prefix = getattr(cls, "base_model_prefix", "") or ""
     base = getattr(model, prefix, None) if prefix else None
     if isinstance(base, torch.nn.Module) and base is not model:
@@ -280,4 +286,20 @@ def _describe_model(model: Any, cls: type) -> Architecture:
                 heads.setdefault(name, f"the output head ({cls.__name__} adds it to its base model)")
     return Architecture(model_class=cls.__name__, prefix=prefix, parameters=params, tied=tied,
                         tied_keys=tuple(dict.fromkeys(_get_tied_weight_keys(model))),
-                        embeddings=embeddings, heads=heads)
+                        embeddings=embeddings, heads=heads, layers=layers)
+
+
+def _layer_kind(mod: Any) -> str:
+    import torch
+
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers moved it
+        Conv1D = ()  # noqa: N806
+    if isinstance(mod, torch.nn.Linear):
+        return "linear"
+    if isinstance(mod, Conv1D):
+        return "conv1d"
+    if isinstance(mod, torch.nn.Embedding):
+        return "embedding"
+    return type(mod).__name__

@@ -18,6 +18,13 @@ CONDITIONS: dict[str, dict[str, str]] = {
               "permutation undone, config.json and tokenizer built by transformers from the metadata",
         "gguf": "its tensors are read back as the checkpoint's (same architectures as -> hf), then written again",
     },
+    "peft": {
+        "peft": "adapter_config.json carried, weights as adapter_model.safetensors or adapter_model.bin (--to), "
+                "names kept: PEFT loads the folder",
+        "safetensors": "a folder destination stays an adapter folder PEFT loads; a .safetensors file holds the "
+                       "weights only (adapter_config.json is not carried)",
+        "pytorch": "a folder destination stays an adapter folder PEFT loads; a .bin file holds the weights only",
+    },
     "onnx": {
         "hf": "only a graph llmconv exported (one graph, not quantized since), which carries the name record: "
               "checkpoint names, transposes undone, config.json from the record, loads with from_pretrained; "
@@ -38,7 +45,9 @@ def matrix() -> dict[str, Any]:
     conversions: dict[str, list[str]] = {}
     for f in fmts:
         # GGUF is written from a model folder (its config names the architecture, its tokenizer the vocabulary).
-        dests = [d for d in weights if d != "gguf" or f.name in ("hf", "gguf")]
+        dests = [d for d in weights if (d != "gguf" or f.name in ("hf", "gguf")) and d != "peft"]
+        if f.name == "peft":  # an adapter stays an adapter folder (or becomes a bare weights file)
+            dests = ["peft", "safetensors", "pytorch"]
         if f.name == "hf":
             dests.append("onnx")
         conversions[f.name] = dests
@@ -56,5 +65,7 @@ def matrix() -> dict[str, Any]:
                         "fp16 (ONNX and weights), bf16 (weights); q8_0, q4_0, q4_1, q5_0, q5_1 (GGUF, from hf)",
             "prune": "unstructured, 2:4, rows (safetensors, pytorch, hf, ONNX initializers)",
             "cast": "--dtype fp32|fp16|bf16 on any weights conversion, with an fp16 overflow check",
+            "merge": "LoRA adapters (PEFT folders; rsLoRA, rank/alpha patterns, modules_to_save, several with "
+                     "--weights) into their hf base, verified against PEFT's unmerged model (llmconv merge)",
         },
     }

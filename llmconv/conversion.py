@@ -75,6 +75,10 @@ def resolve_destination(src_fmt: Format, src: TensorSource | None, dst: Path, to
     """Decide the destination format: ``to`` if given, else DST's extension, else the source's kind."""
     wants_folder = dst.is_dir() or registry.by_extension(dst) is None
     src_weights = src.weights_format if src is not None else None
+    if src_fmt.name == "peft" and (to in (None, "peft", "safetensors", "pytorch")) and (wants_folder or to == "peft"):
+        # An adapter stays an adapter folder PEFT loads: its config carried, the weights in the format asked for.
+        weights = to if to in ("safetensors", "pytorch") else src_weights
+        return Destination(registry.get("peft"), True, weights)
     if to is not None:
         fmt = registry.get(to)
         if fmt.name == "hf":
@@ -160,8 +164,12 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
             from llmconv.formats.gguf import refuse_unmapped
 
             refuse_unmapped(source, what=f"a{'n hf folder' if dest.format.name == 'hf' else ' GGUF'} written from it")
-        if not dest.format.writable:
-            raise UsageError(f"llmconv does not write {dest.format.name} from {src_fmt.name}")
+        if (not dest.format.writable or (dest.format.name == "peft" and src_fmt.name != "peft")
+                or (src_fmt.name == "peft" and dest.format.name not in ("peft", "safetensors", "pytorch"))):
+            raise UsageError(f"llmconv does not write {dest.format.name} from {src_fmt.name}",
+                             hint="a LoRA adapter folder is written from an adapter folder; to apply an adapter to "
+                                  "its base, use llmconv merge BASE ADAPTER DST" if "peft" in (dest.format.name,
+                                                                                             src_fmt.name) else None)
         named: list[str] = []
         if src_fmt.name == "onnx":  # initializer names, or the checkpoint's through the graph's name record
             from llmconv.formats.onnx import restore_names
@@ -173,10 +181,11 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
         view, cast = (source, []) if dtype == "keep" else cast_source(source, CAST_TARGETS[dtype])
         # The hf reader's notes say which folder files it leaves out (links that leave the folder, ...).
         # (A GGUF reader's notes say which tensors keep their GGUF names, which dtypes it restored.)
-        notes = (list(source.details.get("notes", [])) if dest.format.name == "hf" or src_fmt.name == "gguf"
+        notes = (list(source.details.get("notes", [])) if dest.format.name in ("hf", "peft") or src_fmt.name == "gguf"
                  else []) + named
-        if dest.format.name != "hf" and source.config is not None:
-            notes.append("config.json and other folder files are not carried into a single weights file")
+        if dest.format.name not in ("hf", "peft") and (source.config is not None or src_fmt.name == "peft"):
+            notes.append(f"{'adapter_config.json' if src_fmt.name == 'peft' else 'config.json'} and other folder "
+                         "files are not carried into a single weights file")
         if source.metadata and (dest.weights_format or dest.format.name) == "pytorch":
             notes.append(f"PyTorch state dicts hold no metadata: dropped {sorted(source.metadata)}")
         stores_aliases = (dest.weights_format or dest.format.name) == "pytorch"

@@ -49,6 +49,8 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
             "architecture": None, "model_type": None, "extra_files": None, "tie_word_embeddings": None,
             "tied_by_config": None, "largest": None, "sparsity": None, "seconds": None,
         }
+        if src.format == "peft":  # an adapter folder's own files (adapter_config.json, README, tokenizer)
+            out["extra_files"] = [str(f.relative_to(path)) for f in src.extra_files]
         if src.config is not None:
             out["architecture"] = (src.config.get("architectures") or [None])[0]
             out["model_type"] = src.config.get("model_type")
@@ -60,7 +62,8 @@ def inspect(path: str | Path, *, sparsity: bool = False) -> dict[str, Any]:
                 out["tie_word_embeddings"] = bool(src.config["tie_word_embeddings"])
             out["tied_by_config"] = _config_ties(out["architecture"], src.config, set(src.infos))
         for key, value in src.details.items():
-            if key not in ("shards", "gguf"):  # a GGUF's per-tensor table: its summary is the format's own
+            # A GGUF's per-tensor table and an adapter's config: the format's describe() summarises them.
+            if key not in ("shards", "gguf", "adapter_config"):
                 out.setdefault(key, value)
         out.update(fmt.describe(path))  # what the file says of itself (a GGUF's metadata, its type counts)
         largest = sorted(src.infos.values(), key=lambda i: i.nbytes, reverse=True)[:5]

@@ -61,6 +61,7 @@ from llmconv.cli import (  # noqa: E402
     env_cmd,
     formats_cmd,
     inspect_cmd,
+    merge_cmd,
     prune_cmd,
     quantize_cmd,
     verify_cmd,
@@ -280,7 +281,8 @@ def guarded(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 for _name, _module in (("inspect", inspect_cmd), ("convert", convert_cmd), ("verify", verify_cmd),
-                       ("quantize", quantize_cmd), ("prune", prune_cmd), ("formats", formats_cmd), ("env", env_cmd)):
+                       ("quantize", quantize_cmd), ("prune", prune_cmd), ("merge", merge_cmd),
+                       ("formats", formats_cmd), ("env", env_cmd)):
     app.command(_name, help=_module.HELP, epilog=_module.EPILOG,
                 no_args_is_help=_name not in ("formats", "env"))(guarded(_name, _module.command))
 

@@ -76,7 +76,7 @@ def command(
     if quiet:
         return
     target = report.destination_format + (f" folder, {report.weights_format} weights" if report.weights_format and
-                                          report.destination_format == "hf" else "")
+                                          report.destination_format in ("hf", "peft") else "")
     out.print(f"[green]converted[/] {escape(report.source)} ({report.source_format}) -> "
               f"{escape(report.destination)} ({target})")
     tied = f" (+{len(report.aliases)} tied)" if report.aliases else ""

@@ -43,7 +43,7 @@ def command(
     if json_output:
         print_json(info)
         return
-    rows = [("path", info["path"]), ("format", info["format"])]
+    rows: list[tuple[str, object]] = [("path", info["path"]), ("format", info["format"])]
     if info.get("weights_format") and info["weights_format"] != info["format"]:
         rows.append(("weights", info["weights_format"]))
     gguf = "gguf_types" in info
@@ -61,6 +61,9 @@ def command(
                                        "inspect reads the header only, convert refuses the file)"))
     elif info.get("architecture") or info.get("model_type"):
         rows.append(("architecture", f"{info.get('architecture')} ({info.get('model_type')})"))
+    adapter = info.get("adapter")
+    if adapter:
+        rows += _adapter_rows(adapter, human_size)
     for key in ("opset", "ir_version", "producer"):
         if key in info:
             rows.append((key, info[key]))
@@ -116,3 +119,29 @@ def command(
             table.add_row(escape(t["name"]), t["dtype"], "x".join(map(str, t["shape"])) or "scalar",
                           human_size(t["bytes"]))
         out.print(table)
+
+
+def _adapter_rows(a: dict, human_size) -> list[tuple[str, object]]:
+    """A LoRA adapter's summary (``inspect``'s ``adapter`` object) as table rows."""
+    targets = a.get("target_modules")
+    rows: list[tuple[str, object]] = [
+        ("adapter", f"{a.get('peft_type')} ({a.get('task_type') or 'no task type'}), "
+                    f"PEFT {a.get('peft_version') or '?'}"),
+        ("base model", a.get("base_model") or "- (not named in adapter_config.json)"),
+        ("rank", f"r={a.get('r')}" + (f", per module {a['rank_pattern']}" if a.get("rank_pattern") else "")),
+        ("alpha", f"{a.get('lora_alpha')}" + (f", per module {a['alpha_pattern']}" if a.get("alpha_pattern") else "")
+         + (f" (scale {a['scale']:g}{', rsLoRA alpha/sqrt(r)' if a.get('use_rslora') else ', alpha/r'})"
+            if a.get("scale") is not None else "")),
+        ("target modules", ", ".join(targets) if isinstance(targets, list) else str(targets)),
+        ("dropout", a.get("lora_dropout")),
+        ("modules saved in full", ", ".join(a.get("modules_to_save") or []) or "-"),
+        ("LoRA modules", f"{a.get('lora_modules')} ({a.get('lora_parameters'):,} parameters)"),
+    ]
+    if a.get("saved_in_full"):
+        rows.append(("full tensors", f"{len(a['saved_in_full'])} ({a['saved_in_full_parameters']:,} parameters): "
+                                     + ", ".join(a["saved_in_full"][:4]) + (" ..." if len(a["saved_in_full"]) > 4
+                                                                            else "")))
+    if a.get("use_dora"):
+        rows.append(("DoRA", "yes (llmconv merge refuses it)"))
+    rows.append(("adapter size", f"{a.get('size')} ({a.get('parameters'):,} parameters)"))
+    return rows

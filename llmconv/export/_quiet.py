@@ -35,6 +35,8 @@ def quiet() -> Iterator[None]:
 
         tf_verbosity = tf_logging.get_verbosity()
         tf_logging.set_verbosity_error()
+        bars = tf_logging.is_progress_bar_enabled()
+        tf_logging.disable_progress_bar()  # "Loading checkpoint shards" of a sharded folder, on stderr
     except ImportError:
         tf_logging = None
     try:
@@ -46,6 +48,8 @@ def quiet() -> Iterator[None]:
             lg.setLevel(level)
         if tf_logging is not None and tf_verbosity is not None:
             tf_logging.set_verbosity(tf_verbosity)
+            if bars:
+                tf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

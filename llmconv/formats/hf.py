@@ -126,6 +126,19 @@ def carried_files(folder: Path, *, skipped: list[str] | None = None) -> list[Pat
     return out
 
 
+def copy_carried(src: TensorSource, dst: Path) -> list[Path]:
+    """Copy ``src``'s carried files (config, tokenizer, README, ...) into the folder ``dst``, at the same relative
+    paths; returns the files written."""
+    written = []
+    root = src.path if src.path.is_dir() else None
+    for extra in src.extra_files:
+        target = dst / (extra.relative_to(root) if root else Path(extra.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(extra, target)
+        written.append(target)
+    return written
+
+
 def check_inside(folder: Path, p: Path, *, what: str) -> None:
     """Refuse a file the model is made of (config, weights, index) that a link takes outside ``folder``.
 
@@ -208,16 +221,10 @@ class HfFormat(Format):
     def write(self, src: TensorSource, dst: Path, *, folder: bool, options: WriteOptions) -> list[Path]:
         weights_format = options.weights_format or "safetensors"
         writer = safetensors.FORMAT if weights_format == "safetensors" else pytorch.FORMAT
-        written = []
-        root = src.path if src.path.is_dir() else None
-        for extra in src.extra_files:
-            rel = extra.relative_to(root) if root else Path(extra.name)
-            target = dst / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(extra, target)
-            written.append(target)
-            if rel == Path("config.json") and src.details.get("cast_to"):
-                _record_dtype(target, src)
+        written = copy_carried(src, dst)
+        config = dst / "config.json"
+        if config in written and src.details.get("cast_to"):
+            _record_dtype(config, src)
         written += writer.write(src, dst, folder=True, options=options)
         return written
 

@@ -72,7 +72,7 @@ def register(fmt: Format) -> Format:
 
 def _load_builtin() -> None:
     # Importing a format module registers it; the ONNX module imports onnx lazily itself.
-    from llmconv.formats import gguf, hf, onnx, pytorch, safetensors  # noqa: F401
+    from llmconv.formats import gguf, hf, onnx, peft, pytorch, safetensors  # noqa: F401
 
 
 def all_formats() -> list[Format]:

@@ -12,7 +12,7 @@ from llmconv.io import check_keep_folder, input_files, keep_failed_dir, keep_rep
 from llmconv.verification.report import VerifyReport
 from llmconv.verification.weights import compare_weights
 
-_NAMED_WEIGHTS = ("safetensors", "pytorch", "hf")
+_NAMED_WEIGHTS = ("safetensors", "pytorch", "hf", "peft")
 
 
 def choose_mode(ref_format: str, cand_format: str, *, mode: str, wants_outputs: bool) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from llmconv import progress
-from llmconv.errors import GraphRunError, InputError, UsageError
+from llmconv.errors import GraphRunError, InputError, Unsupported, UsageError
 from llmconv.export.tasks import base_task, is_causal
 from llmconv.io import note_inputs
 from llmconv.verification.report import Check, VerifyReport
@@ -28,7 +28,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
                     seq_len: int = 16, samples: int = 2, seed: int = 0, provider: str = "cpu",
                     max_ppl_increase: float | None = None, task: str | None = None,
                     decode_steps: int | None = None, generate: int | None = None, prompts: Path | None = None,
-                    localize: bool = False) -> VerifyReport:
+                    localize: bool = False, reference_adapters: list[Any] | None = None,
+                    adapter_runtime: str = "peft") -> VerifyReport:
     """Run both models on the same inputs and compare the outputs they share.
 
     Args:
@@ -53,6 +54,9 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         prompts: a text file of prompts, one per line, for the decode and generation checks.
         localize: when the models differ, name the first node (ONNX vs ONNX) or decoder layer (PyTorch vs
             ONNX) whose output leaves the profile (``report.extra["localization"]``).
+        reference_adapters: LoRA adapters (:class:`llmconv.adapters.Adapter`) the reference (an hf folder) runs
+            with, unmerged: ``llmconv merge``'s check of the merged model.
+        adapter_runtime: who runs them: ``peft`` (PEFT's PeftModel) or ``llmconv`` (its own LoRA forward).
     Returns:
         A VerifyReport in outputs mode: one check per shared output; for causal LMs ``decode.prefill``,
         ``decode.steps``, ``decode.consistency``, ``decode.cache`` and ``generation``; with ``text``,
@@ -71,12 +75,18 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
     from llmconv.verification.runners import describe, settle_task
 
     if seq2seq.applies(Path(reference), Path(candidate)):
+        if reference_adapters:
+            raise Unsupported("llmconv verifies a merged adapter on decoder-only and encoder models; this one is "
+                              "an encoder-decoder", path=Path(reference), hint="merge with --no-verify and compare "
+                                                                                "with PEFT yourself")
         return seq2seq.compare(Path(reference), Path(candidate), profile=profile, atol=atol, rtol=rtol, inputs=inputs,
                                text=text, batch=batch, seq_len=seq_len, samples=samples, seed=seed, provider=provider,
                                decode_steps=decode_steps, generate=generate, prompts=prompts, localize=localize,
                                max_ppl_increase=max_ppl_increase)
     with progress.phase("reading both models' signatures"):
         ref_sig, cand_sig = describe(Path(reference)), describe(Path(candidate))
+    if reference_adapters:
+        ref_sig.adapters, ref_sig.adapter_runtime = list(reference_adapters), adapter_runtime
     ref_task, cand_task = settle_task(ref_sig, cand_sig)
     check_provider_pair(provider, ref_sig, cand_sig, candidate=Path(candidate))
     if task is not None:

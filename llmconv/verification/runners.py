@@ -99,6 +99,8 @@ class Signature:
     image: ImageSpec | None = None
     unpadded_only: str | None = None
     gguf_file: Path | None = None
+    adapters: list[Any] | None = None  # LoRA adapters run unmerged on this model (llmconv.adapters.Adapter)
+    adapter_runtime: str = "peft"  # who runs them: "peft" or "llmconv"
 
 
 def _max_positions(config: dict[str, Any] | None) -> int | None:
@@ -706,10 +708,17 @@ class TorchRunner:
                                   "for a bare encoder")
         self.model.eval()
         params = inspect.signature(self.model.forward).parameters
+        self.positions = _usable_positions(self.model)
+        runs = ""
+        if sig.adapters:
+            from llmconv.adapters import attach
+
+            self.model, runs = attach(self.model, sig.adapters, runtime=sig.adapter_runtime)
         # What the feed holds is what a graph takes or the user gave; the rest the model makes by its own rule.
         self.accepts = {n for n in KNOWN_INPUTS if n in params}
         self.label = f"torch, transformers' GGUF loader ({task})" if sig.gguf_file is not None else f"torch ({task})"
-        self.positions = _usable_positions(self.model)
+        if runs:
+            self.label = f"torch + {runs} ({task})"
         self._use_cache_param = "use_cache" in params
         self.outputs = [self.main_output]
         if self.want_cache:

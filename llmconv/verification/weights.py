@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -292,10 +293,34 @@ def compare_weights(reference: TensorSource, candidate: TensorSource, *, atol: f
     if by_file and profile == "exact" and lossy:
         # The loosest of what the file's types lose: q4_*/q5_* ~ int4, q8_0 ~ int8, bf16, fp16.
         report.profile = next(p for p in ("int4", "int8", "bf16", "fp16") if p in lossy)
+    configs = [s.details.get("adapter_config") for s in (reference, candidate)]
+    if all(c is not None for c in configs):  # two adapters (a bare weights file of one holds its tensors only)
+        checks.append(adapter_config_check(*configs))
     # Failing first, worst first; a failure with no figure (a shape or name mismatch) is the worst.
     checks.sort(key=lambda c: (c.passed, 0.0 if c.passed else -(_worst(c.figures.get("max_abs")))))
     report.checks = checks
     return report
+
+
+# What an adapter's update depends on besides its tensors: two adapters with equal tensors and different values of
+# these are different adapters (an alpha of 16 instead of 8 doubles the update).
+ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+                "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+                "use_dora", "lora_bias", "bias")
+
+
+def adapter_config_check(ref: dict[str, Any], cand: dict[str, Any]) -> Check:
+    """The ``adapter_config`` check of two LoRA adapters' weights: the settings that change the update are equal."""
+
+    def norm(v: Any) -> Any:  # target lists in any order; an empty pattern or list is no setting
+        if v in (None, {}, [], ""):
+            return None
+        return sorted(v) if isinstance(v, list) else v
+
+    differ = {k: (ref.get(k), cand.get(k)) for k in ADAPTER_KEYS if norm(ref.get(k)) != norm(cand.get(k))}
+    reason = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in differ.items())
+    return Check("adapter_config", not differ, {"equal": not differ, "keys": list(ADAPTER_KEYS)},
+                 f"the adapter settings differ ({reason})" if differ else "")
 
 
 def compare_graph_weights(checkpoint: TensorSource, graph: TensorSource, *, atol: float | None = None,
