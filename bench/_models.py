@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,3 +44,15 @@ def random_llama(folder: Path, config: dict) -> Path:
         shutil.copy(TRAINED_GPT2 / f, tmp / f)
     tmp.rename(folder)
     return folder
+
+
+def read_back(script: str, anchor: Path, outputs: dict[str, Path], *, what: str) -> dict[str, dict]:
+    """Run ``script`` (``python -c``) on ``anchor`` and the other outputs; it prints one JSON object mapping each
+    output's path to its comparison with the anchor's. Returns name -> that comparison."""
+    r = subprocess.run([sys.executable, "-c", script, str(anchor)] + [str(p) for p in outputs.values()],
+                       capture_output=True, text=True, cwd=REPO)
+    if r.returncode != 0:
+        sys.stderr.write(r.stderr[-3000:])
+        raise SystemExit(f"{what} failed")
+    found = json.loads(r.stdout.strip().splitlines()[-1])
+    return {n: found[str(p)] for n, p in outputs.items()}

@@ -60,7 +60,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _models import REPO, log, random_llama, work_dir  # bench/ is on sys.path: the script's own folder
+from _models import REPO, log, random_llama, read_back, work_dir  # bench/ is on sys.path: the script's own folder
 from _procmem import run_sampled
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -269,14 +269,8 @@ def largest_tensor(model: Path) -> tuple[str, int]:
 
 def check(outputs: dict[str, Path]) -> dict[str, dict]:
     """Each output against the eager writer's."""
-    others = [n for n in outputs if n != EAGER]
-    r = subprocess.run([PY, "-c", _CHECK, str(outputs[EAGER])] + [str(outputs[n]) for n in others],
-                       capture_output=True, text=True, cwd=REPO)
-    if r.returncode != 0:
-        sys.stderr.write(r.stderr[-3000:])
-        raise SystemExit("reading the outputs back with gguf.GGUFReader failed")
-    found = json.loads(r.stdout.strip().splitlines()[-1])
-    return {n: found[str(outputs[n])] for n in others}
+    return read_back(_CHECK, outputs[EAGER], {n: p for n, p in outputs.items() if n != EAGER},
+                     what="reading the outputs back with gguf.GGUFReader")
 
 
 def main(argv: list[str] | None = None) -> int:

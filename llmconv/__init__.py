@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["convert", "inspect", "verify", "quantize", "prune", "__version__"]
+__all__ = ["convert", "inspect", "verify", "quantize", "prune", "merge", "__version__"]
 
 _API = {
     "convert": ("llmconv.conversion", "convert"),
@@ -22,6 +22,7 @@ _API = {
     "verify": ("llmconv.verification.api", "verify"),
     "quantize": ("llmconv.transforms.quantize", "quantize"),
     "prune": ("llmconv.transforms.prune", "prune"),
+    "merge": ("llmconv.merge", "merge"),
 }
 
 

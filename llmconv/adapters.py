@@ -55,6 +55,9 @@ _NEUTRAL = {
     "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
     "megatron_core", "runtime_config", "ensure_weight_tying", "modules_to_tie",
 }
+# init_lora_weights values with which PEFT, on loading the adapter, replaces each target's base weight by a residual
+# (PiSSA/OLoRA/CorDA: W - the initial B @ A; LoftQ: the quantized weight; LoRA-GA: W - scale * initial B @ A).
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
 _USE_PEFT = "merge it with PEFT itself, with merge_and_unload()"
 PEFT_TYPES_NOT_LORA_HINT = "llmconv merges LoRA adapters (peft_type LORA); merge others with PEFT itself"
 
@@ -91,10 +94,6 @@ class Adapter:
     modules: dict[str, LoraModule]
     replaced: dict[str, str]
     weight: float = 1.0
-
-    @property
-    def label(self) -> str:
-        return str(self.path)
 
     def close(self) -> None:
         self.source.close()
@@ -135,6 +134,13 @@ def _refuse_variants(config: dict[str, Any], path: Path) -> None:
         if config.get(key):
             raise Unsupported(f"the adapter uses {what}, which llmconv does not merge",
                               path=path / "adapter_config.json", hint=_USE_PEFT)
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise Unsupported(f"the adapter was initialised with init_lora_weights={init!r}, which PEFT applies by "
+                          "rewriting the base's weights when it loads the adapter: its lora_A/lora_B are an update to "
+                          "that residual base, not to the base given", path=path / "adapter_config.json",
+                          hint="have PEFT save it as a plain LoRA (save_pretrained(..., "
+                               "path_initial_model_for_weight_conversion=...)) and merge that")
     unknown = sorted(k for k, v in config.items() if k not in _NEUTRAL and k not in _VARIANTS and v not in
                      (None, False, [], {}, "", 0))
     if unknown:
@@ -194,13 +200,18 @@ def _read_modules(src: TensorSource, config: dict[str, Any], path: Path) -> tupl
         rank = a.shape[0]
         want = pattern_value(config.get("rank_pattern") or {}, module, r_default)
         if rank != want:
-            raise InputError(f"{module}: the adapter's weights have rank {rank} but adapter_config.json says "
-                             f"r={want}", path=path, hint="the config and weights are of different adapters")
+            says = f"says r={want}" if "r" in config else f"has no r (PEFT's default is {want})"
+            raise InputError(f"{module}: the adapter's weights have rank {rank} but adapter_config.json {says}",
+                             path=path, hint="the config and weights are of different adapters")
         alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, alpha_default))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         modules[module] = LoraModule(module, pair["A"], pair["B"], rank, alpha, scale, kinds[module])
     if not modules and not replaced:
         raise InputError("the adapter holds no weights", path=path)
+    for name, info in src.infos.items():  # an adapter is small: every value is checked
+        if info.dtype.is_floating_point and not bool(torch.isfinite(src.tensor(name)).all()):
+            raise CorruptInput(f"tensor {name!r} holds NaN or infinite values", path=src.files[0] if src.files
+                               else path, hint="the adapter's training diverged or the file is damaged")
     return modules, replaced
 
 
@@ -249,10 +260,10 @@ class Fit:
 
     updates: dict[str, list[tuple[Adapter, LoraModule, str]]] = field(default_factory=dict)  # name -> (ad, mod, kind)
     replaced: dict[str, tuple[Adapter, str]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
-def fit(adapters: list[Adapter], base: TensorSource, layers: dict[str, str] | None) -> Fit:
+def fit(adapters: list[Adapter], base: TensorSource, layers: dict[str, str] | None,
+        tied_groups: tuple[frozenset[str], ...] = ()) -> Fit:
     """Check that each adapter is for ``base`` and say which base tensors change.
 
     Args:
@@ -260,6 +271,8 @@ def fit(adapters: list[Adapter], base: TensorSource, layers: dict[str, str] | No
         base: the base model's weights (an hf folder).
         layers: module name -> kind (``linear``/``conv1d``/``embedding``/class name) from the base's architecture
             (:attr:`llmconv.architecture.Architecture.layers`), or None when it cannot be built (shapes decide).
+        tied_groups: names the model's class makes one parameter (:attr:`~llmconv.architecture.Architecture.tied`):
+            GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``, a tied Gemma's head and embedding.
     Raises:
         InputError: a module the base lacks, a shape that does not match, a target module with no weights, a
             target the base has no module for, a tied weight the adapter would change on one side only, two
@@ -267,31 +280,34 @@ def fit(adapters: list[Adapter], base: TensorSource, layers: dict[str, str] | No
     """
     out = Fit()
     names = set(base.infos)
-    tied = _tied_names(base)
+    tied = _tied_names(base, tied_groups)
     module_names = set(layers) if layers is not None else {n.rsplit(".", 1)[0] for n in names if n.endswith(".weight")}
     for ad in adapters:
         where = ad.path
         for module, lm in ad.modules.items():
             wname = f"{module}.weight"
+            if wname in tied:
+                raise InputError(f"the adapter changes {wname}, which the base ties to {tied[wname]}: PEFT's "
+                                 "unmerged model changes only one of them and a merged file cannot", path=where,
+                                 hint="untie them first (tie_word_embeddings: false, both stored)")
             if wname not in names:
                 raise InputError(f"the adapter changes {module}, which the base has no weight for "
                                  f"({wname} is not in {base.path}): an adapter for another base?", path=where)
             if not _targets(ad.config, module):
                 raise InputError(f"the adapter holds LoRA weights for {module}, which adapter_config.json does not "
                                  "target (PEFT would ignore them)", path=where)
-            kind = _kind(lm, base, wname, layers, ad.config)
+            kind = _kind(lm, base, layers, ad.config)
             a, b = ad.source.infos[lm.a].shape, ad.source.infos[lm.b].shape
             delta = {"linear": (b[0], a[1]), "conv1d": (a[1], b[0]), "embedding": (a[1], b[0])}[kind]
             have = base.infos[wname].shape
             if tuple(have) != delta:
                 raise InputError(f"{module}: the base's weight is {list(have)} but the adapter's update is "
                                  f"{list(delta)} ({kind}, rank {lm.rank}): an adapter for another base?", path=where)
-            if wname in tied:
-                raise InputError(f"the adapter changes {wname}, which the base ties to {tied[wname]}: PEFT's "
-                                 "unmerged model changes only one of them and a merged file cannot", path=where,
-                                 hint="untie them first (tie_word_embeddings: false, both stored)")
             out.updates.setdefault(wname, []).append((ad, lm, kind))
         for target, name in ad.replaced.items():
+            if target in tied:
+                raise InputError(f"the adapter replaces {target}, which the base ties to {tied[target]}",
+                                 path=where, hint="untie them first (tie_word_embeddings: false, both stored)")
             if target not in names:
                 raise InputError(f"the adapter holds {name} for {target}, which the base lacks: an adapter for "
                                  "another base?", path=where)
@@ -299,9 +315,6 @@ def fit(adapters: list[Adapter], base: TensorSource, layers: dict[str, str] | No
                 raise InputError(f"{target}: the base's tensor is {list(base.infos[target].shape)} but the "
                                  f"adapter's is {list(ad.source.infos[name].shape)}: an adapter for another base?",
                                  path=where)
-            if target in tied:
-                raise InputError(f"the adapter replaces {target}, which the base ties to {tied[target]}",
-                                 path=where, hint="untie them first (tie_word_embeddings: false, both stored)")
             if target in out.replaced:
                 raise InputError(f"two adapters replace {target} ({out.replaced[target][0].path} and {where})",
                                  path=where, hint="merge them one at a time")
@@ -317,16 +330,21 @@ def fit(adapters: list[Adapter], base: TensorSource, layers: dict[str, str] | No
     return out
 
 
-def _tied_names(base: TensorSource) -> dict[str, str]:
-    """Stored-or-alias name -> the name it is tied to, for the base's shared tensors."""
+def _tied_names(base: TensorSource, groups: tuple[frozenset[str], ...]) -> dict[str, str]:
+    """Name -> a name it is tied to: the base's shared tensors, and the class's tied parameters (save_pretrained
+    stores one name of each group, so the file alone does not show them)."""
     out = {}
     for alias, canon in base.aliases.items():
         out[alias], out[canon] = canon, alias
+    for group in groups:
+        for name in group:
+            out.setdefault(name, ", ".join(sorted(group - {name})))
     return out
 
 
-def _kind(lm: LoraModule, base: TensorSource, wname: str, layers: dict[str, str] | None,
-          config: dict[str, Any]) -> str:
+def _kind(lm: LoraModule, base: TensorSource, layers: dict[str, str] | None, config: dict[str, Any]) -> str:
+    """What ``lm.module`` is in the base (``linear``, ``conv1d`` or ``embedding``): its class when the architecture
+    is known, else what the weights and ``fan_in_fan_out`` say."""
     if layers is not None and lm.module in layers:
         kind = layers[lm.module]
         if kind not in ("linear", "conv1d", "embedding"):
@@ -372,36 +390,61 @@ def _check_targets(ad: Adapter, module_names: set[str], layers: dict[str, str] |
 # --- the merged weights ------------------------------------------------------------------------------------
 
 
-def delta(ad: Adapter, lm: LoraModule, kind: str) -> torch.Tensor:
-    """``B @ A * scale * weight`` in float32, laid out as the base's weight."""
+def add_update(acc: torch.Tensor, ad: Adapter, lm: LoraModule, kind: str) -> None:
+    """``acc += B @ A * scale * weight`` in place (``acc`` float32, laid out as the base's weight: a Conv1D's and an
+    Embedding's transposed), with no full-size temporary."""
     a = ad.source.tensor(lm.a).to(torch.float32)
     b = ad.source.tensor(lm.b).to(torch.float32)
-    d = (b @ a) * (lm.scale * ad.weight)
-    return d.T if kind in ("conv1d", "embedding") else d
+    target = acc.T if kind in ("conv1d", "embedding") else acc
+    target.addmm_(b, a, alpha=lm.scale * ad.weight)
+
+
+def merged_tensor(base: TensorSource, plan: Fit, name: str, *, rounded: bool = True) -> torch.Tensor:
+    """Base tensor ``name`` with the adapters applied: replaced, then every update added in float32; cast back to the
+    base's dtype unless ``rounded`` is False (the float32 values before that last rounding)."""
+    dtype = base.infos[name].dtype
+    if name in plan.replaced:
+        ad, src_name = plan.replaced[name]
+        t = ad.source.tensor(src_name)
+        t = t.to(dtype) if rounded or name not in plan.updates else t.to(torch.float32)
+    else:
+        t = base.loader(name)
+    updates = plan.updates.get(name)
+    if not updates:
+        return t if rounded or not t.is_floating_point() else t.to(torch.float32)
+    acc = t.to(torch.float32, copy=True)
+    for ad, lm, kind in updates:
+        add_update(acc, ad, lm, kind)
+    return acc.to(dtype) if rounded else acc
 
 
 def merged_source(base: TensorSource, plan: Fit) -> TensorSource:
     """``base`` with every update added (in float32, then cast to the tensor's dtype) and replacement swapped in,
     computed when a writer asks for the tensor: one tensor at a time."""
-    loader: Callable[[str], torch.Tensor] = base.loader
-
-    def load(name: str) -> torch.Tensor:
-        if name in plan.replaced:
-            ad, src_name = plan.replaced[name]
-            t = ad.source.tensor(src_name).to(base.infos[name].dtype)
-        else:
-            t = loader(name)
-        updates = plan.updates.get(name)
-        if not updates:
-            return t
-        acc = t.to(torch.float32, copy=True)
-        for ad, lm, kind in updates:
-            acc += delta(ad, lm, kind)
-        return acc.to(t.dtype)
-
     details = dict(base.details)
     details.pop("notes", None)
-    return replace(base, loader=load, zero_copy=False, details=details, _closers=[])
+    return replace(base, loader=lambda name: merged_tensor(base, plan, name), zero_copy=False, details=details,
+                   _closers=[])
+
+
+def unrounded_patch(base: TensorSource, plan: Fit) -> Callable[[Any], str]:
+    """For a base stored in fp16/bf16: a function that sets a loaded merged model's changed parameters to their
+    float32 values before the rounding to the base's dtype (one tensor at a time), so that the merge's arithmetic is
+    checked against the unmerged reference at float32's tolerance; the rounding itself is checked tensor by tensor
+    when the written weights are read back."""
+    changed = sorted(set(plan.updates) | set(plan.replaced))
+
+    def patch(model: Any) -> str:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in changed:
+                if name not in params:
+                    raise Unsupported(f"the merged model has no parameter {name!r} to check it by", path=base.path,
+                                      hint="merge with --no-verify")
+                params[name].copy_(merged_tensor(base, plan, name, rounded=False))
+        return "merged tensors at float32, before their rounding"
+
+    return patch
 
 
 # --- inspect ------------------------------------------------------------------------------------------------

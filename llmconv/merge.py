@@ -18,7 +18,7 @@ from typing import Any
 
 from llmconv import progress as status
 from llmconv.adapters import Adapter, fit, merged_source, open_adapter, peft_version
-from llmconv.errors import NotEquivalent, UsageError
+from llmconv.errors import NotEquivalent, Unsupported, UsageError
 from llmconv.formats import registry
 from llmconv.formats.registry import ProgressFn, WriteOptions
 from llmconv.io import atomic_output, check_destination, check_free_space, parse_size
@@ -144,7 +144,7 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
     version = peft_version()
     if runtime == "auto":
         runtime = "peft" if version is not None else "llmconv"
-    if runtime == "peft" and version is None:
+    if runtime == "peft" and version is None and verify:
         from llmconv.errors import MissingDependency
 
         raise MissingDependency("--reference peft needs PEFT, which is not installed",
@@ -167,7 +167,11 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
         if arch is None:
             notes.append(f"the base's layer types are not known ({unavailable_reason(base_src.config)}): each LoRA "
                          "module is taken as a Linear (a Conv1D when fan_in_fan_out is set)")
-        plan = fit(opened, base_src, arch.layers if arch is not None else None)
+        plan = fit(opened, base_src, arch.layers if arch is not None else None, arch.tied if arch is not None else ())
+        if verify and (base_src.config or {}).get("is_encoder_decoder"):
+            raise Unsupported("llmconv verifies a merged adapter on decoder-only and encoder models; this base is an "
+                              "encoder-decoder", path=base_path, hint="merge it with --no-verify, and compare the "
+                                                                      "result with PEFT's unmerged model yourself")
         notes += _base_notes(base_src, opened)
         for ad in opened:
             own = sorted(f.name for f in ad.source.extra_files if f.name.startswith(("tokenizer", "special_tokens",
@@ -180,7 +184,7 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
         summary = [_adapter_json(ad, plan) for ad in opened]
         label = {"peft": f"PEFT {version} (PeftModel, adapters unmerged)",
                  "llmconv": "llmconv's LoRA forward (adapters unmerged)"}[runtime]
-        if runtime == "llmconv":
+        if runtime == "llmconv" and verify:
             notes.append("the reference is llmconv's own unmerged LoRA forward: " +
                          ("PEFT is not installed (pip install 'llmconv[peft]')" if version is None
                           else "--reference llmconv"))
@@ -212,11 +216,26 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
                     raise NotEquivalent(f"the written weights differ from the merge: {weights_check.summary()}; "
                                         "nothing was written", report=weights_check, path=dst_path,
                                         result=report(None, [], None, weights_check))
+                import torch
+
+                from llmconv.adapters import unrounded_patch
                 from llmconv.verification.outputs import compare_outputs
 
+                # A half-precision base: the profile of its dtype tolerates more than a small adapter changes, so the
+                # merge's arithmetic is checked at float32 (its tensors before their rounding, against the
+                # reference) and the rounding by the read-back above (each written tensor = that value, rounded).
+                rounded = sorted({str(merged.infos[n].dtype).removeprefix("torch.")
+                                  for n in (*plan.updates, *plan.replaced) if merged.infos[n].dtype != torch.float32})
                 with status.phase(f"verifying {dst_path.name} against the unmerged adapters ({runtime})"):
-                    verification = compare_outputs(base_path, tmp, reference_adapters=opened, adapter_runtime=runtime,
-                                                   decode_steps=decode_steps, generate=generate)
+                    verification = compare_outputs(
+                        base_path, tmp, reference_adapters=opened, adapter_runtime=runtime, decode_steps=decode_steps,
+                        generate=generate, profile="fp32" if rounded else "auto",
+                        candidate_patch=unrounded_patch(base_src, plan) if rounded else None)
+                if rounded:
+                    verification.notes.append(
+                        f"the base is {', '.join(rounded)}: the merged model ran with its merged tensors at float32 "
+                        "(before their rounding) against the unmerged reference, at the fp32 profile; the written "
+                        "tensors were checked to be those values rounded, tensor by tensor")
                 verification.reference = f"{base_path} + " + " + ".join(str(p) for p in adapter_paths)
                 verification.candidate = str(dst_path)
                 verification.extra["reference_runtime"] = label

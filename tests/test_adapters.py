@@ -176,3 +176,42 @@ def test_plain_scale_is_alpha_over_r(fx):
         assert {(lm.rank, lm.alpha, lm.scale) for lm in ad.modules.values()} == {(4, 8.0, 2.0)}
     finally:
         ad.close()
+
+
+@pytest.mark.parametrize("target", ["wte", "lm_head"])
+def test_lora_on_a_tied_weight(cli, fx, tmp_path, target):
+    """GPT-2 ties lm_head to wte and stores one of them: a LoRA on either is refused by name, before writing."""
+    from fixtures.adapters import make_adapter
+
+    adapter = make_adapter("gpt2", tmp_path / "ad", target_modules=[target], fan_in_fan_out=False)
+    msg = refused(cli, fx("gpt2-hf"), adapter, tmp_path)
+    assert "ties" in msg and f"{target}.weight" in msg
+
+
+def test_a_base_rewriting_initialisation(cli, fx, tmp_path):
+    """PiSSA's adapter is an update to the residual base PEFT computes on load, not to the base given."""
+    from fixtures.adapters import make_adapter
+
+    adapter = make_adapter("llama", tmp_path / "ad", target_modules=["q_proj"], init_lora_weights="pissa")
+    msg = refused(cli, fx("llama-hf"), adapter, tmp_path)
+    assert "init_lora_weights='pissa'" in msg and "rewriting the base" in msg
+
+
+def test_non_finite_adapter_values(cli, fx_copy, fx, tmp_path):
+    folder = fx_copy("llama-lora")
+    path = folder / WEIGHTS
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
+    name = f"base_model.model.{Q_PROJ_0}.lora_B.weight"
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    msg = refused(cli, fx("llama-hf"), folder, tmp_path)
+    assert name in msg and "NaN" in msg
+
+
+def test_encoder_decoder_verification_refused_before_writing(cli, fx, tmp_path):
+    from fixtures.adapters import make_adapter
+
+    adapter = make_adapter("t5", tmp_path / "ad", target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    msg = refused(cli, fx("t5-hf"), adapter, tmp_path)
+    assert "encoder-decoder" in msg and "--no-verify" in msg

@@ -208,7 +208,10 @@ def test_bf16_base_stays_bf16(fx, merged, tmp_path_factory):
     convert(fx("llama-hf"), base, dtype="bf16")
     dst, report = merged(base, ("llama-lora",))
     assert report.verification.passed and report.weights_verification.passed
-    assert report.verification.profile == "bf16" and report.dtype == "bfloat16"
+    # The merge's arithmetic is checked at float32 (its tensors before their rounding), the rounding on read-back.
+    assert report.verification.profile == "fp32" and report.dtype == "bfloat16"
+    assert any("bfloat16" in n and "before their rounding" in n for n in report.verification.notes)
+    assert "before their rounding" in report.verification.extra["runners"]["candidate"]
     written = _weights(dst)
     assert written and all(t.dtype == torch.bfloat16 for t in written.values())
     base_cfg = json.loads((base / "config.json").read_text())
@@ -247,3 +250,58 @@ def test_the_gate_can_fail(fx, merged):
             ad.close()
         assert v.passed is passes, weight
         assert next(c for c in v.checks if c.name == "logits").passed is passes
+
+
+_WITHOUT_PEFT = """
+import json, sys
+sys.modules["peft"] = None  # as if PEFT were not installed: `import peft` raises ImportError
+from llmconv.merge import merge
+from llmconv.errors import MissingDependency
+base, adapter, out = sys.argv[1:4]
+try:
+    merge(base, [adapter], out + "-peft", reference="peft")
+    refused = None
+except MissingDependency as e:
+    refused = str(e)
+r = merge(base, [adapter], out, decode_steps=1, generate=1)
+print(json.dumps({"refused": refused, "reference": r.reference, "notes": r.notes,
+                  "runners": r.verification.extra.get("runners"), "passed": r.verification.passed}))
+"""
+
+
+def test_without_peft_the_reference_is_llmconvs_own_forward(fx, tmp_path):
+    """With PEFT absent, ``auto`` runs llmconv's unmerged forward, the report says so, and ``--reference peft`` is
+    refused (exit 2's MissingDependency) instead of silently running something else."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_PEFT, str(fx("llama-hf")), str(fx("llama-lora")), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["refused"] and "PEFT" in got["refused"]
+    assert not (tmp_path / "merged-peft").exists()
+    assert got["reference"] == "llmconv's LoRA forward (adapters unmerged)" and got["passed"]
+    assert any("PEFT is not installed" in n for n in got["notes"])
+    assert "llmconv's LoRA forward" in got["runners"]["reference"]
+    assert (out / "model.safetensors").is_file()
+
+
+def test_a_half_precision_merge_missing_an_update_fails(fx, merged, tmp_path_factory):
+    """At bf16 the profile of the dtype tolerates more than a small adapter changes; the merge's own check does not:
+    a merge that left out the adapter's updates (the base itself as the candidate) fails it."""
+    from llmconv.adapters import Fit, unrounded_patch
+    from llmconv.formats.hf import FORMAT as HF
+
+    base = tmp_path_factory.mktemp("bf16-gate") / "llama-bf16"
+    convert(fx("llama-hf"), base, dtype="bf16")
+    small = tmp_path_factory.mktemp("small") / "lora"
+    from fixtures.adapters import make_adapter
+
+    make_adapter("llama", small, seed=7, target_modules=["v_proj"])
+    with HF.open(base) as src:
+        report = compare_outputs(base, base, reference_adapters=[open_adapter(small)], decode_steps=1, generate=1,
+                                 profile="fp32", candidate_patch=unrounded_patch(src, Fit()))
+    assert not report.passed
+    assert any(c.name == "logits" and not c.passed for c in report.checks)

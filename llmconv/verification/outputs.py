@@ -29,7 +29,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
                     max_ppl_increase: float | None = None, task: str | None = None,
                     decode_steps: int | None = None, generate: int | None = None, prompts: Path | None = None,
                     localize: bool = False, reference_adapters: list[Any] | None = None,
-                    adapter_runtime: str = "peft") -> VerifyReport:
+                    adapter_runtime: str = "peft", candidate_patch: Any = None) -> VerifyReport:
     """Run both models on the same inputs and compare the outputs they share.
 
     Args:
@@ -57,6 +57,8 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         reference_adapters: LoRA adapters (:class:`llmconv.adapters.Adapter`) the reference (an hf folder) runs
             with, unmerged: ``llmconv merge``'s check of the merged model.
         adapter_runtime: who runs them: ``peft`` (PEFT's PeftModel) or ``llmconv`` (its own LoRA forward).
+        candidate_patch: called with the loaded candidate (an hf folder) before it runs; changes parameters in place
+            and returns what it did (merge's float32 values of the merged tensors of an fp16/bf16 base).
     Returns:
         A VerifyReport in outputs mode: one check per shared output; for causal LMs ``decode.prefill``,
         ``decode.steps``, ``decode.consistency``, ``decode.cache`` and ``generation``; with ``text``,
@@ -87,6 +89,7 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
         ref_sig, cand_sig = describe(Path(reference)), describe(Path(candidate))
     if reference_adapters:
         ref_sig.adapters, ref_sig.adapter_runtime = list(reference_adapters), adapter_runtime
+    cand_sig.patch = candidate_patch
     ref_task, cand_task = settle_task(ref_sig, cand_sig)
     check_provider_pair(provider, ref_sig, cand_sig, candidate=Path(candidate))
     if task is not None:

@@ -101,6 +101,7 @@ class Signature:
     gguf_file: Path | None = None
     adapters: list[Any] | None = None  # LoRA adapters run unmerged on this model (llmconv.adapters.Adapter)
     adapter_runtime: str = "peft"  # who runs them: "peft" or "llmconv"
+    patch: Any = None  # called with the loaded model (changes parameters in place); returns what it did, for the label
 
 
 def _max_positions(config: dict[str, Any] | None) -> int | None:
@@ -709,7 +710,7 @@ class TorchRunner:
         self.model.eval()
         params = inspect.signature(self.model.forward).parameters
         self.positions = _usable_positions(self.model)
-        runs = ""
+        runs = sig.patch(self.model) if sig.patch is not None else ""
         if sig.adapters:
             from llmconv.adapters import attach
 

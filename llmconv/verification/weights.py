@@ -309,15 +309,20 @@ ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "a
                 "use_dora", "lora_bias", "bias")
 
 
+_ADAPTER_DEFAULTS = {"r": 8, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False, "use_dora": False,
+                     "lora_bias": False, "bias": "none"}
+
+
 def adapter_config_check(ref: dict[str, Any], cand: dict[str, Any]) -> Check:
     """The ``adapter_config`` check of two LoRA adapters' weights: the settings that change the update are equal."""
 
-    def norm(v: Any) -> Any:  # target lists in any order; an empty pattern or list is no setting
+    def norm(config: dict[str, Any], key: str) -> Any:  # PEFT's default when absent; target lists in any order
+        v = config.get(key, _ADAPTER_DEFAULTS.get(key))
         if v in (None, {}, [], ""):
             return None
         return sorted(v) if isinstance(v, list) else v
 
-    differ = {k: (ref.get(k), cand.get(k)) for k in ADAPTER_KEYS if norm(ref.get(k)) != norm(cand.get(k))}
+    differ = {k: (ref.get(k), cand.get(k)) for k in ADAPTER_KEYS if norm(ref, k) != norm(cand, k)}
     reason = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in differ.items())
     return Check("adapter_config", not differ, {"equal": not differ, "keys": list(ADAPTER_KEYS)},
                  f"the adapter settings differ ({reason})" if differ else "")
