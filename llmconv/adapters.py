@@ -401,17 +401,16 @@ def add_update(acc: torch.Tensor, ad: Adapter, lm: LoraModule, kind: str) -> Non
 
 def merged_tensor(base: TensorSource, plan: Fit, name: str, *, rounded: bool = True) -> torch.Tensor:
     """Base tensor ``name`` with the adapters applied: replaced, then every update added in float32; cast back to the
-    base's dtype unless ``rounded`` is False (the float32 values before that last rounding)."""
+    base's dtype unless ``rounded`` is False (the float32 values before that one rounding)."""
     dtype = base.infos[name].dtype
+    updates = plan.updates.get(name, [])
     if name in plan.replaced:
         ad, src_name = plan.replaced[name]
         t = ad.source.tensor(src_name)
-        t = t.to(dtype) if rounded or name not in plan.updates else t.to(torch.float32)
     else:
         t = base.loader(name)
-    updates = plan.updates.get(name)
-    if not updates:
-        return t if rounded or not t.is_floating_point() else t.to(torch.float32)
+        if not updates:
+            return t if rounded or not t.is_floating_point() else t.to(torch.float32)
     acc = t.to(torch.float32, copy=True)
     for ad, lm, kind in updates:
         add_update(acc, ad, lm, kind)

@@ -288,6 +288,18 @@ def test_without_peft_the_reference_is_llmconvs_own_forward(fx, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+def test_bf16_base_with_tensors_saved_in_full(fx, merged, tmp_path_factory):
+    """A float32 lm_head saved in full (modules_to_save) and a LoRA'd embedding saved whole, on a bf16 base: checked
+    at float32 before the one rounding, and each written tensor is that value rounded once."""
+    base = tmp_path_factory.mktemp("bf16-embed") / "llama-bf16"
+    convert(fx("llama-hf"), base, dtype="bf16")
+    dst, report = merged(base, ("llama-lora-embed",))
+    assert report.verification.passed and report.verification.profile == "fp32"
+    assert report.replaced == ["lm_head.weight", "model.embed_tokens.weight"]
+    head = load_file(fx("llama-lora-embed") / "adapter_model.safetensors")["base_model.model.lm_head.weight"]
+    assert torch.equal(_weights(dst)["lm_head.weight"], head.to(torch.bfloat16))
+
+
 def test_a_half_precision_merge_missing_an_update_fails(fx, merged, tmp_path_factory):
     """At bf16 the profile of the dtype tolerates more than a small adapter changes; the merge's own check does not:
     a merge that left out the adapter's updates (the base itself as the candidate) fails it."""
