@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from llmconv.checkpoint import TensorSource, dtype_name
+from llmconv.checkpoint import TensorSource, cast_tensor, dtype_name
 from llmconv.errors import CorruptInput, InputError, Unsupported
 from llmconv.io import human_size
 
@@ -414,7 +414,8 @@ def merged_tensor(base: TensorSource, plan: Fit, name: str, *, rounded: bool = T
     acc = t.to(torch.float32, copy=True)
     for ad, lm, kind in updates:
         add_update(acc, ad, lm, kind)
-    return acc.to(dtype) if rounded else acc
+    # An fp16 base whose merged values pass float16's range: ConversionError naming the tensor, never an inf.
+    return cast_tensor(name, acc, dtype, path=base.path) if rounded else acc
 
 
 def merged_source(base: TensorSource, plan: Fit) -> TensorSource:

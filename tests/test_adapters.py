@@ -215,3 +215,19 @@ def test_encoder_decoder_verification_refused_before_writing(cli, fx, tmp_path):
     adapter = make_adapter("t5", tmp_path / "ad", target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
     msg = refused(cli, fx("t5-hf"), adapter, tmp_path)
     assert "encoder-decoder" in msg and "--no-verify" in msg
+
+
+def test_fp16_base_merged_past_its_range(cli, fx, fx_copy, tmp_path):
+    """A merged value beyond float16's range would be written as inf: refused, naming the tensor."""
+    from llmconv.conversion import convert
+
+    base = tmp_path / "f16"
+    convert(fx("llama-hf"), base, dtype="fp16")
+    folder = fx_copy("llama-lora")
+    path = folder / WEIGHTS
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
+    tensors[f"base_model.model.{Q_PROJ_0}.lora_B.weight"] *= 1e7
+    save_file(tensors, path, metadata={"format": "pt"})
+    msg = refused(cli, base, folder, tmp_path)
+    assert f"{Q_PROJ_0}.weight" in msg and "float16" in msg and "inf" in msg
