@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from llmconv.checkpoint import TensorSource, cast_tensor, dtype_name
-from llmconv.errors import CorruptInput, InputError, Unsupported
+from llmconv.checkpoint import TensorSource, dtype_name
+from llmconv.errors import ConversionError, CorruptInput, InputError, Unsupported
 from llmconv.io import human_size
 
 PREFIX = "base_model.model."
@@ -260,10 +260,12 @@ class Fit:
 
     updates: dict[str, list[tuple[Adapter, LoraModule, str]]] = field(default_factory=dict)  # name -> (ad, mod, kind)
     replaced: dict[str, tuple[Adapter, str]] = field(default_factory=dict)
+    # stored name -> the model's parameter name, where they differ (a base saved without the class's prefix)
+    model_names: dict[str, str] = field(default_factory=dict)
 
 
 def fit(adapters: list[Adapter], base: TensorSource, layers: dict[str, str] | None,
-        tied_groups: tuple[frozenset[str], ...] = ()) -> Fit:
+        tied_groups: tuple[frozenset[str], ...] = (), prefix: str = "") -> Fit:
     """Check that each adapter is for ``base`` and say which base tensors change.
 
     Args:
@@ -273,6 +275,8 @@ def fit(adapters: list[Adapter], base: TensorSource, layers: dict[str, str] | No
             (:attr:`llmconv.architecture.Architecture.layers`), or None when it cannot be built (shapes decide).
         tied_groups: names the model's class makes one parameter (:attr:`~llmconv.architecture.Architecture.tied`):
             GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``, a tied Gemma's head and embedding.
+        prefix: the class's ``base_model_prefix`` (``transformer``): a checkpoint saved from the base model stores
+            ``h.0.attn.c_attn.weight`` for the model's ``transformer.h.0.attn.c_attn.weight``, as transformers reads.
     Raises:
         InputError: a module the base lacks, a shape that does not match, a target module with no weights, a
             target the base has no module for, a tied weight the adapter would change on one side only, two
@@ -281,15 +285,24 @@ def fit(adapters: list[Adapter], base: TensorSource, layers: dict[str, str] | No
     out = Fit()
     names = set(base.infos)
     tied = _tied_names(base, tied_groups)
+
+    def stored(name: str) -> str:
+        """``name`` (the model's) as the base stores it."""
+        if name not in names and prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in names:
+            out.model_names[name[len(prefix) + 1:]] = name
+            return name[len(prefix) + 1:]
+        return name
+
     module_names = set(layers) if layers is not None else {n.rsplit(".", 1)[0] for n in names if n.endswith(".weight")}
     for ad in adapters:
         where = ad.path
         for module, lm in ad.modules.items():
             wname = f"{module}.weight"
-            if wname in tied:
+            if wname in tied or stored(wname) in tied:
                 raise InputError(f"the adapter changes {wname}, which the base ties to {tied[wname]}: PEFT's "
                                  "unmerged model changes only one of them and a merged file cannot", path=where,
                                  hint="untie them first (tie_word_embeddings: false, both stored)")
+            wname = stored(wname)
             if wname not in names:
                 raise InputError(f"the adapter changes {module}, which the base has no weight for "
                                  f"({wname} is not in {base.path}): an adapter for another base?", path=where)
@@ -305,6 +318,7 @@ def fit(adapters: list[Adapter], base: TensorSource, layers: dict[str, str] | No
                                  f"{list(delta)} ({kind}, rank {lm.rank}): an adapter for another base?", path=where)
             out.updates.setdefault(wname, []).append((ad, lm, kind))
         for target, name in ad.replaced.items():
+            target = stored(target)
             if target in tied:
                 raise InputError(f"the adapter replaces {target}, which the base ties to {tied[target]}",
                                  path=where, hint="untie them first (tie_word_embeddings: false, both stored)")
@@ -414,8 +428,15 @@ def merged_tensor(base: TensorSource, plan: Fit, name: str, *, rounded: bool = T
     acc = t.to(torch.float32, copy=True)
     for ad, lm, kind in updates:
         add_update(acc, ad, lm, kind)
-    # An fp16 base whose merged values pass float16's range: ConversionError naming the tensor, never an inf.
-    return cast_tensor(name, acc, dtype, path=base.path) if rounded else acc
+    if not rounded:
+        return acc
+    out = acc.to(dtype)
+    if dtype == torch.float16 and not bool(torch.isfinite(out).all()):  # never an inf written for a finite merge
+        raise ConversionError(f"merged tensor {name!r} has a value of magnitude {float(acc.abs().max()):.6g}, past "
+                              "float16's maximum 65504: it would be written as inf",
+                              hint="merge into a bfloat16 or float32 copy of the base (llmconv convert BASE COPY "
+                                   "--dtype bf16)")
+    return out
 
 
 def merged_source(base: TensorSource, plan: Fit) -> TensorSource:
@@ -425,6 +446,29 @@ def merged_source(base: TensorSource, plan: Fit) -> TensorSource:
     details.pop("notes", None)
     return replace(base, loader=lambda name: merged_tensor(base, plan, name), zero_copy=False, details=details,
                    _closers=[])
+
+
+def rounded_reference(base: TensorSource, plan: Fit) -> TensorSource:
+    """What the written file must hold: each merged tensor's float32 value (the one checked against the unmerged
+    reference) rounded by a plain cast to the base's dtype, the other tensors the base's: the read-back's reference,
+    computed apart from the writer's rounding path."""
+    def load(name: str) -> torch.Tensor:
+        if name in plan.updates or name in plan.replaced:
+            return merged_tensor(base, plan, name, rounded=False).to(base.infos[name].dtype)
+        return base.loader(name)
+
+    return replace(base, loader=load, zero_copy=False, details={}, _closers=[])
+
+
+def rounding_loss(base: TensorSource, plan: Fit, written: TensorSource) -> float:
+    """How much of the merged tensors' update the rounding to the base's dtype changed: ``|written - exact| /
+    |exact - base|`` over every updated tensor (0 for a float32 base; 1 would be an update lost in rounding)."""
+    err = upd = 0.0
+    for name in plan.updates:
+        exact = merged_tensor(base, plan, name, rounded=False)
+        err += float((written.tensor(name).to(torch.float32) - exact).square().sum())
+        upd += float((exact - base.loader(name).to(torch.float32)).square().sum())
+    return math.sqrt(err / upd) if upd else 0.0
 
 
 def unrounded_patch(base: TensorSource, plan: Fit) -> Callable[[Any], str]:
@@ -438,10 +482,11 @@ def unrounded_patch(base: TensorSource, plan: Fit) -> Callable[[Any], str]:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name in changed:
-                if name not in params:
+                param = params.get(plan.model_names.get(name, name))
+                if param is None:
                     raise Unsupported(f"the merged model has no parameter {name!r} to check it by", path=base.path,
                                       hint="merge with --no-verify")
-                params[name].copy_(merged_tensor(base, plan, name, rounded=False))
+                param.copy_(merged_tensor(base, plan, name, rounded=False))
         return "merged tensors at float32, before their rounding"
 
     return patch

@@ -23,6 +23,7 @@ from llmconv.formats import registry
 from llmconv.formats.registry import ProgressFn, WriteOptions
 from llmconv.io import atomic_output, check_destination, check_free_space, parse_size
 from llmconv.verification.report import VerifyReport
+from llmconv.verification.weights import compare_weights
 
 MERGE_SCHEMA = "llmconv.merge/1"
 REFERENCES = ("auto", "peft", "llmconv")
@@ -47,11 +48,13 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)
     verification: VerifyReport | None = None
     weights_verification: VerifyReport | None = None
+    unrounded_verification: VerifyReport | None = None  # an fp16/bf16 base: the merge checked at float32
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The ``llmconv.merge/1`` object, with the same keys on every exit."""
-        ok = all(v is None or v.passed for v in (self.verification, self.weights_verification))
+        ok = all(v is None or v.passed for v in (self.verification, self.weights_verification,
+                                                 self.unrounded_verification))
         return {
             "schema": MERGE_SCHEMA, "ok": ok, "base": self.base, "adapters": self.adapters,
             "destination": self.destination, "destination_format": "hf", "weights_format": self.weights_format,
@@ -62,6 +65,8 @@ class MergeReport:
             "verification": self.verification.to_json() if self.verification is not None else None,
             "weights_verification": (self.weights_verification.to_json()
                                      if self.weights_verification is not None else None),
+            "unrounded_verification": (self.unrounded_verification.to_json()
+                                       if self.unrounded_verification is not None else None),
         }
 
 
@@ -167,7 +172,8 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
         if arch is None:
             notes.append(f"the base's layer types are not known ({unavailable_reason(base_src.config)}): each LoRA "
                          "module is taken as a Linear (a Conv1D when fan_in_fan_out is set)")
-        plan = fit(opened, base_src, arch.layers if arch is not None else None, arch.tied if arch is not None else ())
+        plan = fit(opened, base_src, arch.layers if arch is not None else None, arch.tied if arch is not None else (),
+                   arch.prefix if arch is not None else "")
         if verify and (base_src.config or {}).get("is_encoder_decoder"):
             raise Unsupported("llmconv verifies a merged adapter on decoder-only and encoder models; this base is an "
                               "encoder-decoder", path=base_path, hint="merge it with --no-verify, and compare the "
@@ -190,7 +196,7 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
                           else "--reference llmconv"))
 
         def report(size: int | None, files: list[str], verification: VerifyReport | None,
-                   weights_check: VerifyReport | None) -> MergeReport:
+                   weights_check: VerifyReport | None, unrounded: VerifyReport | None = None) -> MergeReport:
             from llmconv.checkpoint import dtype_name
 
             floats = sorted({dtype_name(i.dtype) for i in merged.infos.values() if i.dtype.is_floating_point})
@@ -199,7 +205,8 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
                 tensors=len(merged.infos) - len(merged.aliases), parameters=merged.num_parameters,
                 merged=sorted(plan.updates), replaced=sorted(plan.replaced), bytes_written=size, files=files,
                 dtype=",".join(floats) or None, reference=label if verify else None, notes=notes,
-                verification=verification, weights_verification=weights_check, seconds=time.perf_counter() - t0)
+                verification=verification, weights_verification=weights_check, unrounded_verification=unrounded,
+                seconds=time.perf_counter() - t0)
 
         check_free_space(dst_path, merged.total_bytes)
         shards = [f for f in base_src.files if not f.name.endswith(".json")]
@@ -209,57 +216,63 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
         with atomic_output(dst_path, folder=True, force=force) as tmp:
             with status.phase(f"writing {dst_path.name} ({len(plan.updates)} merged tensors)"):
                 files = hf.write(merged, tmp, folder=True, options=options)
-            verification = weights_check = None
+            verification = weights_check = unrounded = None
             if verify:
-                weights_check = _read_back(merged, tmp)
+                import torch
+
+                from llmconv.adapters import rounded_reference, rounding_loss, unrounded_patch
+                from llmconv.verification.outputs import compare_outputs
+
+                rounded = sorted({str(merged.infos[n].dtype).removeprefix("torch.")
+                                  for n in (*plan.updates, *plan.replaced) if merged.infos[n].dtype != torch.float32})
+                # The written tensors against each merged tensor's float32 value cast to the base's dtype (computed
+                # apart from the writer's rounding), the others against the base: all bit-exact.
+                with status.phase("reading the merged weights back"), hf.open(tmp) as written:
+                    weights_check = compare_weights(rounded_reference(base_src, plan), written, profile="exact")
+                    loss = rounding_loss(base_src, plan, written) if rounded and weights_check.passed else 0.0
+                weights_check.reference = f"the merge of {base_path} + {' + '.join(str(p) for p in adapter_paths)}"
+                weights_check.candidate = str(dst_path)
                 if not weights_check.passed:
                     raise NotEquivalent(f"the written weights differ from the merge: {weights_check.summary()}; "
                                         "nothing was written", report=weights_check, path=dst_path,
                                         result=report(None, [], None, weights_check))
-                import torch
-
-                from llmconv.adapters import unrounded_patch
-                from llmconv.verification.outputs import compare_outputs
-
-                # A half-precision base: the profile of its dtype tolerates more than a small adapter changes, so the
-                # merge's arithmetic is checked at float32 (its tensors before their rounding, against the
-                # reference) and the rounding by the read-back above (each written tensor = that value, rounded).
-                rounded = sorted({str(merged.infos[n].dtype).removeprefix("torch.")
-                                  for n in (*plan.updates, *plan.replaced) if merged.infos[n].dtype != torch.float32})
-                with status.phase(f"verifying {dst_path.name} against the unmerged adapters ({runtime})"):
-                    verification = compare_outputs(
-                        base_path, tmp, reference_adapters=opened, adapter_runtime=runtime, decode_steps=decode_steps,
-                        generate=generate, profile="fp32" if rounded else "auto",
-                        candidate_patch=unrounded_patch(base_src, plan) if rounded else None)
                 if rounded:
-                    verification.notes.append(
-                        f"the base is {', '.join(rounded)}: the merged model ran with its merged tensors at float32 "
-                        "(before their rounding) against the unmerged reference, at the fp32 profile; the written "
-                        "tensors were checked to be those values rounded, tensor by tensor")
-                verification.reference = f"{base_path} + " + " + ".join(str(p) for p in adapter_paths)
-                verification.candidate = str(dst_path)
-                verification.extra["reference_runtime"] = label
-                if not verification.passed:
-                    raise NotEquivalent(f"the merged model differs from the base with the adapters unmerged "
-                                        f"({label}): {verification.summary()}; nothing was written",
-                                        report=verification, path=dst_path,
-                                        result=report(None, [], verification, weights_check))
+                    lost = "; most of the adapter is lost: merge into a float32 copy of the base" if loss > 0.5 else ""
+                    notes.append(f"the base is {', '.join(rounded)}: rounding the merged tensors to it changed their "
+                                 f"update by {loss:.1%} (by norm){lost}")
+
+                def against_reference(patch: Any, profile: str) -> VerifyReport:
+                    with status.phase(f"verifying {dst_path.name} against the unmerged adapters ({runtime})"):
+                        v = compare_outputs(base_path, tmp, reference_adapters=opened, adapter_runtime=runtime,
+                                            decode_steps=decode_steps, generate=generate, profile=profile,
+                                            candidate_patch=patch)
+                    v.reference = f"{base_path} + " + " + ".join(str(p) for p in adapter_paths)
+                    v.candidate = str(dst_path)
+                    v.extra["reference_runtime"] = label
+                    return v
+
+                # The written model, as users run it (an fp16/bf16 one at its dtype's profile).
+                verification = against_reference(None, "auto")
+                if rounded and verification.passed:
+                    # That profile tolerates more than a small adapter changes: the merge's arithmetic is checked
+                    # again at float32, its merged tensors before their rounding, against the same reference.
+                    unrounded = against_reference(unrounded_patch(base_src, plan), "fp32")
+                    unrounded.notes.append("the merged model ran with its merged tensors at float32 (before their "
+                                           f"rounding to {', '.join(rounded)}), at the fp32 profile")
+                for v in (verification, unrounded):
+                    if v is not None and not v.passed:
+                        what = "at float32, before its rounding, " if v is unrounded else ""
+                        raise NotEquivalent(f"the merged model {what}differs from the base with the adapters "
+                                            f"unmerged ({label}): {v.summary()}; nothing was written", report=v,
+                                            path=dst_path, result=report(None, [], verification, weights_check,
+                                                                         unrounded))
             rel = [str(dst_path / f.relative_to(tmp)) for f in files]
             size = sum(f.stat().st_size for f in files)
-        return report(size, rel, verification, weights_check)
+        return report(size, rel, verification, weights_check, unrounded)
     finally:
         for ad in opened:
             ad.close()
         base_src.close()
-
-
-def _read_back(merged: Any, tmp: Path) -> VerifyReport:
-    """The written folder's tensors against the merge as computed: each bit-exact (tensors no adapter changes are
-    then the base's bytes)."""
-    from llmconv.verification.weights import compare_weights
-
-    with status.phase("reading the merged weights back"), registry.get("hf").open(tmp) as written:
-        return compare_weights(merged, written, profile="exact")
 
 
 def _base_notes(base: Any, adapters: list[Adapter]) -> list[str]:

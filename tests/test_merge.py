@@ -208,10 +208,14 @@ def test_bf16_base_stays_bf16(fx, merged, tmp_path_factory):
     convert(fx("llama-hf"), base, dtype="bf16")
     dst, report = merged(base, ("llama-lora",))
     assert report.verification.passed and report.weights_verification.passed
-    # The merge's arithmetic is checked at float32 (its tensors before their rounding), the rounding on read-back.
-    assert report.verification.profile == "fp32" and report.dtype == "bfloat16"
-    assert any("bfloat16" in n and "before their rounding" in n for n in report.verification.notes)
-    assert "before their rounding" in report.verification.extra["runners"]["candidate"]
+    # The written model runs at its dtype's profile, and the merge's arithmetic again at float32 (its tensors before
+    # their rounding); the read-back compares the file with those float32 values cast.
+    assert report.verification.profile == "bf16" and report.dtype == "bfloat16"
+    unrounded = report.unrounded_verification
+    assert unrounded is not None and unrounded.passed and unrounded.profile == "fp32"
+    assert "before their rounding" in unrounded.extra["runners"]["candidate"]
+    assert any("rounding the merged tensors" in n and "changed their update by" in n for n in report.notes)
+    assert report.to_json()["unrounded_verification"]["ok"] is True
     written = _weights(dst)
     assert written and all(t.dtype == torch.bfloat16 for t in written.values())
     base_cfg = json.loads((base / "config.json").read_text())
@@ -294,7 +298,8 @@ def test_bf16_base_with_tensors_saved_in_full(fx, merged, tmp_path_factory):
     base = tmp_path_factory.mktemp("bf16-embed") / "llama-bf16"
     convert(fx("llama-hf"), base, dtype="bf16")
     dst, report = merged(base, ("llama-lora-embed",))
-    assert report.verification.passed and report.verification.profile == "fp32"
+    assert report.verification.passed and report.unrounded_verification.passed
+    assert report.unrounded_verification.profile == "fp32"
     assert report.replaced == ["lm_head.weight", "model.embed_tokens.weight"]
     head = load_file(fx("llama-lora-embed") / "adapter_model.safetensors")["base_model.model.lm_head.weight"]
     assert torch.equal(_weights(dst)["lm_head.weight"], head.to(torch.bfloat16))
@@ -317,3 +322,26 @@ def test_a_half_precision_merge_missing_an_update_fails(fx, merged, tmp_path_fac
                                  profile="fp32", candidate_patch=unrounded_patch(src, Fit()))
     assert not report.passed
     assert any(c.name == "logits" and not c.passed for c in report.checks)
+
+
+def test_base_stored_without_the_class_prefix(fx, tmp_path):
+    """GPT-2's own checkpoint stores h.0.attn.c_attn.weight for the model's transformer.h.0.attn.c_attn.weight
+    (transformers adds the prefix on load, and PEFT names the module with it): merged under the stored names."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = tmp_path / "gpt2-noprefix"
+    shutil.copytree(fx("gpt2-hf"), base)
+    sd = load_file(base / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in sd.items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    report = merge(base, [fx("gpt2-lora")], tmp_path / "merged", decode_steps=1, generate=1)
+    assert report.verification.passed
+    assert "h.0.attn.c_attn.weight" in report.merged
+    written = load_file(tmp_path / "merged" / "model.safetensors")
+    assert not any(k.startswith("transformer.") for k in written)
+    with_prefix = merge(fx("gpt2-hf"), [fx("gpt2-lora")], tmp_path / "merged-ref", verify=False)
+    reference = load_file(tmp_path / "merged-ref" / "model.safetensors")
+    assert with_prefix.merged == [f"transformer.{n}" for n in report.merged]
+    assert all(torch.equal(written[k.removeprefix("transformer.")], v) for k, v in reference.items())

@@ -19,7 +19,7 @@ EPILOG = ("Examples: [bold]llmconv merge llama-hf my-lora llama-merged[/]  ·  "
 # The JSON object's keys besides schema, ok and error, on every exit (llmconv.merge/1).
 JSON_FIELDS = ("base", "adapters", "destination", "destination_format", "weights_format", "tensors", "parameters",
                "merged", "replaced", "bytes_written", "files", "dtype", "reference", "notes", "seconds", "verified",
-               "verification", "weights_verification")
+               "verification", "weights_verification", "unrounded_verification")
 
 
 def command(
@@ -84,5 +84,9 @@ def command(
     if v is not None:
         out.print(f"  [green]verified[/] against {escape(report.reference or '')}: {escape(v.summary())} "
                   f"({v.mode}, {v.profile}); weights read back: {escape(report.weights_verification.summary())}")
+        u = report.unrounded_verification
+        if u is not None:
+            out.print(f"  [green]verified[/] at float32, the merged tensors before their rounding to {report.dtype}: "
+                      f"{escape(u.summary())} ({u.mode}, {u.profile})")
     else:
         out.print("  [yellow]not verified[/] (--no-verify)")
