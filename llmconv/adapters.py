@@ -59,7 +59,7 @@ _NEUTRAL = {
 # (PiSSA/OLoRA/CorDA: W - the initial B @ A; LoftQ: the quantized weight; LoRA-GA: W - scale * initial B @ A).
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
 _USE_PEFT = "merge it with PEFT itself, with merge_and_unload()"
-PEFT_TYPES_NOT_LORA_HINT = "llmconv merges LoRA adapters (peft_type LORA); merge others with PEFT itself"
+_NOT_LORA_HINT = "llmconv merges LoRA adapters (peft_type LORA); merge others with PEFT itself"
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def _refuse_variants(config: dict[str, Any], path: Path) -> None:
     if peft_type != "LORA":
         raise Unsupported(f"PEFT type {peft_type!r} is not LoRA" if peft_type else
                           "adapter_config.json names no peft_type", path=path / "adapter_config.json",
-                          hint=PEFT_TYPES_NOT_LORA_HINT)
+                          hint=_NOT_LORA_HINT)
     for key, what in _VARIANTS.items():
         if config.get(key):
             raise Unsupported(f"the adapter uses {what}, which llmconv does not merge",

@@ -63,7 +63,7 @@ def command(
         rows.append(("architecture", f"{info.get('architecture')} ({info.get('model_type')})"))
     adapter = info.get("adapter")
     if adapter:
-        rows += _adapter_rows(adapter, human_size)
+        rows += _adapter_rows(adapter)
     for key in ("opset", "ir_version", "producer"):
         if key in info:
             rows.append((key, info[key]))
@@ -121,7 +121,7 @@ def command(
         out.print(table)
 
 
-def _adapter_rows(a: dict, human_size) -> list[tuple[str, object]]:
+def _adapter_rows(a: dict) -> list[tuple[str, object]]:
     """A LoRA adapter's summary (``inspect``'s ``adapter`` object) as table rows."""
     targets = a.get("target_modules")
     rows: list[tuple[str, object]] = [
