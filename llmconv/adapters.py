@@ -529,12 +529,26 @@ def summary(path: Path) -> dict[str, Any]:
 
 
 def peft_version() -> str | None:
-    """PEFT's version when it is installed (and imports), else None."""
+    """PEFT's version when it is installed, else None."""
     try:
         import peft
-    except Exception:  # noqa: BLE001 - a PEFT that fails to import is as good as none
+    except ImportError:
         return None
     return getattr(peft, "__version__", "?")
+
+
+def reference_label(runtime: str) -> str:
+    """What runs the unmerged reference (``peft`` or ``llmconv``), as the reports say it."""
+    if runtime == "peft":
+        return f"PEFT {peft_version()} (PeftModel, adapters unmerged)"
+    return "llmconv's LoRA forward (adapters unmerged)"
+
+
+def encoder_decoder_refused(path: Path) -> Unsupported:
+    """The error for verifying a merge into an encoder-decoder, which the seq2seq verifier cannot run with adapters."""
+    return Unsupported("llmconv verifies a merged adapter on decoder-only and encoder models; this base is an "
+                       "encoder-decoder", path=path, hint="merge it with --no-verify, and compare the result with "
+                                                          "PEFT's unmerged model yourself")
 
 
 def attach(model: Any, adapters: list[Adapter], *, runtime: str) -> tuple[Any, str]:
@@ -581,7 +595,7 @@ def _attach_peft(model: Any, adapters: list[Adapter]) -> tuple[Any, str]:
                     if isinstance(scaling, dict) and name in scaling:
                         scaling[name] *= ad.weight
     model.eval()
-    return model, f"PEFT {peft.__version__} (PeftModel, adapters unmerged)"
+    return model, reference_label("peft")
 
 
 def _attach_own(model: Any, adapters: list[Adapter]) -> tuple[Any, str]:
@@ -605,4 +619,4 @@ def _attach_own(model: Any, adapters: list[Adapter]) -> tuple[Any, str]:
                 def hook(mod: Any, args: tuple, output: Any, a: Any = a, b: Any = b, scale: float = scale) -> Any:
                     return output + F.linear(F.linear(args[0].to(a.dtype), a), b) * scale
             layer.register_forward_hook(hook)
-    return model, "llmconv's LoRA forward (adapters unmerged)"
+    return model, reference_label("llmconv")

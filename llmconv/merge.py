@@ -17,8 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from llmconv import progress as status
-from llmconv.adapters import Adapter, fit, merged_source, open_adapter, peft_version
-from llmconv.errors import NotEquivalent, Unsupported, UsageError
+from llmconv.adapters import (
+    Adapter,
+    encoder_decoder_refused,
+    fit,
+    merged_source,
+    open_adapter,
+    peft_version,
+    reference_label,
+)
+from llmconv.checkpoint import dtype_name
+from llmconv.errors import MissingDependency, NotEquivalent, UsageError
 from llmconv.formats import registry
 from llmconv.formats.registry import ProgressFn, WriteOptions
 from llmconv.io import atomic_output, check_destination, check_free_space, parse_size
@@ -150,8 +159,6 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
     if runtime == "auto":
         runtime = "peft" if version is not None else "llmconv"
     if runtime == "peft" and version is None and verify:
-        from llmconv.errors import MissingDependency
-
         raise MissingDependency("--reference peft needs PEFT, which is not installed",
                                 hint="pip install 'llmconv[peft]', or use --reference llmconv")
 
@@ -174,10 +181,8 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
                          "module is taken as a Linear (a Conv1D when fan_in_fan_out is set)")
         plan = fit(opened, base_src, arch.layers if arch is not None else None, arch.tied if arch is not None else (),
                    arch.prefix if arch is not None else "")
-        if verify and (base_src.config or {}).get("is_encoder_decoder"):
-            raise Unsupported("llmconv verifies a merged adapter on decoder-only and encoder models; this base is an "
-                              "encoder-decoder", path=base_path, hint="merge it with --no-verify, and compare the "
-                                                                      "result with PEFT's unmerged model yourself")
+        if verify and (base_src.config or {}).get("is_encoder_decoder"):  # refused before anything is written
+            raise encoder_decoder_refused(base_path)
         notes += _base_notes(base_src, opened)
         for ad in opened:
             own = sorted(f.name for f in ad.source.extra_files if f.name.startswith(("tokenizer", "special_tokens",
@@ -188,8 +193,7 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
         weights_format = base_src.weights_format if to in (None, "hf") else to
         merged = merged_source(base_src, plan)
         summary = [_adapter_json(ad, plan) for ad in opened]
-        label = {"peft": f"PEFT {version} (PeftModel, adapters unmerged)",
-                 "llmconv": "llmconv's LoRA forward (adapters unmerged)"}[runtime]
+        label = reference_label(runtime)
         if runtime == "llmconv" and verify:
             notes.append("the reference is llmconv's own unmerged LoRA forward: " +
                          ("PEFT is not installed (pip install 'llmconv[peft]')" if version is None
@@ -197,8 +201,6 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
 
         def report(size: int | None, files: list[str], verification: VerifyReport | None,
                    weights_check: VerifyReport | None, unrounded: VerifyReport | None = None) -> MergeReport:
-            from llmconv.checkpoint import dtype_name
-
             floats = sorted({dtype_name(i.dtype) for i in merged.infos.values() if i.dtype.is_floating_point})
             return MergeReport(
                 base=str(base_path), adapters=summary, destination=str(dst_path), weights_format=weights_format,
@@ -223,7 +225,7 @@ def merge(base: str | Path, adapters: list[str | Path], dst: str | Path, *, weig
                 from llmconv.adapters import rounded_reference, rounding_loss, unrounded_patch
                 from llmconv.verification.outputs import compare_outputs
 
-                rounded = sorted({str(merged.infos[n].dtype).removeprefix("torch.")
+                rounded = sorted({dtype_name(merged.infos[n].dtype)
                                   for n in (*plan.updates, *plan.replaced) if merged.infos[n].dtype != torch.float32})
                 # The written tensors against each merged tensor's float32 value cast to the base's dtype (computed
                 # apart from the writer's rounding), the others against the base: all bit-exact.

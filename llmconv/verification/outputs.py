@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from llmconv import progress
-from llmconv.errors import GraphRunError, InputError, Unsupported, UsageError
+from llmconv.errors import GraphRunError, InputError, UsageError
 from llmconv.export.tasks import base_task, is_causal
 from llmconv.io import note_inputs
 from llmconv.verification.report import Check, VerifyReport
@@ -78,9 +78,9 @@ def compare_outputs(reference: Path, candidate: Path, *, profile: str = "auto", 
 
     if seq2seq.applies(Path(reference), Path(candidate)):
         if reference_adapters:
-            raise Unsupported("llmconv verifies a merged adapter on decoder-only and encoder models; this one is "
-                              "an encoder-decoder", path=Path(reference), hint="merge with --no-verify and compare "
-                                                                                "with PEFT yourself")
+            from llmconv.adapters import encoder_decoder_refused
+
+            raise encoder_decoder_refused(Path(reference))
         return seq2seq.compare(Path(reference), Path(candidate), profile=profile, atol=atol, rtol=rtol, inputs=inputs,
                                text=text, batch=batch, seq_len=seq_len, samples=samples, seed=seed, provider=provider,
                                decode_steps=decode_steps, generate=generate, prompts=prompts, localize=localize,
